@@ -1,0 +1,47 @@
+"""caprl-local: run the CapRL image-captioning models locally through llama.cpp."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CaprlError,
+    DownloadError,
+    EngineError,
+    ImageError,
+    ModelFileError,
+    OfflineError,
+    UnknownModelError,
+)
+
+if TYPE_CHECKING:
+    from .engine import Caption, Captioner, Timings
+
+# The engine loads llama.cpp's shared libraries; import it on first use only, so that
+# `import caprl_local.errors` (and the CLI's --help) stay instant.
+_LAZY = {"Captioner": "engine", "Caption": "engine", "Timings": "engine"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'caprl_local' has no attribute {name!r}")
+
+
+__all__ = [
+    "Caption",
+    "Captioner",
+    "Timings",
+    "CaprlError",
+    "DownloadError",
+    "EngineError",
+    "ImageError",
+    "ModelFileError",
+    "OfflineError",
+    "UnknownModelError",
+    "__version__",
+]

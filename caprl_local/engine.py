@@ -1,0 +1,561 @@
+"""The llama.cpp engine: load a text GGUF and its vision projector, caption images.
+
+This is the only module that imports llama_cpp. It drives llama.cpp's
+multimodal (mtmd) C API directly rather than llama-cpp-python's chat handlers,
+so that the image-token budget, GPU offload and timings are ours to control.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generator, Iterator, Literal, Union
+
+import llama_cpp
+from llama_cpp import mtmd_cpp as mtmd
+
+from . import __version__
+from .errors import CaprlError, EngineError, ModelFileError
+from .ggufmeta import GGUFInfo, read_gguf
+from .images import ImageInput, describe, load_image, pad_to_aspect
+from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
+
+log = logging.getLogger("caprl_local")
+_llama_log = logging.getLogger("caprl_local.llama")
+
+GpuLayers = Union[int, Literal["auto"]]
+
+#: Default cap on image tokens. llama.cpp allows Qwen2.5-VL 4096 (a 12-MP photo then needs
+#: tens of GB for the vision encoder); 1024 tokens is about a megapixel, ample for captions.
+DEFAULT_MAX_IMAGE_TOKENS = 1024
+_LLAMA_MAX_IMAGE_TOKENS = 4096  # llama.cpp's own cap for Qwen-VL projectors
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_N_CTX = 4096
+_N_BATCH = 2048  # logical batch, as llama-mtmd-cli uses
+_N_UBATCH = 512
+_REPEAT_LAST_N = 256
+
+_NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+_PROJECTORS = {"qwen2vl": frozenset({"qwen2vl_merger", "qwen2.5vl_merger"})}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a model is loaded; fixed for the life of a Captioner."""
+
+    gpu_layers: GpuLayers = "auto"
+    threads: int | None = None  # None: every CPU this process may use
+    n_ctx: int = DEFAULT_N_CTX
+    flash_attn: bool | None = None  # None: let llama.cpp decide
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
+    warmup: bool = True
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How one caption is generated."""
+
+    prompt: str
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0  # greedy, like Qwen2.5-VL's generation config (top_k=1)
+    top_p: float = 0.95
+    seed: int | None = None
+    repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each stage of one caption."""
+
+    image_load_s: float
+    image_encode_s: float
+    prompt_eval_s: float
+    generation_s: float
+    total_s: float
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and what it cost."""
+
+    text: str
+    image_tokens: int
+    prompt_tokens: int  # text and image tokens fed to the model
+    generated_tokens: int
+    finish_reason: Literal["stop", "length"]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What the installed llama.cpp can do on this machine."""
+
+    caprl_local_version: str
+    llama_cpp_python_version: str
+    gpu_offload: bool
+    devices: tuple[str, ...]
+    system_info: str
+
+
+# --- llama.cpp's own logging -------------------------------------------------------------
+
+_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+
+
+class _LlamaLog:
+    """Routes llama.cpp's C-level log lines to Python logging and remembers recent errors.
+
+    Lines go to the ``caprl_local.llama`` logger at DEBUG, or at their own level when
+    verbose is on; the last error lines are kept so failures can be explained.
+    """
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.errors: deque[str] = deque(maxlen=8)
+        self._partial = ""
+        self._level = logging.DEBUG
+        self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced: C holds it
+
+    def _on_log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+        if level != 5:  # 5 continues the previous line at its level
+            self._level = _LEVELS.get(level, logging.DEBUG)
+        self._partial += (text or b"").decode("utf-8", errors="replace")
+        *lines, self._partial = self._partial.split("\n")
+        for line in filter(None, (x.strip() for x in lines)):
+            if self._level >= logging.ERROR:
+                self.errors.append(line)
+            _llama_log.log(self._level if self.verbose else logging.DEBUG, "%s", line)
+
+    def last_error(self) -> str:
+        return self.errors[-1] if self.errors else "no details from llama.cpp (run with verbose for its log)"
+
+
+_LOG = _LlamaLog()
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    _LOG.verbose = verbose
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
+            mtmd.mtmd_log_set(_LOG.callback, ctypes.c_void_p(0))
+            mtmd.mtmd_helper_log_set(_LOG.callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def runtime_info() -> RuntimeInfo:
+    """Versions, GPU offload support and the compute devices llama.cpp sees."""
+    _init_backend(verbose=False)
+    lib = llama_cpp.llama_cpp._lib  # ggml's device registry is reachable through libllama
+    devices: list[str] = []
+    try:
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+            fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            name = lib.ggml_backend_dev_name(dev).decode()
+            desc = lib.ggml_backend_dev_description(dev).decode()
+            devices.append(f"{name} ({desc})" if desc and desc != name else name)
+    except AttributeError:  # a build without the device registry: leave the list empty
+        pass
+    return RuntimeInfo(
+        caprl_local_version=__version__,
+        llama_cpp_python_version=llama_cpp.__version__,
+        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        devices=tuple(devices),
+        system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    )
+
+
+# --- model files ---------------------------------------------------------------------------
+
+
+def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str]) -> tuple[GGUFInfo, GGUFInfo]:
+    """Check that the pair is a supported text model and its matching vision projector."""
+    model = read_gguf(model_path, role="model")
+    mmproj = read_gguf(mmproj_path, role="projector")
+    if model.is_projector:
+        raise ModelFileError(
+            f"model {model.path}: is a vision projector (mmproj), not a text model; "
+            "pass it as --mmproj and the main .gguf as --model"
+        )
+    if not mmproj.is_projector:
+        raise ModelFileError(
+            f"projector {mmproj.path}: is a text model ({mmproj.architecture or 'unknown'}), "
+            "not a vision projector; pass the *mmproj*.gguf file as --mmproj"
+        )
+    arch = model.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFileError(
+            f"model {model.path}: architecture {arch or 'unknown'!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}); use a CapRL GGUF"
+        )
+    if not mmproj.metadata.get("clip.has_vision_encoder", False):
+        raise ModelFileError(f"projector {mmproj.path}: has no vision encoder; use the model's image mmproj")
+    proj_type = str(mmproj.metadata.get("clip.projector_type", mmproj.metadata.get("clip.vision.projector_type", "")))
+    if proj_type not in _PROJECTORS[arch]:
+        raise ModelFileError(
+            f"projector {mmproj.path}: type {proj_type or 'unknown'!r} does not belong to a {arch} model "
+            f"like {model.path.name}; use the mmproj published with this model"
+        )
+    n_embd = model.metadata.get(f"{arch}.embedding_length")
+    proj_dim = mmproj.metadata.get("clip.vision.projection_dim")
+    if n_embd != proj_dim:
+        raise ModelFileError(
+            f"projector {mmproj.path}: produces {proj_dim}-wide embeddings but {model.path.name} expects "
+            f"{n_embd}; use the mmproj published with this model"
+        )
+    return model, mmproj
+
+
+def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
+    if gpu_layers == "auto":
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    if isinstance(gpu_layers, bool) or not isinstance(gpu_layers, int) or gpu_layers < -1:
+        raise CaprlError(f"gpu_layers must be 'auto', -1 (all) or a number of layers, not {gpu_layers!r}")
+    return gpu_layers
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows
+        return max(1, os.cpu_count() or 1)
+
+
+_FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama.cpp's auto / disabled / enabled
+
+
+# --- the captioner -------------------------------------------------------------------------
+
+
+class Captioner:
+    """A loaded CapRL model pair that captions images.
+
+    One instance may be shared between threads: calls are serialised.
+
+        with Captioner("CapRL-3B.Q4_K_M.gguf", "CapRL-3B.mmproj-f16.gguf") as cap:
+            print(cap.caption("photo.jpg").text)
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        mmproj_path: str | os.PathLike[str],
+        *,
+        gpu_layers: GpuLayers = "auto",
+        threads: int | None = None,
+        n_ctx: int = DEFAULT_N_CTX,
+        flash_attn: bool | None = None,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS,
+        warmup: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._model = self._ctx = self._mctx = None
+        self._batch: llama_cpp.llama_batch | None = None
+        self.options = EngineOptions(
+            gpu_layers=gpu_layers, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn,
+            image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens, warmup=warmup, verbose=verbose,
+        )
+        for name in ("threads", "image_min_tokens", "image_max_tokens"):
+            value = getattr(self.options, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise CaprlError(f"{name} must be a positive number, not {value!r}")
+        if n_ctx < 256:
+            raise CaprlError(f"n_ctx must be at least 256, not {n_ctx!r}")
+        model_info, _ = check_model_files(model_path, mmproj_path)
+        self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
+        self.architecture = model_info.architecture
+        self._load(model_info)
+
+    def _load(self, model_info: GGUFInfo) -> None:
+        opts = self.options
+        _init_backend(opts.verbose)
+        n_gpu = _resolve_gpu_layers(opts.gpu_layers)
+        threads = opts.threads or _default_threads()
+        t0 = time.perf_counter()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu
+        self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
+        if not self._model:
+            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.last_error()}")
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = self._n_batch = min(_N_BATCH, opts.n_ctx)
+        cparams.n_ubatch = min(_N_UBATCH, opts.n_ctx)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = _FLASH_ATTN[opts.flash_attn]
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise EngineError(
+                f"model {self.model_path}: could not create a llama.cpp context of {opts.n_ctx} tokens "
+                f"(out of memory?): {_LOG.last_error()}"
+            )
+
+        mp = mtmd.mtmd_context_params_default()
+        mp.use_gpu = n_gpu != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        mp.n_threads = threads
+        mp.print_timings = False
+        mp.warmup = opts.warmup
+        mp.flash_attn_type = _FLASH_ATTN[opts.flash_attn]
+        mp.image_min_tokens = opts.image_min_tokens or -1
+        mp.image_max_tokens = opts.image_max_tokens or -1
+        self._mctx = mtmd.mtmd_init_from_file(os.fsencode(self.mmproj_path), self._model, mp)
+        if not self._mctx:
+            self.close()
+            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {_LOG.last_error()}")
+        if not mtmd.mtmd_support_vision(self._mctx):
+            self.close()
+            raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
+
+        self._marker = mtmd.mtmd_default_marker().decode()
+        # A strip more than one token high per `cap` tokens wide would overshoot the cap.
+        self._max_aspect = 0.95 * (opts.image_max_tokens or _LLAMA_MAX_IMAGE_TOKENS)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._batch = llama_cpp.llama_batch_init(1, 0, 1)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_gpu_layers, self.threads = n_gpu, threads
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, n_ctx=%d)",
+            self.model_path.name, self.mmproj_path.name, self.load_seconds, n_gpu, threads, self.n_ctx,
+        )
+
+    # -- public API --
+
+    def caption(
+        self,
+        image: ImageInput,
+        *,
+        prompt: str | None = None,
+        preset: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        repeat_penalty: float = 1.05,
+    ) -> Caption:
+        """Caption one image (a path, bytes, PIL image or numpy array)."""
+        gen = self._generate(image, self._gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty))
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(
+        self,
+        image: ImageInput,
+        *,
+        prompt: str | None = None,
+        preset: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        repeat_penalty: float = 1.05,
+    ) -> Iterator[str]:
+        """Caption one image, yielding pieces of text as they are generated."""
+        options = self._gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty)
+        yield from self._generate(image, options)
+
+    def close(self) -> None:
+        """Free the model, context and projector. Safe to call twice."""
+        with self._lock:
+            if self._batch is not None:
+                llama_cpp.llama_batch_free(self._batch)
+                self._batch = None
+            if self._mctx:
+                mtmd.mtmd_free(self._mctx)
+                self._mctx = None
+            if self._ctx:
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self.close()
+
+    # -- internals --
+
+    @staticmethod
+    def _gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty) -> GenerationOptions:  # type: ignore[no-untyped-def]
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise CaprlError(f"max_tokens must be a positive number, not {max_tokens!r}")
+        if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
+            raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
+        return GenerationOptions(
+            prompt=resolve_prompt(prompt=prompt, preset=preset), max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
+        )
+
+    def _sampler(self, opts: GenerationOptions) -> llama_cpp.llama_sampler_p:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if opts.repeat_penalty != 1.0:
+            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, _REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0))
+        if opts.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(opts.temperature))
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if opts.seed is None else opts.seed & 0xFFFFFFFF
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _generate(self, image: ImageInput, opts: GenerationOptions) -> Generator[str, None, Caption]:
+        """Evaluate the prompt with the image, then sample until end-of-turn or max_tokens.
+
+        Yields text pieces; returns the finished Caption.
+        """
+        t_start = time.perf_counter()
+        # Decoded outside the lock: other threads may generate meanwhile.
+        rgb = pad_to_aspect(load_image(image), self._max_aspect)
+        t_loaded = time.perf_counter()
+        name = describe(image)
+        with self._lock:
+            if not self._ctx:
+                raise EngineError("this Captioner is closed; create a new one")
+            chunks = self._tokenize(rgb, opts.prompt, name)
+            sampler = self._sampler(opts)
+            try:
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+                n_past, image_tokens, prompt_tokens, encode_s = self._eval_prompt(chunks, name)
+                t_prompt = time.perf_counter()
+
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                pieces: list[str] = []
+                buf = ctypes.create_string_buffer(256)
+                batch = self._batch
+                n_gen, finish = 0, "length"
+                while n_gen < opts.max_tokens and n_past < self.n_ctx:
+                    token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+                    if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                        finish = "stop"
+                        break
+                    n_gen += 1
+                    n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+                    piece = decoder.decode(buf.raw[: max(n, 0)])
+                    if piece:
+                        pieces.append(piece)
+                        yield piece
+                    if n_gen >= opts.max_tokens:
+                        break
+                    batch.n_tokens = 1
+                    batch.token[0], batch.pos[0], batch.n_seq_id[0] = token, n_past, 1
+                    batch.seq_id[0][0], batch.logits[0] = 0, 1
+                    if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                        raise EngineError(f"{name}: llama.cpp failed while generating: {_LOG.last_error()}")
+                    n_past += 1
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    pieces.append(tail)
+                    yield tail
+            finally:
+                llama_cpp.llama_sampler_free(sampler)
+                mtmd.mtmd_input_chunks_free(chunks)
+        t_end = time.perf_counter()
+        prompt_s = t_prompt - t_loaded - encode_s
+        gen_s = t_end - t_prompt
+        return Caption(
+            text="".join(pieces).strip(),
+            image_tokens=image_tokens,
+            prompt_tokens=prompt_tokens,
+            generated_tokens=n_gen,
+            finish_reason=finish,  # type: ignore[arg-type]
+            timings=Timings(
+                image_load_s=t_loaded - t_start,
+                image_encode_s=encode_s,
+                prompt_eval_s=prompt_s,
+                generation_s=gen_s,
+                total_s=t_end - t_start,
+                prompt_tokens_per_s=prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
+                generation_tokens_per_s=n_gen / gen_s if gen_s > 0 else 0.0,
+            ),
+        )
+
+    def _tokenize(self, rgb, prompt: str, name: str):  # type: ignore[no-untyped-def]
+        data = rgb.tobytes()
+        bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
+        if not bitmap:
+            raise EngineError(f"{name}: llama.cpp could not take the image: {_LOG.last_error()}")
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            text = chat_prompt(self.architecture, prompt, media_marker=self._marker).encode()
+            itext = mtmd.mtmd_input_text(text, len(text), True, True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            ret = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        if ret != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            why = "the prompt's image placeholders do not match" if ret == 1 else _LOG.last_error()
+            raise EngineError(f"{name}: could not prepare the image for the model: {why}")
+        return chunks
+
+    def _eval_prompt(self, chunks, name: str) -> tuple[int, int, int, float]:  # type: ignore[no-untyped-def]
+        """Feed every chunk to the model; returns (n_past, image tokens, prompt tokens, encode seconds)."""
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        total = mtmd.mtmd_helper_get_n_tokens(chunks)
+        if total + 1 > self.n_ctx:
+            raise EngineError(
+                f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
+                "lower --max-image-tokens or raise the context size"
+            )
+        n_past, image_tokens, encode_s = 0, 0, 0.0
+        new_past = llama_cpp.llama_pos(0)
+        for i in range(n_chunks):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            last = i == n_chunks - 1
+            new_past.value = n_past
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                image_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                t0 = time.perf_counter()
+                if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                    raise EngineError(f"{name}: the vision encoder failed: {_LOG.last_error()}")
+                encode_s += time.perf_counter() - t0
+                embd = mtmd.mtmd_get_output_embd(self._mctx)
+                ret = mtmd.mtmd_helper_decode_image_chunk(
+                    self._mctx, self._ctx, chunk, embd, n_past, 0, self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None
+                )
+            else:
+                ret = mtmd.mtmd_helper_eval_chunk_single(
+                    self._mctx, self._ctx, chunk, n_past, 0, self._n_batch, last, ctypes.byref(new_past)
+                )
+            if ret != 0:
+                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {_LOG.last_error()}")
+            n_past = new_past.value
+        return n_past, image_tokens, total, encode_s

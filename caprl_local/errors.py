@@ -1,0 +1,36 @@
+"""The one error hierarchy of caprl-local.
+
+Third-party exceptions (Pillow, llama.cpp, huggingface_hub, OS errors) are
+translated into these once, where they happen, with ``raise ... from``.
+Every message is one line that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+
+class CaprlError(Exception):
+    """Base class of every error caprl-local raises on purpose."""
+
+
+class ImageError(CaprlError):
+    """An image is missing, unreadable, corrupt or too large."""
+
+
+class ModelFileError(CaprlError):
+    """A model or projector file is missing, truncated, of the wrong kind or mismatched."""
+
+
+class UnknownModelError(CaprlError):
+    """A model name or quantization is not known."""
+
+
+class DownloadError(CaprlError):
+    """Fetching a model file failed."""
+
+
+class OfflineError(CaprlError):
+    """A needed file is not cached and the network may not be used."""
+
+
+class EngineError(CaprlError):
+    """llama.cpp failed while loading or running a model."""

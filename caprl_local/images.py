@@ -1,0 +1,175 @@
+"""Turn whatever a caller hands us into an upright 8-bit RGB Pillow image.
+
+This is the only module that decodes images. Every failure becomes an
+:class:`ImageError` whose message names the input.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+#: Refuse images above this many pixels before decoding them (a 12-MP photo is 12e6;
+#: Pillow's own bomb limit is 89e6 and only warns below twice that).
+MAX_PIXELS = 150_000_000
+
+_BACKGROUND = (255, 255, 255)  # transparent areas are shown on white, as viewers do
+
+
+def describe(source: object) -> str:
+    """A short name for an image input, for messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.dtype} {'x'.join(map(str, source.shape))}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Load a path, encoded bytes, PIL image or numpy array as an RGB image.
+
+    EXIF orientation is applied, transparency is flattened onto white,
+    animations give their first frame and high-bit-depth images are scaled to 8 bits.
+    """
+    name = describe(source)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name)
+    if isinstance(source, Image.Image):
+        return _normalise(source, name, max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError(f"{name}: no image data (empty input)")
+        return _decode(io.BytesIO(bytes(source)), name, max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            if path.is_dir():
+                raise ImageError(f"{name}: is a directory, not an image file")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it")
+            with open(path, "rb") as fh:
+                return _decode(fh, name, max_pixels)
+        except FileNotFoundError as exc:
+            raise ImageError(f"{name}: no such file; check the path") from exc
+        except PermissionError as exc:
+            raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    raise ImageError(f"{name}: unsupported image input; pass a path, bytes, a PIL image or a numpy array")
+
+
+def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
+    """Pad the short side with white so that the long side is at most max_ratio times it.
+
+    llama.cpp never shrinks an image side below one token, so a strip thinner than the
+    token budget allows would get more image tokens than asked for; padding keeps the cap.
+    """
+    w, h = img.size
+    if max(w, h) <= max_ratio * min(w, h):
+        return img
+    side = int(np.ceil(max(w, h) / max_ratio))
+    size = (w, side) if w >= h else (side, h)
+    canvas = Image.new("RGB", size, _BACKGROUND)
+    canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
+
+
+def _decode(fh: io.BufferedIOBase | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            _check_size(img, name, max_pixels)
+            img.load()  # decode now, while the file is open, so truncation is caught here
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: image is too large to decode safely (a decompression bomb?); downscale it first") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image format (is it really an image?)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
+        raise ImageError(f"{name}: corrupt or truncated image data ({exc}); re-export or re-download it") from exc
+    return _normalise(img, name, max_pixels)
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise ImageError(
+            f"{name}: {img.width}x{img.height} is {img.width * img.height / 1e6:.0f} megapixels, "
+            f"over the {max_pixels / 1e6:.0f}-megapixel limit; downscale it first"
+        )
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"{name}: image has no pixels ({img.width}x{img.height})")
+
+
+def _normalise(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    _check_size(img, name, max_pixels)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"{name}: corrupt image data ({exc}); re-export or re-download it") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _scale_to_8bit(img)
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("RGBa", "La"):
+        img = img.convert("RGBA" if mode == "RGBa" else "LA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, _BACKGROUND)
+        background.paste(img.convert("RGBA"), mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    """Map 16/32-bit integer or float greyscale onto 0..255 (Pillow would clip instead)."""
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    """Accept HxW, HxWx1, HxWx3 or HxWx4 arrays of uint8 (or floats in 0..1, or uint16)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or arr.size == 0:
+        raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array")
+    if arr.dtype == np.uint16:
+        arr = (arr / 257.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: array contains NaN or infinite values")
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"{name}: unsupported array dtype {arr.dtype}; use uint8, uint16 or float in 0..1")
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))  # mode follows the shape: L, RGB or RGBA

@@ -1,0 +1,58 @@
+"""Caption prompts: the presets, and the chat format each model family expects."""
+
+from __future__ import annotations
+
+from .errors import CaprlError
+
+#: CapRL's own caption prompt: what the model was trained to answer.
+DEFAULT_PROMPT = "Please describe this image in detail"
+
+PRESETS: dict[str, str] = {
+    "detailed": DEFAULT_PROMPT,
+    "short": "Describe this image in one or two sentences.",
+    "chart": (
+        "Please describe this chart in detail: its type, title, axes and units, legend, "
+        "every data series with its values, and the main trends it shows."
+    ),
+    "document": (
+        "Please transcribe all text in this document in reading order, "
+        "then describe its layout, tables and figures."
+    ),
+    "tags": "List the subjects, objects, setting, colors and style of this image as comma-separated tags.",
+}
+
+#: Where the image goes in a prompt; without it, the image comes first, as in CapRL's prompt.
+IMAGE_PLACEHOLDER = "<image>"
+
+# Text model architecture -> user turn and assistant opening (Qwen's ChatML, no system turn:
+# CapRL's captions were trained and evaluated without one).
+_CHAT_FORMATS: dict[str, str] = {
+    "qwen2vl": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+}
+
+SUPPORTED_ARCHITECTURES = frozenset(_CHAT_FORMATS)
+
+
+def resolve_prompt(*, prompt: str | None = None, preset: str | None = None) -> str:
+    """The prompt text for an explicit prompt, a preset name, or CapRL's default."""
+    if prompt is not None and preset is not None:
+        raise CaprlError("give either a prompt or a preset, not both")
+    if prompt is not None:
+        if not prompt.strip():
+            raise CaprlError("the prompt is empty; give some text or leave it out for CapRL's default")
+        return prompt
+    if preset is None:
+        return DEFAULT_PROMPT
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise CaprlError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def chat_prompt(architecture: str, text: str, *, media_marker: str) -> str:
+    """The full model input for one image and one instruction, in the model's chat format."""
+    if IMAGE_PLACEHOLDER in text:
+        content = text.replace(IMAGE_PLACEHOLDER, media_marker, 1)
+    else:
+        content = media_marker + text
+    return _CHAT_FORMATS[architecture].format(content=content)

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Write a tiny random-weight CapRL-3B pair (text GGUF + mmproj GGUF).
+
+The files carry exactly the metadata keys, tokenizer, chat template, tensor
+names and projector type of mradermacher's CapRL-3B GGUFs (Qwen2.5-VL), only
+with tiny dimensions and seeded random weights, so llama.cpp loads them,
+encodes real images and generates real tokens in milliseconds.
+
+    python scripts/make_tiny_model.py OUT_DIR [--seed N] [--projection-dim N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+# Qwen2.5-VL's added tokens, in their real order; <|...|> ones are control tokens.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+
+# The chat template shipped in Qwen2.5-VL's tokenizer_config.json (and so in CapRL-3B's GGUFs).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the tiny BPE merges are learnt from, so prompts tokenize into real multi-byte tokens.
+CORPUS = """Please describe this image in detail. The image shows a photograph of a street
+with buildings, people, cars and trees under a blue sky. In the foreground there is a red
+sign with white text; the background contains mountains. This chart presents the values
+of each category, with a title, axis labels, a legend and numbers. The document is a page
+of text with a heading, paragraphs, a table and a figure. Describe the colors, the layout,
+the objects and their positions, and transcribe any visible text exactly."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Dimensions of the text model and the vision tower."""
+
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    rope_sections: tuple[int, int, int, int] = (2, 3, 3, 0)  # sums to head_dim / 2
+    v_embd: int = 32
+    v_layer: int = 4
+    v_head: int = 2
+    v_ff: int = 48  # must differ from v_embd: llama.cpp guesses swapped FFNs otherwise
+    v_wa_pattern: int = 2  # full attention every 2nd block (every 8th in the real model)
+    n_merges: int = 160
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
+    """Learn byte-level BPE merges from text; returns (tokens, merges)."""
+    b2u = bytes_to_unicode()
+    words = Counter(
+        tuple(b2u[b] for b in w.encode()) for w in re.findall(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+", text)
+    )
+    tokens = [b2u[b] for b in range(256)]
+    merges: list[str] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        (a, b), _count = pairs.most_common(1)[0]
+        merges.append(f"{a} {b}")
+        tokens.append(a + b)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return tokens, merges
+
+
+def write_text_model(path: Path, shape: Shape, rng: np.random.Generator) -> None:
+    tokens, merges = train_bpe(CORPUS, shape.n_merges)
+    n_normal = len(tokens)
+    tokens += SPECIAL_TOKENS
+    types = [gguf.TokenType.NORMAL] * n_normal + [
+        gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.USER_DEFINED for t in SPECIAL_TOKENS
+    ]
+    special = {t: n_normal + i for i, t in enumerate(SPECIAL_TOKENS)}
+    head_dim = shape.n_embd // shape.n_head
+
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name("CapRL 3B")
+    w.add_basename("CapRL")
+    w.add_size_label("3B")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_context_length(128000)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_sections(list(shape.rope_sections))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(special["<|im_end|>"])
+    w.add_pad_token_id(special["<|endoftext|>"])
+    w.add_bos_token_id(special["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def weight(*dims: int) -> np.ndarray:  # numpy shape is (out, in): ggml's ne reversed
+        return (rng.standard_normal(dims) * 0.1).astype(np.float16)
+
+    def norm(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    def bias(n: int) -> np.ndarray:
+        return (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    kv = shape.n_head_kv * head_dim
+    # Tied embeddings, as in Qwen2.5-VL-3B: no output.weight. Rows of byte tokens outside
+    # printable ASCII and of special tokens are shrunk so that their logits stay small: the
+    # random model then writes readable text rather than invalid UTF-8 or an instant
+    # end-of-turn (either would make every caption look alike).
+    embd = weight(len(tokens), shape.n_embd)
+    unprintable = [b for b in range(256) if not (0x20 <= b <= 0x7E or b == 0x0A)]
+    embd[unprintable + list(special.values())] *= 0.05
+    w.add_tensor("token_embd.weight", embd)
+    for i in range(shape.n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", norm(shape.n_embd))
+        w.add_tensor(p + "attn_q.weight", weight(shape.n_embd, shape.n_embd))
+        w.add_tensor(p + "attn_q.bias", bias(shape.n_embd))
+        w.add_tensor(p + "attn_k.weight", weight(kv, shape.n_embd))
+        w.add_tensor(p + "attn_k.bias", bias(kv))
+        w.add_tensor(p + "attn_v.weight", weight(kv, shape.n_embd))
+        w.add_tensor(p + "attn_v.bias", bias(kv))
+        w.add_tensor(p + "attn_output.weight", weight(shape.n_embd, shape.n_embd))
+        w.add_tensor(p + "ffn_norm.weight", norm(shape.n_embd))
+        w.add_tensor(p + "ffn_gate.weight", weight(shape.n_ff, shape.n_embd))
+        w.add_tensor(p + "ffn_up.weight", weight(shape.n_ff, shape.n_embd))
+        w.add_tensor(p + "ffn_down.weight", weight(shape.n_embd, shape.n_ff))
+    w.add_tensor("output_norm.weight", norm(shape.n_embd))
+    _finish(w)
+
+
+def write_mmproj(path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int) -> None:
+    patch = 14
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name("CapRL 3B")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN25VL)
+    w.add_vision_use_silu(True)
+    w.add_vision_projection_dim(projection_dim)
+    w.add_vision_image_size(560)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(shape.v_embd)
+    w.add_vision_feed_forward_length(shape.v_ff)
+    w.add_vision_block_count(shape.v_layer)
+    w.add_vision_head_count(shape.v_head)
+    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])
+    w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
+    w.add_vision_n_wa_pattern(shape.v_wa_pattern)
+
+    def weight(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * 0.1).astype(np.float16)
+
+    def vec(n: int, *, ones: bool = False) -> np.ndarray:
+        return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
+    # Qwen2.5-VL's Conv3D patch embedding, split into its two temporal halves.
+    w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.weight.1", weight(d, 3, patch, patch))
+    for i in range(shape.v_layer):
+        p = f"v.blk.{i}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(p + name + ".weight", weight(d, d))
+            w.add_tensor(p + name + ".bias", vec(d))
+        w.add_tensor(p + "ln1.weight", vec(d, ones=True))
+        w.add_tensor(p + "ln2.weight", vec(d, ones=True))
+        w.add_tensor(p + "ffn_gate.weight", weight(ff, d))
+        w.add_tensor(p + "ffn_gate.bias", vec(ff))
+        w.add_tensor(p + "ffn_up.weight", weight(ff, d))
+        w.add_tensor(p + "ffn_up.bias", vec(ff))
+        w.add_tensor(p + "ffn_down.weight", weight(d, ff))
+        w.add_tensor(p + "ffn_down.bias", vec(d))
+    w.add_tensor("v.post_ln.weight", vec(d, ones=True))
+    w.add_tensor("mm.0.weight", weight(merged, merged))
+    w.add_tensor("mm.0.bias", vec(merged))
+    w.add_tensor("mm.2.weight", weight(projection_dim, merged))
+    w.add_tensor("mm.2.bias", vec(projection_dim))
+    _finish(w)
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_pair(
+    out_dir: Path | str, *, seed: int = 0, projection_dim: int | None = None, stem: str = "CapRL-3B"
+) -> tuple[Path, Path]:
+    """Write `<stem>.f16.gguf` and `<stem>.mmproj-f16.gguf` into out_dir; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = Shape()
+    rng = np.random.default_rng(seed)
+    model, mmproj = out / f"{stem}.f16.gguf", out / f"{stem}.mmproj-f16.gguf"
+    write_text_model(model, shape, rng)
+    write_mmproj(mmproj, shape, rng, projection_dim=projection_dim or shape.n_embd)
+    return model, mmproj
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--projection-dim", type=int, help="write a mismatched projector (for error tests)")
+    parser.add_argument("--stem", default="CapRL-3B")
+    args = parser.parse_args()
+    for path in write_tiny_pair(args.out_dir, seed=args.seed, projection_dim=args.projection_dim, stem=args.stem):
+        print(f"{path}  {path.stat().st_size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Image loading: every input kind and awkward format becomes upright 8-bit RGB; bad input is an ImageError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caprl_local.errors import ImageError
+from caprl_local.images import load_image
+from helpers import load_script
+
+GOOD_SIZES = load_script("make_test_images").GOOD
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_SIZES))
+def test_good_files_load_as_rgb(images: Path, name: str) -> None:
+    img = load_image(images / name)
+    assert img.mode == "RGB"
+    assert img.size == GOOD_SIZES[name]
+
+
+def test_alpha_is_flattened_onto_white(images: Path) -> None:
+    img = load_image(images / "alpha.png")
+    assert img.getpixel((0, 120)) == (255, 255, 255)  # fully transparent column
+    assert img.getpixel((319, 120)) != (255, 255, 255)  # opaque column keeps its colour
+
+
+def test_sixteen_bit_is_scaled_not_clipped(images: Path) -> None:
+    arr = np.asarray(load_image(images / "deep16.png"))
+    assert arr.min() == 0 and arr.max() == 255
+    assert len(np.unique(arr[..., 0])) > 200  # a full ramp, not a clipped white image
+
+
+def test_animation_gives_first_frame(images: Path) -> None:
+    with Image.open(images / "animated.gif") as gif:
+        first = np.asarray(gif.convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(images / "animated.gif")), first)
+
+
+def test_bytes_pil_and_array_inputs(images: Path) -> None:
+    from_path = np.asarray(load_image(images / "photo.jpg"))
+    assert np.array_equal(np.asarray(load_image((images / "photo.jpg").read_bytes())), from_path)
+    with Image.open(images / "photo.jpg") as pil:
+        assert np.array_equal(np.asarray(load_image(pil)), from_path)
+    assert np.array_equal(np.asarray(load_image(from_path)), from_path)
+    grey = load_image(np.zeros((4, 5), np.uint8))
+    assert grey.mode == "RGB" and grey.size == (5, 4)
+    floats = np.asarray(load_image(np.ones((2, 2, 3), np.float32)))
+    assert (floats == 255).all()
+    rgba = load_image(np.zeros((3, 3, 4), np.uint8))  # fully transparent: white
+    assert rgba.getpixel((1, 1)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("missing.jpg", "no such file"),
+        ("empty.jpg", "empty"),
+        ("truncated.jpg", "truncated"),
+        ("text.jpg", "not a recognised image"),
+        ("bomb.png", "too large"),
+    ],
+)
+def test_bad_files_raise_image_error_naming_the_file(images: Path, name: str, words: str) -> None:
+    with pytest.raises(ImageError) as info:
+        load_image(images / name)
+    message = str(info.value)
+    assert str(images / name) in message and words in message
+    assert "\n" not in message
+
+
+def test_directory_is_refused(images: Path) -> None:
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(images)
+
+
+def test_pixel_limit_is_checked_before_decoding(images: Path) -> None:
+    with pytest.raises(ImageError, match="megapixel limit"):
+        load_image(images / "photo.jpg", max_pixels=1000)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"", b"\x00\x01garbage", np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2), np.int64), np.full((2, 2), np.nan), 42],
+)
+def test_bad_in_memory_inputs(bad: object) -> None:
+    with pytest.raises(ImageError):
+        load_image(bad)  # type: ignore[arg-type]
