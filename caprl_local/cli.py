@@ -22,13 +22,14 @@ from .prompts import PRESETS
 # Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Exception type -> (exit code, message or None to use the exception's own text); first match wins.
-ERROR_TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
-    (click.UsageError, EXIT_USAGE, None),
-    (KeyboardInterrupt, EXIT_INTERRUPTED, "interrupted"),
-    (click.exceptions.Abort, EXIT_INTERRUPTED, "interrupted"),
-    (CaprlError, EXIT_FAILURE, None),
-    (MemoryError, EXIT_FAILURE, "out of memory; lower --max-image-tokens or use a smaller quant"),
+# Exception type -> (exit code, message; "{exc}" is the exception's text); first match wins.
+# Usage errors print click's own usage message.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (click.UsageError, EXIT_USAGE, ""),
+    (KeyboardInterrupt, EXIT_INTERRUPTED, "Interrupted."),
+    (click.exceptions.Abort, EXIT_INTERRUPTED, "Interrupted."),
+    (CaprlError, EXIT_FAILURE, "Error: {exc}"),
+    (MemoryError, EXIT_FAILURE, "Error: out of memory; lower --max-image-tokens or use a smaller quant"),
 )
 
 
@@ -97,25 +98,35 @@ def caption(
     with Captioner(model_path, mmproj_path, gpu_layers=gpu_layers, threads=threads,  # type: ignore[arg-type]
                    image_max_tokens=max_image_tokens, verbose=verbose) as cap:
         _status("")
-        options = dict(prompt=prompt, preset=preset, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        if sys.stdout.isatty():
-            started = False
-            for piece in cap.stream(image, **options):  # type: ignore[arg-type]
-                piece = piece if started else piece.lstrip()
-                started = started or bool(piece)
-                click.echo(piece, nl=False)
-            click.echo()
-        else:
-            result = cap.caption(image, **options)  # type: ignore[arg-type]
-            click.echo(result.text)
-            if verbose:
-                t = result.timings
-                click.echo(
-                    f"{result.image_tokens} image tokens, {result.prompt_tokens} prompt tokens, "
-                    f"{result.generated_tokens} generated; encode {t.image_encode_s:.2f}s, "
-                    f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
-                    err=True,
-                )
+        on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
+        result = cap.caption(image, prompt=prompt, preset=preset, max_tokens=max_tokens,
+                             temperature=temperature, seed=seed, on_text=on_text)
+        click.echo(result.text if on_text is None else "")
+        if verbose:
+            t = result.timings
+            click.echo(
+                f"{result.image_tokens} image tokens, {result.prompt_tokens} prompt tokens, "
+                f"{result.generated_tokens} generated; encode {t.image_encode_s:.2f}s, "
+                f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
+                err=True,
+            )
+
+
+class _Streamer:
+    """Writes caption pieces to stdout as they come, trimmed as the finished caption is."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""  # whitespace held back until more text follows it
+
+    def __call__(self, piece: str) -> None:
+        text = self.pending + piece
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        self.pending = text[len(body):]
+        click.echo(body, nl=False)
 
 
 @cli.command()
@@ -172,7 +183,7 @@ def _report(exc: BaseException, verbose: bool) -> int:
             if isinstance(exc, click.ClickException):
                 exc.show()
             else:
-                click.echo(f"Error: {message or exc}", err=True)
+                click.echo(message.format(exc=exc), err=True)
             if verbose and code == EXIT_FAILURE:
                 logging.getLogger("caprl_local").error("traceback", exc_info=exc)
             return code

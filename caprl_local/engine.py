@@ -11,12 +11,13 @@ import codecs
 import ctypes
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterator, Literal, Union
+from typing import Callable, Generator, Iterator, Literal, Union
 
 import llama_cpp
 from llama_cpp import mtmd_cpp as mtmd
@@ -44,6 +45,13 @@ _REPEAT_LAST_N = 256
 
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 _PROJECTORS = {"qwen2vl": frozenset({"qwen2vl_merger", "qwen2.5vl_merger"})}
+
+# Tensors llama.cpp's Qwen-VL vision graph uses without checking that they exist (a file
+# lacking one would crash the process instead of failing to load).
+_VISION_TENSORS = ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
+_VISION_BLOCK_TENSORS = tuple(
+    f"{name}.{kind}" for name in ("attn_q", "attn_k", "attn_v") for kind in ("weight", "bias")
+) + ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,8 @@ class RuntimeInfo:
 
 # --- llama.cpp's own logging -------------------------------------------------------------
 
-_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error (5 continues the previous line).
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
 class _LlamaLog:
@@ -137,8 +146,11 @@ class _LlamaLog:
                 self.errors.append(line)
             _llama_log.log(self._level if self.verbose else logging.DEBUG, "%s", line)
 
-    def last_error(self) -> str:
-        return self.errors[-1] if self.errors else "no details from llama.cpp (run with verbose for its log)"
+    def first_error(self) -> str:
+        """The first error llama.cpp logged since the errors were last cleared: the most specific one."""
+        if not self.errors:
+            return "no details from llama.cpp (run with verbose for its log)"
+        return re.sub(r"^(\w+: )+", "", self.errors[0])
 
 
 _LOG = _LlamaLog()
@@ -216,6 +228,7 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
             f"projector {mmproj.path}: type {proj_type or 'unknown'!r} does not belong to a {arch} model "
             f"like {model.path.name}; use the mmproj published with this model"
         )
+    _check_vision_tensors(mmproj)
     n_embd = model.metadata.get(f"{arch}.embedding_length")
     proj_dim = mmproj.metadata.get("clip.vision.projection_dim")
     if n_embd != proj_dim:
@@ -224,6 +237,24 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
             f"{n_embd}; use the mmproj published with this model"
         )
     return model, mmproj
+
+
+def _check_vision_tensors(mmproj: GGUFInfo) -> None:
+    meta = mmproj.metadata
+    sizes = {key: meta.get(f"clip.vision.{key}") for key in ("block_count", "patch_size", "embedding_length")}
+    heads = meta.get("clip.vision.attention.head_count")
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or not isinstance(heads, int) or heads < 1 \
+            or sizes["embedding_length"] % heads:
+        raise ModelFileError(f"projector {mmproj.path}: invalid vision encoder sizes {sizes}; download the published mmproj")
+    wanted = list(_VISION_TENSORS) + [
+        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in _VISION_BLOCK_TENSORS  # type: ignore[arg-type]
+    ]
+    missing = [t for t in wanted if t not in mmproj.tensor_names]
+    if missing:
+        raise ModelFileError(
+            f"projector {mmproj.path}: tensor {missing[0]} is missing ({len(missing)} in all); the file is "
+            "incomplete or from an incompatible converter; download the published mmproj"
+        )
 
 
 def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
@@ -291,6 +322,7 @@ class Captioner:
     def _load(self, model_info: GGUFInfo) -> None:
         opts = self.options
         _init_backend(opts.verbose)
+        _LOG.errors.clear()
         n_gpu = _resolve_gpu_layers(opts.gpu_layers)
         threads = opts.threads or _default_threads()
         t0 = time.perf_counter()
@@ -299,7 +331,7 @@ class Captioner:
         mparams.n_gpu_layers = n_gpu
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
         if not self._model:
-            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.last_error()}")
+            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.first_error()}")
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = opts.n_ctx
@@ -312,7 +344,7 @@ class Captioner:
             self.close()
             raise EngineError(
                 f"model {self.model_path}: could not create a llama.cpp context of {opts.n_ctx} tokens "
-                f"(out of memory?): {_LOG.last_error()}"
+                f"(out of memory?): {_LOG.first_error()}"
             )
 
         mp = mtmd.mtmd_context_params_default()
@@ -326,7 +358,7 @@ class Captioner:
         self._mctx = mtmd.mtmd_init_from_file(os.fsencode(self.mmproj_path), self._model, mp)
         if not self._mctx:
             self.close()
-            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {_LOG.last_error()}")
+            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {_LOG.first_error()}")
         if not mtmd.mtmd_support_vision(self._mctx):
             self.close()
             raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
@@ -357,14 +389,20 @@ class Captioner:
         top_p: float = 0.95,
         seed: int | None = None,
         repeat_penalty: float = 1.05,
+        on_text: Callable[[str], None] | None = None,
     ) -> Caption:
-        """Caption one image (a path, bytes, PIL image or numpy array)."""
+        """Caption one image (a path, bytes, PIL image or numpy array).
+
+        ``on_text``, if given, receives each piece of text as it is generated.
+        """
         gen = self._generate(image, self._gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty))
         while True:
             try:
-                next(gen)
+                piece = next(gen)
             except StopIteration as stop:
                 return stop.value
+            if on_text is not None:
+                on_text(piece)
 
     def stream(
         self,
@@ -449,6 +487,7 @@ class Captioner:
         with self._lock:
             if not self._ctx:
                 raise EngineError("this Captioner is closed; create a new one")
+            _LOG.errors.clear()
             chunks = self._tokenize(rgb, opts.prompt, name)
             sampler = self._sampler(opts)
             try:
@@ -478,7 +517,7 @@ class Captioner:
                     batch.token[0], batch.pos[0], batch.n_seq_id[0] = token, n_past, 1
                     batch.seq_id[0][0], batch.logits[0] = 0, 1
                     if llama_cpp.llama_decode(self._ctx, batch) != 0:
-                        raise EngineError(f"{name}: llama.cpp failed while generating: {_LOG.last_error()}")
+                        raise EngineError(f"{name}: llama.cpp failed while generating: {_LOG.first_error()}")
                     n_past += 1
                 tail = decoder.decode(b"", final=True)
                 if tail:
@@ -511,7 +550,7 @@ class Captioner:
         data = rgb.tobytes()
         bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
         if not bitmap:
-            raise EngineError(f"{name}: llama.cpp could not take the image: {_LOG.last_error()}")
+            raise EngineError(f"{name}: llama.cpp could not take the image: {_LOG.first_error()}")
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             text = chat_prompt(self.architecture, prompt, media_marker=self._marker).encode()
@@ -522,7 +561,7 @@ class Captioner:
             mtmd.mtmd_bitmap_free(bitmap)
         if ret != 0:
             mtmd.mtmd_input_chunks_free(chunks)
-            why = "the prompt's image placeholders do not match" if ret == 1 else _LOG.last_error()
+            why = "the prompt's image placeholders do not match" if ret == 1 else _LOG.first_error()
             raise EngineError(f"{name}: could not prepare the image for the model: {why}")
         return chunks
 
@@ -545,7 +584,7 @@ class Captioner:
                 image_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 t0 = time.perf_counter()
                 if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
-                    raise EngineError(f"{name}: the vision encoder failed: {_LOG.last_error()}")
+                    raise EngineError(f"{name}: the vision encoder failed: {_LOG.first_error()}")
                 encode_s += time.perf_counter() - t0
                 embd = mtmd.mtmd_get_output_embd(self._mctx)
                 ret = mtmd.mtmd_helper_decode_image_chunk(
@@ -556,6 +595,6 @@ class Captioner:
                     self._mctx, self._ctx, chunk, n_past, 0, self._n_batch, last, ctypes.byref(new_past)
                 )
             if ret != 0:
-                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {_LOG.last_error()}")
+                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {_LOG.first_error()}")
             n_past = new_past.value
         return n_past, image_tokens, total, encode_s

@@ -119,7 +119,7 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_text_model(path: Path, shape: Shape, rng: np.random.Generator) -> None:
+def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset()) -> None:
     tokens, merges = train_bpe(CORPUS, shape.n_merges)
     n_normal = len(tokens)
     tokens += SPECIAL_TOKENS
@@ -129,7 +129,7 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator) -> None
     special = {t: n_normal + i for i, t in enumerate(SPECIAL_TOKENS)}
     head_dim = shape.n_embd // shape.n_head
 
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w = _Writer(str(path), "qwen2vl", drop=drop)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name("CapRL 3B")
     w.add_basename("CapRL")
@@ -192,9 +192,11 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator) -> None
     _finish(w)
 
 
-def write_mmproj(path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int) -> None:
+def write_mmproj(
+    path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int, drop: frozenset[str] = frozenset()
+) -> None:
     patch = 14
-    w = gguf.GGUFWriter(str(path), "clip")
+    w = _Writer(str(path), "clip", drop=drop)
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name("CapRL 3B")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -244,6 +246,18 @@ def write_mmproj(path: Path, shape: Shape, rng: np.random.Generator, *, projecti
     _finish(w)
 
 
+class _Writer(gguf.GGUFWriter):
+    """A GGUFWriter that can leave tensors out, to make broken files for error tests."""
+
+    def __init__(self, path: str, arch: str, *, drop: frozenset[str]) -> None:
+        super().__init__(path, arch)
+        self.drop = drop
+
+    def add_tensor(self, name: str, tensor: np.ndarray, **kwargs) -> None:  # type: ignore[override]
+        if name not in self.drop:
+            super().add_tensor(name, tensor, **kwargs)
+
+
 def _finish(w: gguf.GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -252,7 +266,12 @@ def _finish(w: gguf.GGUFWriter) -> None:
 
 
 def write_tiny_pair(
-    out_dir: Path | str, *, seed: int = 0, projection_dim: int | None = None, stem: str = "CapRL-3B"
+    out_dir: Path | str,
+    *,
+    seed: int = 0,
+    projection_dim: int | None = None,
+    stem: str = "CapRL-3B",
+    drop: frozenset[str] = frozenset(),
 ) -> tuple[Path, Path]:
     """Write `<stem>.f16.gguf` and `<stem>.mmproj-f16.gguf` into out_dir; return their paths."""
     out = Path(out_dir)
@@ -260,8 +279,8 @@ def write_tiny_pair(
     shape = Shape()
     rng = np.random.default_rng(seed)
     model, mmproj = out / f"{stem}.f16.gguf", out / f"{stem}.mmproj-f16.gguf"
-    write_text_model(model, shape, rng)
-    write_mmproj(mmproj, shape, rng, projection_dim=projection_dim or shape.n_embd)
+    write_text_model(model, shape, rng, drop=drop)
+    write_mmproj(mmproj, shape, rng, projection_dim=projection_dim or shape.n_embd, drop=drop)
     return model, mmproj
 
 
@@ -271,8 +290,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projection-dim", type=int, help="write a mismatched projector (for error tests)")
     parser.add_argument("--stem", default="CapRL-3B")
+    parser.add_argument("--drop-tensor", action="append", default=[], help="leave a tensor out (for error tests)")
     args = parser.parse_args()
-    for path in write_tiny_pair(args.out_dir, seed=args.seed, projection_dim=args.projection_dim, stem=args.stem):
+    pair = write_tiny_pair(
+        args.out_dir, seed=args.seed, projection_dim=args.projection_dim, stem=args.stem, drop=frozenset(args.drop_tensor)
+    )
+    for path in pair:
         print(f"{path}  {path.stat().st_size / 1024:.0f} KiB")
 
 

@@ -1,0 +1,122 @@
+"""Wrong, damaged or mismatched model files: a typed error naming the file, never a crash."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from caprl_local import Captioner, EngineError, ModelFileError
+from caprl_local.ggufmeta import _TYPE_SIZES, read_gguf
+from helpers import load_script
+
+tiny = load_script("make_tiny_model")
+
+
+def _error(model: Path, mmproj: Path) -> str:
+    with pytest.raises((ModelFileError, EngineError)) as info:
+        Captioner(model, mmproj, threads=1)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_mmproj(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = tiny_model
+    message = _error(model, tmp_path / "CapRL-3B.mmproj-f16.gguf")
+    assert "projector" in message and "no such file" in message and "CapRL-3B.mmproj-f16.gguf" in message
+
+
+def test_text_model_passed_as_mmproj(tiny_model: tuple[Path, Path]) -> None:
+    model, _ = tiny_model
+    message = _error(model, model)
+    assert f"projector {model}: is a text model" in message and "--mmproj" in message
+
+
+def test_mmproj_passed_as_model(tiny_model: tuple[Path, Path]) -> None:
+    _, mmproj = tiny_model
+    assert f"model {mmproj}: is a vision projector" in _error(mmproj, mmproj)
+
+
+@pytest.mark.parametrize("keep", [300, 100_000])
+def test_truncated_gguf(tiny_model: tuple[Path, Path], tmp_path: Path, keep: int) -> None:
+    model, mmproj = tiny_model
+    cut = tmp_path / "CapRL-3B.f16.gguf"
+    cut.write_bytes(model.read_bytes()[:keep])
+    assert f"model {cut}: file is truncated" in _error(cut, mmproj)
+    cut_proj = tmp_path / "CapRL-3B.mmproj-f16.gguf"
+    cut_proj.write_bytes(mmproj.read_bytes()[:keep])
+    assert f"projector {cut_proj}: file is truncated" in _error(model, cut_proj)
+
+
+def test_mmproj_of_another_size(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = tiny_model
+    _, other = tiny.write_tiny_pair(tmp_path, projection_dim=48)
+    message = _error(model, other)
+    assert f"projector {other}" in message and "48-wide" in message and "expects 64" in message
+
+
+def test_not_a_gguf_and_empty_and_directory(tiny_model: tuple[Path, Path], images: Path, tmp_path: Path) -> None:
+    model, mmproj = tiny_model
+    assert "not a GGUF file" in _error(images / "photo.jpg", mmproj)
+    empty = tmp_path / "empty.gguf"
+    empty.touch()
+    assert "file is empty" in _error(model, empty)
+    assert "is a directory" in _error(tmp_path, mmproj)
+
+
+def test_unsupported_architecture(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    _, mmproj = tiny_model
+    other = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(other), "llama")
+    w.add_embedding_length(64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "architecture 'llama' is not supported" in _error(other, mmproj)
+
+
+def test_projector_missing_a_tensor_llama_cpp_would_crash_on(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = tiny_model
+    _, broken = tiny.write_tiny_pair(tmp_path, drop=frozenset({"v.blk.1.attn_q.weight"}))
+    assert "tensor v.blk.1.attn_q.weight is missing" in _error(model, broken)
+
+
+def test_text_model_missing_a_tensor_reports_llama_cpp_reason(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    _, mmproj = tiny_model
+    broken, _ = tiny.write_tiny_pair(tmp_path, drop=frozenset({"output_norm.weight"}))
+    message = _error(broken, mmproj)
+    assert f"model {broken}: llama.cpp could not load it" in message and "output_norm.weight" in message
+
+
+def test_the_files_are_format_true(tiny_model: tuple[Path, Path]) -> None:
+    model, mmproj = tiny_model
+    text, proj = read_gguf(model), read_gguf(mmproj)
+    assert text.architecture == "qwen2vl" and proj.architecture == "clip"
+    assert text.metadata["qwen2vl.rope.dimension_sections"] == [2, 3, 3, 0]
+    assert text.metadata["tokenizer.ggml.model"] == "gpt2" and text.metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in text.metadata["tokenizer.chat_template"]
+    assert "output.weight" not in text.tensor_names  # tied embeddings, as in Qwen2.5-VL-3B
+    assert proj.metadata["clip.projector_type"] == "qwen2.5vl_merger"
+    assert proj.metadata["clip.vision.n_wa_pattern"] > 0 and proj.metadata["clip.use_silu"] is True
+    assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.blk.0.ffn_gate.weight"} <= proj.tensor_names
+    assert model.stat().st_size + mmproj.stat().st_size < 1_000_000
+    reader = gguf.GGUFReader(model)
+    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in reader.fields["tokenizer.ggml.tokens"].data]
+    assert {"<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"} <= set(tokens)
+
+
+def test_type_size_table_matches_ggml() -> None:
+    for qtype, sizes in gguf.GGML_QUANT_SIZES.items():
+        if int(qtype) in _TYPE_SIZES:
+            assert _TYPE_SIZES[int(qtype)] == sizes, qtype.name
+
+
+def test_copy_of_a_good_pair_loads(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    # Sanity check for the tests above: the same bytes under other names are fine.
+    model, mmproj = (Path(shutil.copy(p, tmp_path)) for p in tiny_model)
+    with Captioner(model, mmproj, threads=1) as cap:
+        assert cap.architecture == "qwen2vl"
