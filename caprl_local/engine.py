@@ -443,8 +443,11 @@ class Captioner:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock", None) is not None:
-            self.close()
+        try:
+            if getattr(self, "_lock", None) is not None:
+                self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may already be gone
+            pass
 
     # -- internals --
 
@@ -507,6 +510,9 @@ class Captioner:
                         break
                     n_gen += 1
                     n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+                    if n < 0:  # a piece longer than the buffer: -n is the size it needs
+                        buf = ctypes.create_string_buffer(-n)
+                        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
                     piece = decoder.decode(buf.raw[: max(n, 0)])
                     if piece:
                         pieces.append(piece)
