@@ -10,14 +10,16 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from . import __version__
 from .errors import CaprlError
 from .prompts import PRESETS
+from .registry import DEFAULT_MODEL
 
 # Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -56,14 +58,31 @@ def cli() -> None:
     """Caption images locally with the CapRL models, through llama.cpp."""
 
 
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that choose and fetch model files, shared by caption and pull."""
+    options = [
+        click.option("--quant", help="Quantization, e.g. Q4_K_M (default: the model's default)."),
+        click.option("--imatrix", is_flag=True, help="Use the imatrix (i1) quants."),
+        click.option("--mmproj-quant", help="Vision projector precision: f16 (default) or Q8_0 (lighter)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+                     help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=str), metavar="PATH.gguf",
-              help="The CapRL text model GGUF (e.g. CapRL-3B.Q4_K_M.gguf).")
-@click.option("--mmproj", "mmproj_path", required=True, type=click.Path(path_type=str), metavar="PATH.gguf",
-              help="Its vision projector GGUF (e.g. CapRL-3B.mmproj-f16.gguf).")
+@click.option("--model", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
+              metavar="NAME|REPO|PATH",
+              help="A model name from `caprl-local models`, a Hub repo (owner/name), or a .gguf file.")
+@click.option("--mmproj", "mmproj_path", type=click.Path(path_type=str), metavar="PATH.gguf",
+              help="The vision projector, with --model PATH.gguf [default: the *mmproj*.gguf beside it].")
+@model_options
+@click.option("--offline", is_flag=True, help="Never touch the network; use cached files only.")
 @click.option("--prompt", help="Your own instruction; '<image>' marks where the image goes (default: first).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: detailed, CapRL's own].")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Stop after this many new tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -77,8 +96,13 @@ def cli() -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks.")
 def caption(
     image: str,
-    model_path: str,
-    mmproj_path: str,
+    model: str,
+    mmproj_path: str | None,
+    quant: str | None,
+    imatrix: bool,
+    mmproj_quant: str | None,
+    cache_dir: str | None,
+    offline: bool,
     prompt: str | None,
     preset: str | None,
     max_tokens: int,
@@ -89,15 +113,20 @@ def caption(
     max_image_tokens: int,
     verbose: bool,
 ) -> None:
-    """Caption IMAGE and print the caption to stdout."""
+    """Caption IMAGE and print the caption to stdout.
+
+    The model is fetched and verified on first use, then cached: later runs need no network.
+    """
     if prompt is not None and preset is not None:
         raise click.UsageError("use either --prompt or --preset, not both")
     from .engine import Captioner  # imported here so that --help stays instant
 
-    _status(f"Loading {os.path.basename(model_path)} ...")
-    with Captioner(model_path, mmproj_path, gpu_layers=gpu_layers, threads=threads,  # type: ignore[arg-type]
-                   image_max_tokens=max_image_tokens, verbose=verbose) as cap:
-        _status("")
+    cap = Captioner.from_pretrained(
+        model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, cache_dir=cache_dir,
+        offline=offline, progress=_DownloadBar(), gpu_layers=gpu_layers, threads=threads,
+        image_max_tokens=max_image_tokens, verbose=verbose,
+    )
+    with cap:
         on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
         result = cap.caption(image, prompt=prompt, preset=preset, max_tokens=max_tokens,
                              temperature=temperature, seed=seed, on_text=on_text)
@@ -110,6 +139,117 @@ def caption(
                 f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
                 err=True,
             )
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
+@model_options
+def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None, cache_dir: str | None) -> None:
+    """Download MODEL (a name or owner/repo) and its vision projector, verify and cache them.
+
+    Prints the two local paths. An interrupted pull resumes where it stopped.
+    """
+    from .hub import download_model
+
+    files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                           cache_dir=cache_dir, progress=_DownloadBar())
+    click.echo(files.model)
+    click.echo(files.mmproj)
+
+
+@cli.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--offline", is_flag=True, help="Do not ask the Hub; show cached files only.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
+    """List the known models, their published quants and what is cached."""
+    from .hub import cache_root, list_models
+    from .registry import user_models_path
+
+    listings = list_models(cache_dir=cache_dir, offline=offline)
+    if as_json:
+        click.echo(json.dumps([_listing_json(item) for item in listings], indent=2))
+        return
+    for item in listings:
+        spec = item.spec
+        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
+        click.echo(f"{spec.name}{mark}  [{spec.architecture}]  {spec.description}")
+        click.echo(f"  repo: {spec.repo}" + (f"   imatrix: {spec.imatrix_repo}" if spec.imatrix_repo else ""))
+        cached = {(c.repo, c.filename) for c in item.cached}
+        if item.available is not None:
+            quants = [f for f in item.available if not f.projector]
+            shown = ", ".join(
+                f"{'i1-' if f.imatrix else ''}{f.quant} {_size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
+                for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
+            )
+            click.echo(f"  quants: {shown or 'none published yet'}")
+        for c in item.cached:
+            click.echo(f"  cached: {c.filename}  {_size(c.size)}")
+        if item.available is None and not item.cached:
+            click.echo("  cached: nothing")
+    click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
+    if any(item.available is None for item in listings) and not offline:
+        click.echo("The Hub could not be reached: showing cached files only.", err=True)
+    click.echo(f"Your own models go in {user_models_path()}", err=True)
+
+
+@cli.command(name="rm")
+@click.argument("model")
+@click.option("--quant", help="Remove only this quant (default: every file of the model).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
+    """Delete MODEL's cached files (or one quant) to free disk space."""
+    from .hub import remove_model
+
+    removed = remove_model(model, quant=quant, cache_dir=cache_dir)
+    for c in removed:
+        click.echo(c.path)
+    click.echo(f"Removed {len(removed)} file(s), freed {_size(sum(c.size for c in removed))}.", err=True)
+
+
+def _listing_json(item: Any) -> dict[str, Any]:
+    cached = {(c.repo, c.filename): c for c in item.cached}
+    return {
+        **asdict(item.spec),
+        "default": item.spec.name == DEFAULT_MODEL,
+        "available": None if item.available is None else [
+            {**asdict(f), "cached": (f.repo, f.filename) in cached} for f in item.available
+        ],
+        "cached": [{**asdict(c), "path": str(c.path)} for c in item.cached],
+        "cached_bytes": sum(c.size for c in item.cached),
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+class _DownloadBar:
+    """Renders download progress on stderr: a live bar for a person, one line per file otherwise."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.started = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        if p.filename != self.current:
+            self.current, self.started, self.first = p.filename, now, p.downloaded
+            if not self.tty:
+                click.echo(f"Downloading {p.filename} ({_size(p.total or 0)})", err=True)
+        if not self.tty:
+            return
+        total = p.total or 0
+        frac = p.downloaded / total if total else 0.0
+        rate = (p.downloaded - self.first) / max(now - self.started, 1e-6)
+        eta = (total - p.downloaded) / rate if rate > 0 and total else 0
+        bar = "#" * int(frac * 24)
+        line = (f"\r\033[K{p.filename}  [{bar:<24}] {frac:4.0%}  {_size(p.downloaded)}/{_size(total)}"
+                f"  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s")
+        click.echo(line, nl=p.downloaded >= total > 0, err=True)
 
 
 class _Streamer:
@@ -148,12 +288,6 @@ def info(as_json: bool) -> None:
     ]
     for key, value in rows:
         click.echo(f"{key:<17} {value}")
-
-
-def _status(message: str) -> None:
-    """A transient status line on stderr, only when a person is watching."""
-    if sys.stderr.isatty():
-        click.echo(f"\r\033[K{message}", nl=False, err=True)
 
 
 def _verbose_requested(argv: list[str]) -> bool:

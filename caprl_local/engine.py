@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator, Iterator, Literal, Union
+from typing import Any, Callable, Generator, Iterator, Literal, Union
 
 import llama_cpp
 from llama_cpp import mtmd_cpp as mtmd
@@ -26,7 +26,9 @@ from . import __version__
 from .errors import CaprlError, EngineError, ModelFileError
 from .ggufmeta import GGUFInfo, read_gguf
 from .images import ImageInput, describe, load_image, pad_to_aspect
+from .hub import ModelFiles, ProgressCallback, resolve_model
 from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
+from .registry import DEFAULT_MODEL
 
 log = logging.getLogger("caprl_local")
 _llama_log = logging.getLogger("caprl_local.llama")
@@ -300,8 +302,10 @@ class Captioner:
         image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS,
         warmup: bool = True,
         verbose: bool = False,
+        prompt: str | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self.default_prompt = resolve_prompt(prompt=prompt)
         self._model = self._ctx = self._mctx = None
         self._batch: llama_cpp.llama_batch | None = None
         self.options = EngineOptions(
@@ -316,6 +320,7 @@ class Captioner:
             raise CaprlError(f"n_ctx must be at least 256, not {n_ctx!r}")
         model_info, _ = check_model_files(model_path, mmproj_path)
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
+        self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=model_info.architecture)
         self.architecture = model_info.architecture
         self._load(model_info)
 
@@ -375,6 +380,29 @@ class Captioner:
             "loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, n_ctx=%d)",
             self.model_path.name, self.mmproj_path.name, self.load_seconds, n_gpu, threads, self.n_ctx,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = DEFAULT_MODEL,
+        *,
+        mmproj: str | os.PathLike[str] | None = None,
+        quant: str | None = None,
+        imatrix: bool = False,
+        mmproj_quant: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        offline: bool = False,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> Captioner:
+        """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
+        downloading and verifying it first if it is not cached (unless offline)."""
+        files = resolve_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                              cache_dir=cache_dir, offline=offline, progress=progress)
+        options.setdefault("prompt", files.prompt)
+        captioner = cls(files.model, files.mmproj, **options)
+        captioner.files = files
+        return captioner
 
     # -- public API --
 
@@ -451,14 +479,13 @@ class Captioner:
 
     # -- internals --
 
-    @staticmethod
-    def _gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty) -> GenerationOptions:  # type: ignore[no-untyped-def]
+    def _gen_options(self, prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty) -> GenerationOptions:  # type: ignore[no-untyped-def]
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise CaprlError(f"max_tokens must be a positive number, not {max_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
             raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
         return GenerationOptions(
-            prompt=resolve_prompt(prompt=prompt, preset=preset), max_tokens=max_tokens,
+            prompt=resolve_prompt(prompt=prompt, preset=preset, default=self.default_prompt), max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
         )
 

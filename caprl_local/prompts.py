@@ -33,8 +33,8 @@ _CHAT_FORMATS: dict[str, str] = {
 SUPPORTED_ARCHITECTURES = frozenset(_CHAT_FORMATS)
 
 
-def resolve_prompt(*, prompt: str | None = None, preset: str | None = None) -> str:
-    """The prompt text for an explicit prompt, a preset name, or CapRL's default."""
+def resolve_prompt(*, prompt: str | None = None, preset: str | None = None, default: str = DEFAULT_PROMPT) -> str:
+    """The prompt text for an explicit prompt, a preset name, or the default (CapRL's own)."""
     if prompt is not None and preset is not None:
         raise CaprlError("give either a prompt or a preset, not both")
     if prompt is not None:
@@ -42,7 +42,7 @@ def resolve_prompt(*, prompt: str | None = None, preset: str | None = None) -> s
             raise CaprlError("the prompt is empty; give some text or leave it out for CapRL's default")
         return prompt
     if preset is None:
-        return DEFAULT_PROMPT
+        return default
     try:
         return PRESETS[preset]
     except KeyError:

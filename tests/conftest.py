@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import load_script
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test may reach the real Hub or touch the user's cache and config.
+
+    HF_ENDPOINT points at a closed local port unless a test starts its own fake Hub.
+    """
+    home = tmp_path_factory.mktemp("home")
+    os.environ.update({
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(home / "hf"),
+        "CAPRL_LOCAL_HOME": str(home / "cache"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "xdg-cache"),
+    })
+    for key in ("HF_TOKEN", "HF_HUB_OFFLINE", "CAPRL_LOCAL_MODEL"):
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")

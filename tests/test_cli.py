@@ -116,7 +116,7 @@ def test_bad_model_files_fail_with_one_line(tiny_model: tuple[Path, Path], image
     "args",
     [
         ["caption"],
-        ["caption", "x.jpg"],
+        ["caption", "x.jpg", "--model", "nope.gguf", "--mmproj", "p", "--temperature", "-1"],
         ["caption", "x.jpg", "--model", "m", "--mmproj", "p", "--gpu-layers", "lots"],
         ["caption", "x.jpg", "--model", "m", "--mmproj", "p", "--prompt", "a", "--preset", "short"],
         ["caption", "x.jpg", "--model", "m", "--mmproj", "p", "--preset", "nope"],

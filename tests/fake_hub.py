@@ -1,0 +1,141 @@
+"""A local HTTP server that speaks the parts of the Hugging Face Hub protocol huggingface_hub uses.
+
+- ``GET /api/models/{owner}/{repo}/tree/{revision}``: the file listing, with sizes and LFS sha256;
+- ``HEAD|GET /{owner}/{repo}/resolve/{revision}/{filename}``: the file, with the headers
+  huggingface_hub reads (X-Repo-Commit, X-Linked-Etag, X-Linked-Size) and HTTP Range for resumes.
+
+Faults for tests: cut a file's transfer after N bytes, serve corrupted bytes, or go away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class FakeHub:
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    cut_after: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent before hanging up
+    cut_times: dict[str, int] = field(default_factory=dict)  # filename -> how many more transfers to cut
+    corrupt: set[str] = field(default_factory=set)  # filenames served with one flipped byte
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+
+    def add(self, repo: str, filename: str, data: bytes | Path) -> None:
+        self.repos.setdefault(repo, {})[filename] = data.read_bytes() if isinstance(data, Path) else data
+
+    def start(self) -> str:
+        hub = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.hub = hub
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.url
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def downloads(self, filename: str) -> list[str | None]:
+        """The Range header of every GET of a file (None for a full download)."""
+        return [rng for method, path, rng in self.requests if method == "GET" and path.endswith("/" + filename)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def _serve(self, *, body: bool) -> None:
+        path = unquote(urlparse(self.path).path)
+        self.hub.requests.append((self.command, path, self.headers.get("Range")))
+        tree = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
+        if tree:
+            return self._tree(tree.group(1), body)
+        resolve = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+        if resolve:
+            return self._file(resolve.group(1), resolve.group(3), body)
+        self._json(404, {"error": "Not found"}, body, {"X-Error-Code": "RepoNotFound"})
+
+    def _tree(self, repo: str, body: bool) -> None:
+        files = self.hub.repos.get(repo)
+        if files is None:
+            return self._json(404, {"error": "Repository not found"}, body, {"X-Error-Code": "RepoNotFound"})
+        listing = [
+            {
+                "type": "file",
+                "oid": hashlib.sha1(data).hexdigest(),
+                "size": len(data),
+                "path": name,
+                "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134},
+            }
+            for name, data in sorted(files.items())
+        ]
+        self._json(200, listing, body)
+
+    def _file(self, repo: str, filename: str, body: bool) -> None:
+        data = self.hub.repos.get(repo, {}).get(filename)
+        if data is None:
+            return self._json(404, {"error": "Entry not found"}, body, {"X-Error-Code": "EntryNotFound"})
+        sha = hashlib.sha256(data).hexdigest()
+        if filename in self.hub.corrupt:
+            data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        start = 0
+        rng = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        status = 200
+        if rng and body:
+            start, status = int(rng.group(1)), 206
+        payload = data[start:]
+        self.send_response(status)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("X-Linked-Etag", f'"{sha}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("ETag", f'"{sha}"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(payload)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if not body:
+            return
+        cut = self.hub.cut_after.get(filename)
+        if cut is not None and self.hub.cut_times.get(filename, 0) > 0:
+            self.hub.cut_times[filename] -= 1
+            self.wfile.write(payload[: max(cut - start, 0)])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # hang up mid-transfer
+            return
+        self.wfile.write(payload)
+
+    def _json(self, status: int, obj: object, body: bool, headers: dict[str, str] | None = None) -> None:
+        raw = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(raw)
