@@ -18,10 +18,16 @@ from .errors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .engine import Caption, Captioner, Timings
+    from .hub import DownloadProgress, ModelFiles, download_model, list_models
+    from .registry import ModelSpec
 
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.
-_LAZY = {"Captioner": "engine", "Caption": "engine", "Timings": "engine"}
+_LAZY = {
+    "Captioner": "engine", "Caption": "engine", "Timings": "engine",
+    "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
+    "ModelSpec": "registry",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -36,6 +42,11 @@ __all__ = [
     "Caption",
     "Captioner",
     "Timings",
+    "ModelSpec",
+    "ModelFiles",
+    "DownloadProgress",
+    "download_model",
+    "list_models",
     "CaprlError",
     "DownloadError",
     "EngineError",

@@ -184,13 +184,13 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
                 for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
             )
             click.echo(f"  quants: {shown or 'none published yet'}")
+        elif item.error != "offline":
+            click.echo(f"  quants: not listed ({item.error})")
         for c in item.cached:
             click.echo(f"  cached: {c.filename}  {_size(c.size)}")
-        if item.available is None and not item.cached:
+        if not item.cached:
             click.echo("  cached: nothing")
     click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
-    if any(item.available is None for item in listings) and not offline:
-        click.echo("The Hub could not be reached: showing cached files only.", err=True)
     click.echo(f"Your own models go in {user_models_path()}", err=True)
 
 
@@ -290,6 +290,22 @@ def info(as_json: bool) -> None:
         click.echo(f"{key:<17} {value}")
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Verbose: every log line on stderr. Otherwise only caprl-local's own warnings, as one-liners;
+    third-party libraries' log output (huggingface_hub's, say) stays silent."""
+    root = logging.getLogger()
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        return
+    root.addHandler(logging.NullHandler())  # no "last resort" printing of others' warnings
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
+    ours = logging.getLogger("caprl_local")
+    ours.addHandler(handler)
+    ours.setLevel(logging.WARNING)
+    ours.propagate = False
+
+
 def _verbose_requested(argv: list[str]) -> bool:
     return "--verbose" in argv or "-v" in argv
 
@@ -298,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, map every failure to a message and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = _verbose_requested(args)
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+    _configure_logging(verbose)
     try:
         code = cli.main(args=args, prog_name="caprl-local", standalone_mode=False)
         return code if isinstance(code, int) else EXIT_OK

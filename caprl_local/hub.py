@@ -1,10 +1,9 @@
 """Model files from the Hugging Face Hub: resolve, download, verify, cache.
 
-The only module that imports huggingface_hub. Files are fetched into a staging
-folder (where interrupted downloads resume), checked against the sha256 the Hub
-publishes, and only then moved into ``<cache>/models/<owner>/<repo>/``. Anything
-under ``models/`` is complete and verified; once there, it is used without any
-network call.
+The only module that imports huggingface_hub. A file is downloaded into a hidden
+``.<name>.part`` (where an interrupted download resumes), checked against the sha256
+the Hub publishes, and only then renamed to ``<cache>/models/<owner>/<repo>/<name>``.
+Every visible file there is complete and verified, and is used without any network call.
 """
 
 from __future__ import annotations
@@ -12,10 +11,16 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import http.client
+import json
 import logging
 import os
 import re
 import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,6 +35,7 @@ _QUANT = r"(?:I?Q[1-8](?:_[0-9A-Z]+)*|[BF]F?16|F32|TQ[12]_0|MXFP4)"
 _QUANT_IN_NAME = re.compile(rf"(?:^|[.\-_])(i1-)?({_QUANT})\.gguf$", re.IGNORECASE)
 _PROJECTOR_NAME = re.compile(r"mmproj|vision|projector", re.IGNORECASE)
 _SPACE_MARGIN = 64 * 1024 * 1024  # keep this much free beyond the file itself
+_RETRIES = 3  # brief network failures retried (with resume) before a pull gives up
 
 
 @dataclass(frozen=True)
@@ -101,10 +107,6 @@ def _final_path(root: Path, repo: str, filename: str) -> Path:
     return root / "models" / repo / filename
 
 
-def _staging_dir(root: Path, repo: str) -> Path:
-    return root / "downloads" / repo
-
-
 def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -112,6 +114,25 @@ def _offline_env() -> bool:
 def _endpoint() -> str | None:
     # Read at call time: huggingface_hub reads HF_ENDPOINT once, at import.
     return os.environ.get("HF_ENDPOINT") or None
+
+
+def _endpoint_url() -> str:
+    return (_endpoint() or "https://huggingface.co").rstrip("/")
+
+
+@functools.lru_cache(maxsize=None)
+def _hf() -> Any:
+    """huggingface_hub, imported on first use, with its own stderr log handler removed:
+    the library never prints; its records still reach logging's root for apps to show."""
+    import huggingface_hub
+    import huggingface_hub.utils
+
+    hf_log = logging.getLogger("huggingface_hub")
+    for handler in list(hf_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            hf_log.removeHandler(handler)
+    hf_log.propagate = True
+    return huggingface_hub
 
 
 # --- file names ----------------------------------------------------------------------------
@@ -146,23 +167,41 @@ def _same_quant(a: str, b: str) -> bool:
 
 
 def list_repo_files(repo: str, *, token: str | None = None) -> list[RemoteFile]:
-    """The GGUFs in a Hub repo with their sizes and sha256 (one network call)."""
-    from huggingface_hub import HfApi
+    """The GGUFs in a Hub repo with their sizes and sha256, from the Hub's tree API.
 
+    Asked directly rather than through HfApi, whose retries keep a user waiting
+    for half a minute when the network is down.
+    """
+    url: str | None = f"{_endpoint_url()}/api/models/{repo}/tree/main?recursive=true"
+    entries: list[dict[str, Any]] = []
     try:
-        entries = list(HfApi(endpoint=_endpoint(), token=token).list_repo_tree(repo, recursive=True))
+        while url:
+            with _open(url, token=token, timeout=20) as response:
+                entries += json.load(response)
+                url = _next_page(response.headers.get("Link"))
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one typed error
         raise _translate(exc, f"listing {repo}") from exc
     files = []
     for entry in entries:
-        size = getattr(entry, "size", None)
-        if size is None:  # a folder
+        if entry.get("type") != "file":
             continue
-        lfs = getattr(entry, "lfs", None)
-        remote = _classify(repo, entry.path, int(size), lfs.sha256 if lfs else None)
+        lfs = entry.get("lfs") or {}
+        remote = _classify(repo, entry["path"], int(entry["size"]), lfs.get("oid"))
         if remote is not None:
             files.append(remote)
     return files
+
+
+def _open(url: str, *, token: str | None, timeout: float, headers: dict[str, str] | None = None) -> Any:
+    """An HTTP request with the Hub's headers (token, user agent); redirects elsewhere drop the token."""
+    hub_headers = _hf().utils.build_hf_headers(token=token, library_name="caprl-local")
+    request = urllib.request.Request(url, headers={**hub_headers, **(headers or {})})
+    return urllib.request.build_opener(_DropAuthOnRedirect()).open(request, timeout=timeout)
+
+
+def _next_page(link: str | None) -> str | None:
+    match = re.search(r'<([^>]+)>;\s*rel="next"', link or "")
+    return match.group(1) if match else None
 
 
 def list_cached(root: Path | None = None) -> list[CachedFile]:
@@ -260,7 +299,8 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
     mmproj = next((c for c in projectors if _same_quant(c.quant or "", mmproj_quant)), projectors[0] if projectors else None)
     if model is None or mmproj is None:
         have = ", ".join(sorted({c.quant for c in models if c.quant})) or "nothing"
-        pull = f"caprl-local pull {spec.name} --quant {quant}" + (" --imatrix" if imatrix else "")
+        pull = f"caprl-local pull {spec.name}" + (f" --quant {quant}" if quant != spec.default_quant else "") \
+            + (" --imatrix" if imatrix else "")
         raise OfflineError(
             f"{spec.name} {quant}{' (imatrix)' if imatrix else ''} is not in the cache ({have} cached) and the "
             f"network may not be used; run `{pull}` while online"
@@ -271,77 +311,103 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
 # --- download ------------------------------------------------------------------------------
 
 
-class _Progress:
-    """Stands in for tqdm inside huggingface_hub: reports progress as data, prints nothing."""
-
-    def __init__(self, *, callback: ProgressCallback, filename: str, total: int | None = None,
-                 initial: int = 0, **_: Any) -> None:
-        self.callback, self.filename, self.total, self.n = callback, filename, total, initial
-        self.callback(DownloadProgress(filename, self.n, total))
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.callback(DownloadProgress(self.filename, self.n, self.total))
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def fetch(remote: RemoteFile, *, root: Path, token: str | None = None,
           progress: ProgressCallback | None = None) -> Path:
-    """Download one file (resuming a partial one), verify it, and move it into the cache."""
-    final = _final_path(root, remote.repo, remote.filename)
-    if final.is_file() and final.stat().st_size == remote.size:
-        return final
-    staging = _staging_dir(root, remote.repo)
-    _check_space(staging, remote)
-    from huggingface_hub import hf_hub_download
+    """Download one file (resuming a partial one), verify it, and move it into the cache.
 
-    tqdm_class = functools.partial(_Progress, callback=progress, filename=remote.filename) if progress else None
+    huggingface_hub's own downloader discards partial files when a transfer fails, so a cut
+    connection would restart a 2 GB file from zero; this one keeps ``.<name>.part`` beside the
+    final file and continues it with an HTTP Range request. A file lock serialises processes
+    pulling the same file: the second one waits, then finds the file in place.
+    """
+    WeakFileLock = _hf().utils.WeakFileLock
+    final = _final_path(root, remote.repo, remote.filename)
+    if _is_complete(final, remote):
+        return final
+    part = final.with_name(f".{final.name}.part")
     try:
-        staged = Path(hf_hub_download(
-            remote.repo, remote.filename, local_dir=staging, endpoint=_endpoint(), token=token,
-            tqdm_class=tqdm_class,  # type: ignore[arg-type]
-        ))
-    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one typed error
-        raise _translate(exc, f"downloading {remote.repo}/{remote.filename}", staging) from exc
-    _verify_and_place(staged, final, remote)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(final.with_name(f".{final.name}.lock")):
+            if _is_complete(final, remote):  # another process finished it while we waited
+                return final
+            _check_space(part, remote)
+            _download(remote, part, token=token, progress=progress)
+            _verify(part, remote)
+            os.replace(part, final)
+    except CaprlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network and disk failures become one typed error
+        raise _translate(exc, f"downloading {remote.repo}/{remote.filename}", final.parent) from exc
+    log.info("verified %s (%s)", final, _human(remote.size))
     return final
 
 
-def _verify_and_place(staged: Path, final: Path, remote: RemoteFile) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Each process verifies its own hard link, so concurrent pulls never see each other's half-work.
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
+def _is_complete(final: Path, remote: RemoteFile) -> bool:
+    return final.is_file() and final.stat().st_size == remote.size
+
+
+def _download(remote: RemoteFile, part: Path, *, token: str | None, progress: ProgressCallback | None) -> None:
+    """Fetch the file's bytes into `part`, continuing what is already there; retry brief failures."""
+    import urllib.request
+    from urllib.parse import quote
+
+    url = f"{_endpoint_url()}/{remote.repo}/resolve/main/{quote(remote.filename)}"
+    attempts = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if have == remote.size:
+            return
         try:
-            os.link(staged, tmp)
-        except FileNotFoundError:
-            if final.is_file() and final.stat().st_size == remote.size:
-                return  # another process verified and placed it meanwhile
-            raise DownloadError(f"{remote.filename}: the download vanished before it was verified; pull again")
-        except OSError:
-            shutil.copyfile(staged, tmp)  # file systems without hard links
-        digest = _sha256(tmp)
-        if remote.sha256 and digest != remote.sha256.lower() or tmp.stat().st_size != remote.size:
-            staged.unlink(missing_ok=True)  # never resume from bad bytes
-            raise DownloadError(
-                f"{remote.repo}/{remote.filename}: checksum mismatch (got sha256 {digest[:12]}..., "
-                f"expected {(remote.sha256 or '?')[:12]}...); the corrupt download was deleted, pull again"
-            )
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        staged.unlink(missing_ok=True)
-        log.info("verified %s (%s)", final, _human(remote.size))
-    finally:
-        tmp.unlink(missing_ok=True)
+            ranged = {"Range": f"bytes={have}-"} if have else {}
+            with _open(url, token=token, timeout=30, headers=ranged) as response, \
+                    open(part, "ab" if have else "wb") as out:
+                if have and response.status != 206:  # the server ignored the range: start over
+                    out.truncate(0)
+                    have = 0
+                done = have
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    attempts = 0  # progress was made: brief failures may be retried again
+                    if progress is not None:
+                        progress(DownloadProgress(remote.filename, done, remote.size))
+                out.flush()
+                os.fsync(out.fileno())
+            if done < remote.size:
+                raise ConnectionError(f"connection closed after {done:,} of {remote.size:,} bytes")
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # the partial file is longer than the real one: start over
+                part.unlink(missing_ok=True)
+                continue
+            raise
+        except (ConnectionError, TimeoutError, http.client.HTTPException, urllib.error.URLError) as exc:
+            attempts += 1
+            if attempts > _RETRIES or isinstance(exc, urllib.error.URLError) and have == 0 and attempts > 1:
+                raise
+            log.warning("download of %s interrupted (%s); resuming", remote.filename, exc)
+            time.sleep(0.5 * attempts)
+
+
+class _DropAuthOnRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow the Hub's redirects to its file storage without sending the token there."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.headers = {k: v for k, v in new.headers.items() if k.lower() != "authorization"}
+            new.unredirected_hdrs = {k: v for k, v in new.unredirected_hdrs.items() if k.lower() != "authorization"}
+        return new
+
+
+def _verify(part: Path, remote: RemoteFile) -> None:
+    digest = _sha256(part)
+    if remote.sha256 and digest != remote.sha256.lower():
+        part.unlink(missing_ok=True)  # never resume from bad bytes
+        raise DownloadError(
+            f"{remote.repo}/{remote.filename}: checksum mismatch (got sha256 {digest[:12]}..., "
+            f"expected {remote.sha256[:12]}...); the corrupt download was deleted, pull again"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -352,38 +418,38 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_space(staging: Path, remote: RemoteFile) -> None:
-    staging.mkdir(parents=True, exist_ok=True)
-    partial = sum(p.stat().st_size for p in staging.rglob(f"{Path(remote.filename).name}*.incomplete"))
-    needed = remote.size - partial + _SPACE_MARGIN
-    free = shutil.disk_usage(staging).free
+def _check_space(part: Path, remote: RemoteFile) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    needed = remote.size - have + _SPACE_MARGIN
+    free = shutil.disk_usage(part.parent).free
     if free < needed:
         raise DownloadError(
-            f"{remote.filename}: needs {_human(needed)} of disk space but {staging} has {_human(free)} free; "
+            f"{remote.filename}: needs {_human(needed)} of disk space but {part.parent} has {_human(free)} free; "
             "free some space or use --cache-dir on a larger disk"
         )
 
 
-def _translate(exc: Exception, doing: str, staging: Path | None = None) -> CaprlError:
-    """One place where huggingface_hub's and the network's exceptions become ours."""
+def _translate(exc: Exception, doing: str, folder: Path | None = None) -> CaprlError:
+    """One place where network and disk exceptions become ours."""
     if isinstance(exc, CaprlError):
         return exc
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return DownloadError(f"{doing}: the disk is full ({staging}); free some space and pull again to resume")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    name = type(exc).__name__
-    if status in (401, 403) or name in ("GatedRepoError",):
-        return DownloadError(f"{doing}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it")
-    if status == 404 or name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
-        return DownloadError(f"{doing}: not found on {_endpoint() or 'the Hub'} (HTTP 404); check the name")
-    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-        return OfflineError(f"{doing}: the Hub cannot be reached and the file is not cached; check the network")
-    if status is not None:
-        return DownloadError(f"{doing}: the Hub answered HTTP {status}; try again later")
-    return DownloadError(
-        f"{doing}: cannot reach {_endpoint() or 'the Hub'} ({name}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-        "check the network, or use --offline with files already cached"
-    )
+        return DownloadError(f"{doing}: the disk is full ({folder}); free some space and pull again to resume")
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code in (401, 403):
+            return DownloadError(f"{doing}: access denied (HTTP {exc.code}); set HF_TOKEN to a token that can read it")
+        if exc.code == 404:
+            return DownloadError(f"{doing}: not found on {_endpoint_url()} (HTTP 404); check the name")
+        return DownloadError(f"{doing}: the Hub answered HTTP {exc.code}; try again later")
+    if isinstance(exc, ConnectionError) and "connection closed" in str(exc):
+        return DownloadError(f"{doing}: {exc}; run the same command again to resume where it stopped")
+    if isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)):
+        reason = getattr(exc, "reason", None) or exc
+        return DownloadError(
+            f"{doing}: cannot reach {_endpoint_url()} ({reason}); check the network, "
+            "or use --offline with files already cached"
+        )
+    raise exc  # a bug of ours: let it surface as one
 
 
 def _human(n: int) -> str:
@@ -470,6 +536,7 @@ class ModelListing:
     spec: ModelSpec
     available: tuple[RemoteFile, ...] | None
     cached: tuple[CachedFile, ...]
+    error: str | None = None  # why `available` is None, when the Hub was asked
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: bool = False) -> list[ModelListing]:
@@ -483,13 +550,14 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: boo
     for spec in load_registry().values():
         repos = [r for r in (spec.repo, spec.imatrix_repo, spec.mmproj_repo) if r]
         available: tuple[RemoteFile, ...] | None = None
+        error = None if online else "offline"
         if online:
             try:
                 available = tuple(f for repo in dict.fromkeys(repos) for f in list_repo_files(repo))
             except (DownloadError, OfflineError) as exc:
-                log.info("cannot list %s: %s", spec.name, exc)
-                online = "cannot reach" not in str(exc)  # the Hub is down: do not wait on it again
-        out.append(ModelListing(spec, available, tuple(c for c in cached if c.repo in repos)))
+                error = str(exc)
+                online = "cannot reach" not in error  # the Hub is down: do not wait on it again
+        out.append(ModelListing(spec, available, tuple(c for c in cached if c.repo in repos), error))
     return out
 
 
@@ -503,7 +571,10 @@ def remove_model(name: str, *, quant: str | None = None, cache_dir: str | os.Pat
         mine = [c for c in mine if not c.projector and c.quant and _same_quant(c.quant, quant)]
     for c in mine:
         c.path.unlink(missing_ok=True)
-    if quant is None:
-        for repo in repos:  # leftovers of interrupted downloads too
-            shutil.rmtree(_staging_dir(root, repo), ignore_errors=True)
+        for leftover in (f".{c.path.name}.part", f".{c.path.name}.lock"):
+            c.path.with_name(leftover).unlink(missing_ok=True)
+    if quant is None:  # partial downloads of files that never completed, too
+        for repo in repos:
+            for leftover in (root / "models" / repo).glob(".*.part"):
+                leftover.unlink(missing_ok=True)
     return mine

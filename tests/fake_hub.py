@@ -27,6 +27,7 @@ class FakeHub:
     cut_after: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent before hanging up
     cut_times: dict[str, int] = field(default_factory=dict)  # filename -> how many more transfers to cut
     corrupt: set[str] = field(default_factory=set)  # filenames served with one flipped byte
+    tokens: dict[str, str] = field(default_factory=dict)  # private repo -> the token it requires
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
 
     def add(self, repo: str, filename: str, data: bytes | Path) -> None:
@@ -70,6 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, body: bool) -> None:
         path = unquote(urlparse(self.path).path)
         self.hub.requests.append((self.command, path, self.headers.get("Range")))
+        for repo, token in self.hub.tokens.items():
+            if path.startswith((f"/{repo}/", f"/api/models/{repo}/")) and self.headers.get("Authorization") != f"Bearer {token}":
+                return self._json(401, {"error": "Invalid credentials"}, True, {"X-Error-Code": "RepoNotFound"})
         tree = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
         if tree:
             return self._tree(tree.group(1), body)
