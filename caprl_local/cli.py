@@ -332,6 +332,8 @@ def _report(exc: BaseException, verbose: bool) -> int:
             if isinstance(exc, click.ClickException):
                 exc.show()
             else:
+                if code == EXIT_INTERRUPTED and sys.stderr.isatty():
+                    click.echo(err=True)  # end a progress line first
                 click.echo(message.format(exc=exc), err=True)
             if verbose and code == EXIT_FAILURE:
                 logging.getLogger("caprl_local").error("traceback", exc_info=exc)

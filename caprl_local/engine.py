@@ -26,7 +26,7 @@ from . import __version__
 from .errors import CaprlError, EngineError, ModelFileError
 from .ggufmeta import GGUFInfo, read_gguf
 from .images import ImageInput, describe, load_image, pad_to_aspect
-from .hub import ModelFiles, ProgressCallback, resolve_model
+from .hub import ModelFiles, ProgressCallback, download_model
 from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
 from .registry import DEFAULT_MODEL
 
@@ -397,7 +397,7 @@ class Captioner:
     ) -> Captioner:
         """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
         downloading and verifying it first if it is not cached (unless offline)."""
-        files = resolve_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+        files = download_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                               cache_dir=cache_dir, offline=offline, progress=progress)
         options.setdefault("prompt", files.prompt)
         captioner = cls(files.model, files.mmproj, **options)

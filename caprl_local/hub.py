@@ -467,6 +467,7 @@ def _human(n: int) -> str:
 def download_model(
     name: str = DEFAULT_MODEL,
     *,
+    mmproj: str | os.PathLike[str] | None = None,
     quant: str | None = None,
     imatrix: bool = False,
     mmproj_quant: str | None = None,
@@ -477,9 +478,15 @@ def download_model(
 ) -> ModelFiles:
     """Make a model's text GGUF and projector available locally and return their paths.
 
-    ``name`` is a registry name (``caprl-3b``) or a Hub repo (``owner/name``). Cached files
-    are used without any network call; missing ones are downloaded unless offline.
+    ``name`` is a registry name (``caprl-3b``), a Hub repo (``owner/name``), or a local .gguf
+    (with ``mmproj``, or the one projector beside it). Cached files are used without any
+    network call; missing ones are downloaded unless offline.
     """
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf") or path.exists():
+        return ModelFiles(path, Path(mmproj).expanduser() if mmproj else _projector_beside(path))
+    if mmproj is not None:
+        raise CaprlError("--mmproj goes with a model given as a .gguf path, not with a model name")
     spec = spec_for(name)
     root = cache_root(cache_dir)
     try:
@@ -494,27 +501,6 @@ def download_model(
     model_path = fetch(model_r, root=root, token=token, progress=progress)
     return ModelFiles(model_path, mmproj_path, spec.name, model_r.quant, mmproj_r.quant,
                       spec.architecture or None, spec.prompt)
-
-
-def resolve_model(
-    model: str = DEFAULT_MODEL,
-    *,
-    mmproj: str | os.PathLike[str] | None = None,
-    quant: str | None = None,
-    imatrix: bool = False,
-    mmproj_quant: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    offline: bool = False,
-    progress: ProgressCallback | None = None,
-) -> ModelFiles:
-    """Local files for a registry name, a Hub repo, or a path to a .gguf (with its projector)."""
-    path = Path(model).expanduser()
-    if model.lower().endswith(".gguf") or path.exists():
-        return ModelFiles(path, Path(mmproj).expanduser() if mmproj else _projector_beside(path))
-    if mmproj is not None:
-        raise CaprlError("--mmproj goes with a model given as a .gguf path, not with a model name")
-    return download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, cache_dir=cache_dir,
-                          offline=offline, progress=progress)
 
 
 def _projector_beside(model: Path) -> Path:

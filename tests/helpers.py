@@ -11,6 +11,16 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Broken inputs (from scripts/make_test_images.py, plus one that does not exist) and the
+#: words their one-line error must contain.
+BAD_IMAGE_ERRORS = [
+    ("missing.jpg", "no such file"),
+    ("empty.jpg", "empty"),
+    ("truncated.jpg", "truncated"),
+    ("text.jpg", "not a recognised image"),
+    ("bomb.png", "too large"),
+]
+
 
 def load_script(name: str) -> ModuleType:
     """Import one of the project's scripts/ as a module (once)."""

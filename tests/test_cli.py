@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from caprl_local import Captioner
-from helpers import run_cli
+from helpers import BAD_IMAGE_ERRORS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +86,7 @@ def test_presets_and_prompts(model_args: list[str], images: Path) -> None:
         assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(
-    ("name", "words"),
-    [
-        ("missing.jpg", "no such file"),
-        ("empty.jpg", "empty"),
-        ("truncated.jpg", "truncated"),
-        ("text.jpg", "not a recognised image"),
-        ("bomb.png", "too large"),
-        ("", "is a directory"),
-    ],
-)
+@pytest.mark.parametrize(("name", "words"), [*BAD_IMAGE_ERRORS, ("", "is a directory")])
 def test_bad_images_fail_with_one_line(model_args: list[str], images: Path, name: str, words: str) -> None:
     path = str(images / name) if name else str(images)
     _one_line_error(run_cli("caption", path, *model_args), path, words)

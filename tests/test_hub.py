@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from caprl_local import Captioner, DownloadError, OfflineError, UnknownModelError
-from caprl_local.hub import _translate, download_model, list_cached, parse_quant, resolve_model
+from caprl_local.hub import _translate, download_model, list_cached, parse_quant
 from fake_hub import FakeHub
 from helpers import load_script
 
@@ -223,11 +223,11 @@ def test_full_disk_and_unreachable_hub_are_one_line_errors(monkeypatch: pytest.M
 
 def test_local_paths_find_the_projector_beside_the_model(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     model, mmproj = tiny_model
-    assert resolve_model(str(model)).mmproj == mmproj
+    assert download_model(str(model)).mmproj == mmproj
     lonely = tmp_path / "model.gguf"
     lonely.write_bytes(model.read_bytes())
     with pytest.raises(Exception, match="--mmproj"):
-        resolve_model(str(lonely))
+        download_model(str(lonely))
 
 
 @pytest.mark.parametrize(

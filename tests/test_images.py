@@ -10,7 +10,7 @@ from PIL import Image
 
 from caprl_local.errors import ImageError
 from caprl_local.images import load_image
-from helpers import load_script
+from helpers import BAD_IMAGE_ERRORS, load_script
 
 GOOD_SIZES = load_script("make_test_images").GOOD
 
@@ -54,16 +54,7 @@ def test_bytes_pil_and_array_inputs(images: Path) -> None:
     assert rgba.getpixel((1, 1)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize(
-    ("name", "words"),
-    [
-        ("missing.jpg", "no such file"),
-        ("empty.jpg", "empty"),
-        ("truncated.jpg", "truncated"),
-        ("text.jpg", "not a recognised image"),
-        ("bomb.png", "too large"),
-    ],
-)
+@pytest.mark.parametrize(("name", "words"), BAD_IMAGE_ERRORS)
 def test_bad_files_raise_image_error_naming_the_file(images: Path, name: str, words: str) -> None:
     with pytest.raises(ImageError) as info:
         load_image(images / name)
