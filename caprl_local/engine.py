@@ -398,7 +398,7 @@ class Captioner:
         """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
         downloading and verifying it first if it is not cached (unless offline)."""
         files = download_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                              cache_dir=cache_dir, offline=offline, progress=progress)
+                               cache_dir=cache_dir, offline=offline, progress=progress)
         options.setdefault("prompt", files.prompt)
         captioner = cls(files.model, files.mmproj, **options)
         captioner.files = files
