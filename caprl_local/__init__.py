@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    Cancelled,
     CaprlError,
     DownloadError,
     EngineError,
@@ -17,14 +18,15 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from .engine import Caption, Captioner, Timings
+    from .engine import Captioner
+    from .results import Caption, CaptionFailure, Timings
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
 
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.
 _LAZY = {
-    "Captioner": "engine", "Caption": "engine", "Timings": "engine",
+    "Captioner": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
     "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
     "ModelSpec": "registry",
 }
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Caption",
+    "CaptionFailure",
     "Captioner",
     "Timings",
     "ModelSpec",
@@ -47,6 +50,7 @@ __all__ = [
     "DownloadProgress",
     "download_model",
     "list_models",
+    "Cancelled",
     "CaprlError",
     "DownloadError",
     "EngineError",

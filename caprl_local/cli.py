@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import CaprlError
+from .errors import Cancelled, CaprlError
 from .prompts import PRESETS
 from .registry import DEFAULT_MODEL
 
@@ -29,6 +30,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (click.UsageError, EXIT_USAGE, ""),
     (KeyboardInterrupt, EXIT_INTERRUPTED, "Interrupted."),
+    (Cancelled, EXIT_INTERRUPTED, "Interrupted."),
     (click.exceptions.Abort, EXIT_INTERRUPTED, "Interrupted."),
     (CaprlError, EXIT_FAILURE, "Error: {exc}"),
     (MemoryError, EXIT_FAILURE, "Error: out of memory; lower --max-image-tokens or use a smaller quant"),
@@ -73,7 +75,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.command()
-@click.argument("image", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("images", nargs=-1, type=click.Path(path_type=str))
 @click.option("--model", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
               metavar="NAME|REPO|PATH",
               help="A model name from `caprl-local models`, a Hub repo (owner/name), or a .gguf file.")
@@ -81,6 +83,19 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
               help="The vision projector, with --model PATH.gguf [default: the *mmproj*.gguf beside it].")
 @model_options
 @click.option("--offline", is_flag=True, help="Never touch the network; use cached files only.")
+@click.option("--recursive", "-r", is_flag=True, help="Take images from sub-folders of folders too.")
+@click.option("--from-list", "list_file", metavar="FILE",
+              help="Read images from FILE ('-' for stdin): a path per line, or JSONL objects with an "
+                   "\"image\" field whose other fields are kept in the output.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="Output format; jsonl gives one object per image with tokens, timings or the error.")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=str),
+              help="Write results to FILE instead of stdout; with jsonl, images already in it are skipped.")
+@click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
+@click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
+@click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
+@click.option("--progress/--quiet", "progress", default=None,
+              help="Force the progress bar on or off [default: on when stderr is a terminal].")
 @click.option("--prompt", help="Your own instruction; '<image>' marks where the image goes (default: first).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -95,7 +110,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
               help="Cap on tokens per image; large images are scaled down to fit.")
 @click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks.")
 def caption(
-    image: str,
+    images: tuple[str, ...],
     model: str,
     mmproj_path: str | None,
     quant: str | None,
@@ -103,6 +118,14 @@ def caption(
     mmproj_quant: str | None,
     cache_dir: str | None,
     offline: bool,
+    recursive: bool,
+    list_file: str | None,
+    fmt: str,
+    output: str | None,
+    sidecar: bool,
+    sidecar_ext: str,
+    overwrite: bool,
+    progress: bool | None,
     prompt: str | None,
     preset: str | None,
     max_tokens: int,
@@ -113,32 +136,127 @@ def caption(
     max_image_tokens: int,
     verbose: bool,
 ) -> None:
-    """Caption IMAGE and print the caption to stdout.
+    """Caption IMAGES (files, folders or glob patterns) and print the captions.
 
-    The model is fetched and verified on first use, then cached: later runs need no network.
+    One image: its caption on stdout. Many: each written as it is done; the same command
+    run again (after Ctrl-C, say) skips images that already have a --sidecar or a line in
+    the --output file. The model is fetched and verified on first use, then cached: later
+    runs need no network.
     """
     if prompt is not None and preset is not None:
         raise click.UsageError("use either --prompt or --preset, not both")
+    if not images and list_file is None:
+        raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
+    from .batch import collect_inputs
     from .engine import Captioner  # imported here so that --help stays instant
+    from .hub import download_model
+    from .prompts import DEFAULT_PROMPT, resolve_prompt
 
-    cap = Captioner.from_pretrained(
-        model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, cache_dir=cache_dir,
-        offline=offline, progress=_DownloadBar(), gpu_layers=gpu_layers, threads=threads,
-        image_max_tokens=max_image_tokens, verbose=verbose,
-    )
-    with cap:
-        on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
-        result = cap.caption(image, prompt=prompt, preset=preset, max_tokens=max_tokens,
-                             temperature=temperature, seed=seed, on_text=on_text)
-        click.echo(result.text if on_text is None else "")
-        if verbose:
-            t = result.timings
-            click.echo(
-                f"{result.image_tokens} image tokens, {result.prompt_tokens} prompt tokens, "
-                f"{result.generated_tokens} generated; encode {t.image_encode_s:.2f}s, "
-                f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
-                err=True,
-            )
+    items = collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
+    if not items:
+        where = ", ".join(images) or list_file
+        raise CaprlError(f"no images found in {where}" + ("" if recursive else " (add --recursive for sub-folders)"))
+    files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                           cache_dir=cache_dir, offline=offline, progress=_DownloadBar())
+    prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
+    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    engine = dict(gpu_layers=gpu_layers, threads=threads, image_max_tokens=max_image_tokens, verbose=verbose)
+    single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
+    def load() -> Any:
+        return Captioner(files.model, files.mmproj, **engine)  # type: ignore[arg-type]
+
+    with _GracefulInterrupt() as interrupt:
+        if single and fmt == "text" and not (output or sidecar or list_file):
+            with interrupt.watch(load()) as cap:
+                _caption_one(cap, images[0], prompt_text, options, verbose)
+            return
+        _caption_batch(lambda: interrupt.watch(load()), files, items, prompt_text, options, fmt=fmt,
+                       output=output, sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite,
+                       progress=progress)
+
+
+class _GracefulInterrupt:
+    """Ctrl-C while captioning: ask the captioner to stop at the next token, so the run ends
+    cleanly with what is done written; a second Ctrl-C stops at once.
+
+    (A KeyboardInterrupt raised by Python's default handler can land inside llama.cpp's log
+    callback, where ctypes swallows it, and the Ctrl-C would be lost.)
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.captioner: Any = None
+
+    def __enter__(self) -> _GracefulInterrupt:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested or self.captioner is None:
+            self.requested = True
+            raise KeyboardInterrupt
+        self.requested = True
+        self.captioner.cancel()
+
+    def watch(self, captioner: Any) -> Any:
+        self.captioner = captioner
+        if self.requested:  # Ctrl-C came while the model was loading
+            captioner.close()
+            raise KeyboardInterrupt
+        return captioner
+
+
+def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], verbose: bool) -> None:
+    on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
+    result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
+    click.echo(result.text if on_text is None else "")
+    if verbose:
+        t = result.timings
+        click.echo(
+            f"{result.image_tokens} image tokens, {result.prompt_tokens} prompt tokens, "
+            f"{result.generated_tokens} generated; encode {t.image_encode_s:.2f}s, "
+            f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
+            err=True,
+        )
+
+
+def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt: str, options: dict[str, Any],
+                   *, fmt: str, output: str | None, sidecar: bool, sidecar_ext: str,
+                   overwrite: bool, progress: bool | None) -> None:
+    from .batch import JsonlOutput, SidecarOutput, TextOutput, run_batch, split_done
+
+    outputs: list[Any] = []
+    if sidecar:
+        outputs.append(SidecarOutput(sidecar_ext, overwrite=overwrite))
+    stream = open(output, "a" if fmt == "text" and not overwrite else "w", encoding="utf-8") \
+        if output and fmt == "text" else sys.stdout
+    if fmt == "jsonl":
+        outputs.append(JsonlOutput(output, overwrite=overwrite, stream=sys.stdout))
+    elif output or not sidecar:
+        outputs.append(TextOutput(stream))
+    todo, skipped = split_done(items, outputs, prompt)
+    reporter = _BatchReporter(len(items), skipped, show=sys.stderr.isatty() if progress is None else progress)
+    summary = None
+    try:
+        if todo:
+            model_name = files.name or files.model.name
+            with load() as cap:
+                summary = run_batch(cap, todo, outputs, prompt=prompt, model=model_name, quant=files.quant,
+                                    on_result=reporter.result, **options)
+    finally:
+        for out in outputs:
+            if hasattr(out, "close"):
+                out.close()
+        if stream is not sys.stdout:
+            stream.close()
+    reporter.finish(summary, quiet=progress is False)
+    if summary is not None and summary.interrupted:
+        raise KeyboardInterrupt
+    if summary is not None and summary.failed:
+        raise SystemExit(EXIT_FAILURE)
 
 
 @cli.command()
@@ -224,6 +342,48 @@ def _listing_json(item: Any) -> dict[str, Any]:
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+class _BatchReporter:
+    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr."""
+
+    def __init__(self, total: int, skipped: int, *, show: bool) -> None:
+        self.total, self.skipped, self.show = total, skipped, show
+        self.started = time.monotonic()
+
+    def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
+        if "error" in record:
+            self._clear()
+            click.echo(f"Error: {record['error']}", err=True)
+        if self.show:
+            done = self.skipped + summary.done + summary.failed
+            left = self.total - done
+            rate = (summary.done + summary.failed) / max(time.monotonic() - self.started, 1e-6)
+            bar = "#" * int(24 * done / max(self.total, 1))
+            click.echo(f"\r\033[K[{bar:<24}] {done}/{self.total} images  {60 * rate:.1f}/min  "
+                       f"ETA {_duration(left / rate) if rate > 0 else '?'}", nl=False, err=True)
+
+    def _clear(self) -> None:
+        if self.show:
+            click.echo("\r\033[K", nl=False, err=True)
+
+    def finish(self, summary: Any, *, quiet: bool) -> None:
+        self._clear()
+        if quiet:
+            return
+        if summary is None:
+            click.echo(f"Nothing to do: all {self.total} images already have a result "
+                       "(--overwrite captions them again).", err=True)
+            return
+        ended = "Interrupted after" if summary.interrupted else "Captioned"
+        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed) "
+                   f"in {_duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class _DownloadBar:

@@ -17,18 +17,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Literal, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sized, Union
 
 import llama_cpp
 from llama_cpp import mtmd_cpp as mtmd
+from PIL import Image
 
 from . import __version__
-from .errors import CaprlError, EngineError, ModelFileError
+from .errors import Cancelled, CaprlError, EngineError, ModelFileError
 from .ggufmeta import GGUFInfo, read_gguf
-from .images import ImageInput, describe, load_image, pad_to_aspect
+from .images import ImageInput, describe, fit_to_budget, load_ahead, load_image, pad_to_aspect
 from .hub import ModelFiles, ProgressCallback, download_model
 from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
 from .registry import DEFAULT_MODEL
+from .results import Caption, CaptionFailure, Timings
 
 log = logging.getLogger("caprl_local")
 _llama_log = logging.getLogger("caprl_local.llama")
@@ -38,7 +40,8 @@ GpuLayers = Union[int, Literal["auto"]]
 #: Default cap on image tokens. llama.cpp allows Qwen2.5-VL 4096 (a 12-MP photo then needs
 #: tens of GB for the vision encoder); 1024 tokens is about a megapixel, ample for captions.
 DEFAULT_MAX_IMAGE_TOKENS = 1024
-_LLAMA_MAX_IMAGE_TOKENS = 4096  # llama.cpp's own cap for Qwen-VL projectors
+_LLAMA_MAX_IMAGE_TOKENS = 4096  # llama.cpp's own limits for Qwen-VL projectors
+_LLAMA_MIN_IMAGE_TOKENS = 8
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_N_CTX = 4096
 _N_BATCH = 2048  # logical batch, as llama-mtmd-cli uses
@@ -80,31 +83,6 @@ class GenerationOptions:
     top_p: float = 0.95
     seed: int | None = None
     repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Seconds spent in each stage of one caption."""
-
-    image_load_s: float
-    image_encode_s: float
-    prompt_eval_s: float
-    generation_s: float
-    total_s: float
-    prompt_tokens_per_s: float
-    generation_tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class Caption:
-    """A caption and what it cost."""
-
-    text: str
-    image_tokens: int
-    prompt_tokens: int  # text and image tokens fed to the model
-    generated_tokens: int
-    finish_reason: Literal["stop", "length"]
-    timings: Timings
 
 
 @dataclass(frozen=True)
@@ -305,6 +283,7 @@ class Captioner:
         prompt: str | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
         self.default_prompt = resolve_prompt(prompt=prompt)
         self._model = self._ctx = self._mctx = None
         self._batch: llama_cpp.llama_batch | None = None
@@ -318,13 +297,13 @@ class Captioner:
                 raise CaprlError(f"{name} must be a positive number, not {value!r}")
         if n_ctx < 256:
             raise CaprlError(f"n_ctx must be at least 256, not {n_ctx!r}")
-        model_info, _ = check_model_files(model_path, mmproj_path)
+        model_info, mmproj_info = check_model_files(model_path, mmproj_path)
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
         self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=model_info.architecture)
         self.architecture = model_info.architecture
-        self._load(model_info)
+        self._load(mmproj_info)
 
-    def _load(self, model_info: GGUFInfo) -> None:
+    def _load(self, mmproj_info: GGUFInfo) -> None:
         opts = self.options
         _init_backend(opts.verbose)
         _LOG.errors.clear()
@@ -369,8 +348,15 @@ class Captioner:
             raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
 
         self._marker = mtmd.mtmd_default_marker().decode()
-        # A strip more than one token high per `cap` tokens wide would overshoot the cap.
-        self._max_aspect = 0.95 * (opts.image_max_tokens or _LLAMA_MAX_IMAGE_TOKENS)
+        # How llama.cpp's Qwen-VL preprocessor sizes images: sides in multiples of patch x merge
+        # pixels (28), area between the token limits. A strip more than one token high per
+        # `cap` tokens wide would overshoot the cap, so such strips get padded first.
+        merge = int(mmproj_info.metadata.get("clip.vision.spatial_merge_size", 2))
+        self._align = int(mmproj_info.metadata["clip.vision.patch_size"]) * merge
+        max_tokens = opts.image_max_tokens or _LLAMA_MAX_IMAGE_TOKENS
+        self._max_pixels = max_tokens * self._align**2
+        self._min_pixels = min(opts.image_min_tokens or _LLAMA_MIN_IMAGE_TOKENS, max_tokens) * self._align**2
+        self._max_aspect = 0.95 * max_tokens
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._batch = llama_cpp.llama_batch_init(1, 0, 1)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
@@ -423,30 +409,56 @@ class Captioner:
 
         ``on_text``, if given, receives each piece of text as it is generated.
         """
-        gen = self._generate(image, self._gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty))
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if on_text is not None:
-                on_text(piece)
+        opts = self._gen_options(prompt=prompt, preset=preset, max_tokens=max_tokens, temperature=temperature,
+                                 top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
+        self._cancel.clear()
+        return self._finish(self._generate(*self._load_image(image), opts), on_text)
 
-    def stream(
+    def stream(self, image: ImageInput, **options: Any) -> Iterator[str]:
+        """Caption one image, yielding pieces of text as they are generated (options as for caption)."""
+        opts = self._gen_options(**options)
+        self._cancel.clear()
+        yield from self._generate(*self._load_image(image), opts)
+
+    def caption_many(
         self,
-        image: ImageInput,
+        images: Iterable[ImageInput],
         *,
-        prompt: str | None = None,
-        preset: str | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 0.95,
-        seed: int | None = None,
-        repeat_penalty: float = 1.05,
-    ) -> Iterator[str]:
-        """Caption one image, yielding pieces of text as they are generated."""
-        options = self._gen_options(prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty)
-        yield from self._generate(image, options)
+        progress: Callable[[int, int | None], None] | None = None,
+        prefetch: int = 2,
+        **options: Any,
+    ) -> Iterator[Caption | CaptionFailure]:
+        """Caption many images, yielding one result per image in input order (options as for caption).
+
+        An image that cannot be read or captioned yields a CaptionFailure instead of raising.
+        The next ``prefetch`` images are read, decoded and resized in a background thread
+        while the current one is captioned. ``progress(done, total)`` follows each result
+        (total is None when ``images`` has no length).
+        """
+        opts = self._gen_options(**options)
+        total = len(images) if isinstance(images, Sized) else None
+        self._cancel.clear()
+        for done, (source, loaded) in enumerate(load_ahead(images, load=self._load_prepared, ahead=prefetch), 1):
+            name = describe(source)
+            result: Caption | CaptionFailure
+            try:
+                if isinstance(loaded, BaseException):
+                    raise loaded
+                result = self._finish(self._generate(loaded[0], loaded[1], name, opts), None)
+            except Cancelled:
+                raise
+            except CaprlError as exc:
+                result = CaptionFailure(image=name, error=str(exc), kind=type(exc).__name__)
+            if progress is not None:
+                progress(done, total)
+            yield result
+
+    def cancel(self) -> None:
+        """Stop the caption in progress, or the caption_many run, at the next token.
+
+        The interrupted call raises Cancelled. Safe to call from any thread or a signal handler.
+        """
+        self._cancel.set()
 
     def close(self) -> None:
         """Free the model, context and projector. Safe to call twice."""
@@ -479,7 +491,17 @@ class Captioner:
 
     # -- internals --
 
-    def _gen_options(self, prompt, preset, max_tokens, temperature, top_p, seed, repeat_penalty) -> GenerationOptions:  # type: ignore[no-untyped-def]
+    def _gen_options(
+        self,
+        *,
+        prompt: str | None = None,
+        preset: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        repeat_penalty: float = 1.05,
+    ) -> GenerationOptions:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise CaprlError(f"max_tokens must be a positive number, not {max_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
@@ -504,19 +526,46 @@ class Captioner:
             add(llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
-    def _generate(self, image: ImageInput, opts: GenerationOptions) -> Generator[str, None, Caption]:
+    @staticmethod
+    def _finish(gen: Generator[str, None, Caption], on_text: Callable[[str], None] | None) -> Caption:
+        """Drive a generation to its end, passing pieces to on_text; return the Caption."""
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if on_text is not None:
+                on_text(piece)
+
+    def _load_image(self, image: ImageInput) -> tuple[Image.Image, float, str]:
+        # Decoded outside the lock: other threads may generate meanwhile.
+        t0 = time.perf_counter()
+        rgb = self._load_prepared(image)
+        return rgb, time.perf_counter() - t0, describe(image)
+
+    def _load_prepared(self, image: ImageInput) -> Image.Image:
+        """Load an image and fit it to the token budget the way llama.cpp would, but here,
+        where it can run ahead in another thread: pad strips too thin for the cap, then
+        downscale to the exact size llama.cpp's preprocessor picks (leaving it nothing to do)."""
+        rgb = pad_to_aspect(load_image(image, draft_pixels=self._max_pixels), self._max_aspect)
+        size = fit_to_budget(rgb.size, align=self._align, min_pixels=self._min_pixels, max_pixels=self._max_pixels)
+        if size[0] * size[1] < rgb.width * rgb.height:
+            rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return rgb
+
+    def _generate(self, rgb: Image.Image, load_s: float, name: str,
+                  opts: GenerationOptions) -> Generator[str, None, Caption]:
         """Evaluate the prompt with the image, then sample until end-of-turn or max_tokens.
 
         Yields text pieces; returns the finished Caption.
         """
-        t_start = time.perf_counter()
-        # Decoded outside the lock: other threads may generate meanwhile.
-        rgb = pad_to_aspect(load_image(image), self._max_aspect)
         t_loaded = time.perf_counter()
-        name = describe(image)
+        t_start = t_loaded - load_s
         with self._lock:
             if not self._ctx:
                 raise EngineError("this Captioner is closed; create a new one")
+            if self._cancel.is_set():
+                raise Cancelled(f"{name}: cancelled")
             _LOG.errors.clear()
             chunks = self._tokenize(rgb, opts.prompt, name)
             sampler = self._sampler(opts)
@@ -531,6 +580,8 @@ class Captioner:
                 batch = self._batch
                 n_gen, finish = 0, "length"
                 while n_gen < opts.max_tokens and n_past < self.n_ctx:
+                    if self._cancel.is_set():
+                        raise Cancelled(f"{name}: cancelled")
                     token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
                     if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                         finish = "stop"

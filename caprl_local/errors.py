@@ -34,3 +34,7 @@ class OfflineError(CaprlError):
 
 class EngineError(CaprlError):
     """llama.cpp failed while loading or running a model."""
+
+
+class Cancelled(CaprlError):
+    """Captioning was stopped by ``Captioner.cancel()`` (the CLI calls it on Ctrl-C)."""

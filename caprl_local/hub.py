@@ -484,7 +484,8 @@ def download_model(
     """
     path = Path(name).expanduser()
     if name.lower().endswith(".gguf") or path.exists():
-        return ModelFiles(path, Path(mmproj).expanduser() if mmproj else _projector_beside(path))
+        return ModelFiles(path, Path(mmproj).expanduser() if mmproj else _projector_beside(path),
+                          quant=(parse_quant(path.name) or (None,))[0])
     if mmproj is not None:
         raise CaprlError("--mmproj goes with a model given as a .gguf path, not with a model name")
     spec = spec_for(name)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +25,8 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.
 #: Refuse images above this many pixels before decoding them (a 12-MP photo is 12e6;
 #: Pillow's own bomb limit is 89e6 and only warns below twice that).
 MAX_PIXELS = 150_000_000
+
+T = TypeVar("T")
 
 _BACKGROUND = (255, 255, 255)  # transparent areas are shown on white, as viewers do
 
@@ -39,11 +44,13 @@ def describe(source: object) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, draft_pixels: int | None = None) -> Image.Image:
     """Load a path, encoded bytes, PIL image or numpy array as an RGB image.
 
     EXIF orientation is applied, transparency is flattened onto white,
     animations give their first frame and high-bit-depth images are scaled to 8 bits.
+    ``draft_pixels``: the image will be shrunk to about this area anyway, so a large JPEG
+    may be decoded at a reduced scale (much faster) as long as it stays at least that big.
     """
     name = describe(source)
     if isinstance(source, np.ndarray):
@@ -53,7 +60,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError(f"{name}: no image data (empty input)")
-        return _decode(io.BytesIO(bytes(source)), name, max_pixels)
+        return _decode(io.BytesIO(bytes(source)), name, max_pixels, draft_pixels)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
@@ -62,7 +69,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             if path.stat().st_size == 0:
                 raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it")
             with open(path, "rb") as fh:
-                return _decode(fh, name, max_pixels)
+                return _decode(fh, name, max_pixels, draft_pixels)
         except FileNotFoundError as exc:
             raise ImageError(f"{name}: no such file; check the path") from exc
         except PermissionError as exc:
@@ -70,6 +77,55 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         except OSError as exc:
             raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     raise ImageError(f"{name}: unsupported image input; pass a path, bytes, a PIL image or a numpy array")
+
+
+def fit_to_budget(size: tuple[int, int], *, align: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size llama.cpp's Qwen-VL preprocessor gives an image ("smart resize"): sides in
+    multiples of `align`, area within [min_pixels, max_pixels], aspect ratio kept."""
+    w, h = size
+    w_bar, h_bar = max(align, round(w / align) * align), max(align, round(h / align) * align)
+    if w_bar * h_bar > max_pixels:
+        beta = (w * h / max_pixels) ** 0.5
+        w_bar = max(align, int(w / beta / align) * align)
+        h_bar = max(align, int(h / beta / align) * align)
+    elif w_bar * h_bar < min_pixels:
+        beta = (min_pixels / (w * h)) ** 0.5
+        w_bar = -(-w * beta // align) * align
+        h_bar = -(-h * beta // align) * align
+    return int(w_bar), int(h_bar)
+
+
+def load_ahead(
+    sources: Iterable[T], *, load: Callable[[T], Image.Image], ahead: int = 2
+) -> Iterator[tuple[T, tuple[Image.Image, float] | Exception]]:
+    """Yield (source, (image, seconds to load)) in order, loading up to `ahead` images in a
+    background thread while the caller works on the current one; a failed load yields the
+    exception instead. Pillow releases the GIL while decoding, so the overlap is real."""
+
+    def timed(source: T) -> tuple[Image.Image, float]:
+        t0 = time.perf_counter()
+        return load(source), time.perf_counter() - t0
+
+    it = iter(sources)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caprl-prefetch") as pool:
+        pending: deque[tuple[T, Future[tuple[Image.Image, float]]]] = deque()
+        try:
+            for source in it:
+                pending.append((source, pool.submit(timed, source)))
+                if len(pending) > ahead:
+                    yield _result(*pending.popleft())
+            while pending:
+                yield _result(*pending.popleft())
+        finally:
+            for _, future in pending:  # the caller stopped early (Ctrl-C, break): drop the rest
+                future.cancel()
+
+
+def _result(source: T, future: Future[tuple[Image.Image, float]]) -> tuple[T, tuple[Image.Image, float] | Exception]:
+    try:
+        return source, future.result()
+    except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it per image
+        return source, exc
 
 
 def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
@@ -88,12 +144,15 @@ def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
     return canvas
 
 
-def _decode(fh: io.BufferedIOBase | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+def _decode(fh: io.BufferedIOBase | io.BytesIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fh)
             _check_size(img, name, max_pixels)
+            if draft_pixels and img.format == "JPEG" and img.width * img.height > 4 * draft_pixels:
+                scale = (draft_pixels / (img.width * img.height)) ** 0.5
+                img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
             img.load()  # decode now, while the file is open, so truncation is caught here
     except ImageError:
         raise

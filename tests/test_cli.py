@@ -86,10 +86,14 @@ def test_presets_and_prompts(model_args: list[str], images: Path) -> None:
         assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(("name", "words"), [*BAD_IMAGE_ERRORS, ("", "is a directory")])
+@pytest.mark.parametrize(("name", "words"), BAD_IMAGE_ERRORS)
 def test_bad_images_fail_with_one_line(model_args: list[str], images: Path, name: str, words: str) -> None:
-    path = str(images / name) if name else str(images)
+    path = str(images / name)
     _one_line_error(run_cli("caption", path, *model_args), path, words)
+
+
+def test_a_folder_without_images(model_args: list[str], tmp_path: Path) -> None:
+    _one_line_error(run_cli("caption", str(tmp_path), *model_args), str(tmp_path), "no images found")
 
 
 def test_bad_model_files_fail_with_one_line(tiny_model: tuple[Path, Path], images: Path, tmp_path: Path) -> None:

@@ -1,0 +1,312 @@
+"""Caption many images: gather inputs, skip what is done, write results as they come.
+
+Knows nothing of llama.cpp or the Hub: it drives ``Captioner.caption_many`` and writes
+each result at once (JSONL lines, sidecar files), so an interrupted run loses only the
+image in progress and the same command, run again, finishes the rest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, TextIO
+
+from .errors import Cancelled, CaprlError
+from .results import Caption, CaptionFailure
+
+#: File name extensions taken from folders (files named explicitly are tried whatever their name).
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+    ".tga", ".ppm", ".pgm", ".pbm", ".ico", ".avif", ".jp2",
+})
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One image to caption, with the other fields of its JSONL input line, if any."""
+
+    path: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The image's identity for resuming, whatever the working directory."""
+        return os.path.abspath(self.path)
+
+
+@dataclass
+class BatchSummary:
+    """How a batch went."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+def collect_inputs(
+    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None
+) -> list[BatchItem]:
+    """Expand files, folders and glob patterns, then the lines of a list file, into items.
+
+    A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
+    layout), whose other fields are kept; relative paths are taken from the list's folder.
+    The same image named twice is captioned once.
+    """
+    items: list[BatchItem] = []
+    for arg in args:
+        items += _expand(arg, recursive)
+    if list_file is not None:
+        if list_file == "-":
+            items += read_list(stdin.read() if stdin is not None else "", Path.cwd(), "<stdin>")
+        else:
+            try:
+                text = Path(list_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
+            items += read_list(text, Path(list_file).parent, list_file)
+    seen: set[str] = set()
+    unique = [i for i in items if not (i.key in seen or seen.add(i.key))]  # type: ignore[func-returns-value]
+    return unique
+
+
+def _expand(arg: str, recursive: bool) -> list[BatchItem]:
+    path = Path(arg)
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(
+            p for p in found
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        return [BatchItem(str(p)) for p in files]
+    if not path.exists() and glob.has_magic(arg):
+        return [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
+    return [BatchItem(arg)]  # a missing file becomes a failed image, reported with the rest
+
+
+def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        extra: dict[str, Any] = {}
+        if line.startswith("{"):
+            try:
+                extra = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(extra.get("image"), str):
+                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
+            line = extra["image"]
+        path = Path(line).expanduser()
+        items.append(BatchItem(str(path if path.is_absolute() else base / path), extra))
+    return items
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+class Output(Protocol):
+    """Where results go. `has` tells whether an image already has a result (for resuming)."""
+
+    def has(self, item: BatchItem, prompt: str) -> bool: ...
+
+    def write(self, item: BatchItem, record: dict[str, Any]) -> None: ...
+
+
+class JsonlOutput:
+    """One JSON object per image, appended and flushed as each image finishes.
+
+    Opening an existing file reads what it holds: images with a caption for the same prompt
+    count as done; lines of failed images are dropped (they will be tried again), as is a
+    line cut short by a crash, so that every image ends with exactly one line.
+    """
+
+    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.done: set[tuple[str, str]] = set()
+        if self.path is None:
+            self.fh = stream
+            return
+        kept: list[str] = []
+        if self.path.exists() and not overwrite:
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+                record = _parse_line(line)
+                if record is not None and "caption" in record and "path" in record:
+                    self.done.add((os.path.abspath(record["path"]), record.get("prompt", "")))
+                    kept.append(line)
+        if overwrite or kept != _lines(self.path):
+            write_atomic(self.path, "".join(kept))  # drop failed and broken lines, keep the rest
+        self.fh = open(self.path, "a", encoding="utf-8")
+
+    def has(self, item: BatchItem, prompt: str) -> bool:
+        return (item.key, prompt) in self.done
+
+    def write(self, item: BatchItem, record: dict[str, Any]) -> None:
+        assert self.fh is not None
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with deferred_interrupt():  # a line is written whole or not at all
+            self.fh.write(line)
+            self.fh.flush()
+            if self.path is not None:
+                os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        if self.path is not None and self.fh is not None:
+            self.fh.close()
+
+
+class SidecarOutput:
+    """``photo.txt`` beside ``photo.jpg``, written to a temporary name and renamed."""
+
+    def __init__(self, ext: str = ".txt", *, overwrite: bool = False) -> None:
+        self.ext = ext if ext.startswith(".") else "." + ext
+        self.overwrite = overwrite
+
+    def path_for(self, item: BatchItem) -> Path:
+        return Path(item.path).with_suffix(self.ext)
+
+    def has(self, item: BatchItem, prompt: str) -> bool:
+        return not self.overwrite and self.path_for(item).is_file()
+
+    def write(self, item: BatchItem, record: dict[str, Any]) -> None:
+        if "caption" in record:
+            write_atomic(self.path_for(item), record["caption"] + "\n")
+
+
+class TextOutput:
+    """Captions as plain text on a stream, each under a ``==> path <==`` header."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def has(self, item: BatchItem, prompt: str) -> bool:
+        return False
+
+    def write(self, item: BatchItem, record: dict[str, Any]) -> None:
+        if "caption" in record:
+            with deferred_interrupt():
+                self.stream.write(f"==> {item.path} <==\n{record['caption']}\n\n")
+                self.stream.flush()
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    if not line.endswith("\n"):
+        return None  # cut short by a crash
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that it appears whole or not at all: temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with deferred_interrupt(), open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back until the block is done, so no write is left half-made."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def result_record(item: BatchItem, result: Caption | CaptionFailure, *, prompt: str, model: str | None,
+                  quant: str | None) -> dict[str, Any]:
+    """The JSON object written for one image: its input fields, then the caption or the error."""
+    record: dict[str, Any] = {**item.extra, "path": item.path}
+    if isinstance(result, Caption):
+        record.update(
+            caption=result.text, model=model, quant=quant, prompt=prompt,
+            image_tokens=result.image_tokens, prompt_tokens=result.prompt_tokens,
+            generated_tokens=result.generated_tokens, finish_reason=result.finish_reason,
+            timings={k: round(v, 4) for k, v in asdict(result.timings).items()},
+        )
+    else:
+        record.update(error=result.error, error_kind=result.kind, model=model, quant=quant, prompt=prompt)
+    return record
+
+
+def split_done(items: list[BatchItem], outputs: list[Output], prompt: str) -> tuple[list[BatchItem], int]:
+    """(items still to caption, how many were skipped): an item is done when every output has it."""
+    todo = [i for i in items if not (outputs and all(o.has(i, prompt) for o in outputs))]
+    return todo, len(items) - len(todo)
+
+
+def run_batch(
+    captioner: Any,
+    items: list[BatchItem],
+    outputs: list[Output],
+    *,
+    prompt: str,
+    model: str | None = None,
+    quant: str | None = None,
+    on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
+    **options: Any,
+) -> BatchSummary:
+    """Caption the items, writing each result to every output as it comes.
+
+    Returns the summary; Ctrl-C ends the run early with ``interrupted`` set, everything
+    finished so far already written.
+    """
+    summary = BatchSummary(total=len(items))
+    started = time.perf_counter()
+    try:
+        for item, result in zip(items, captioner.caption_many([i.path for i in items], prompt=prompt, **options)):
+            record = result_record(item, result, prompt=prompt, model=model, quant=quant)
+            for output in outputs:
+                output.write(item, record)
+            if "error" in record:
+                summary.failed += 1
+            else:
+                summary.done += 1
+            summary.seconds = time.perf_counter() - started
+            if on_result is not None:
+                on_result(item, record, summary)
+    except (KeyboardInterrupt, Cancelled):
+        summary.interrupted = True
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,40 @@
+"""The values a caption run produces: plain data, free of llama.cpp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each stage of one caption."""
+
+    image_load_s: float
+    image_encode_s: float
+    prompt_eval_s: float
+    generation_s: float
+    total_s: float
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and what it cost."""
+
+    text: str
+    image_tokens: int
+    prompt_tokens: int  # text and image tokens fed to the model
+    generated_tokens: int
+    finish_reason: Literal["stop", "length"]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class CaptionFailure:
+    """An image of a batch that could not be captioned; the batch went on."""
+
+    image: str  # the input, as named in messages
+    error: str  # one line: what went wrong and what to do
+    kind: str  # the error's class: ImageError, EngineError, ...

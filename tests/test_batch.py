@@ -1,0 +1,158 @@
+"""Batch captioning through the CLI in a subprocess and through caption_many, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caprl_local import Caption, CaptionFailure, Captioner
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_model: tuple[Path, Path]) -> list[str]:
+    model, mmproj = tiny_model
+    return ["--model", str(model), "--mmproj", str(mmproj), "--threads", "2", "--max-tokens", "12"]
+
+
+@pytest.fixture()
+def folder(images: Path, tmp_path: Path) -> Path:
+    """A copy of the test images, good and broken, in a folder of its own."""
+    out = tmp_path / "photos"
+    shutil.copytree(images, out)
+    return out
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_folder_to_jsonl_marks_errors_and_exits_1(model_args: list[str], folder: Path) -> None:
+    result = run_cli("caption", str(folder), *model_args, "--format", "jsonl")
+    assert result.returncode == 1
+    records = jsonl(result.stdout)
+    paths = [r["path"] for r in records]
+    assert paths == sorted(str(p) for p in folder.iterdir())  # one line per image, in order
+    failed = {Path(r["path"]).name for r in records if "error" in r}
+    assert failed == {"truncated.jpg", "text.jpg", "empty.jpg", "bomb.png"}
+    good = [r for r in records if "caption" in r]
+    assert all(r["caption"] and r["image_tokens"] > 0 and r["timings"]["total_s"] > 0 for r in good)
+    assert all(r["prompt"] == "Please describe this image in detail" and r["model"] for r in records)
+    assert sum(line.startswith("Error: ") for line in result.stderr.splitlines()) == 4
+    assert "Captioned 9 of 13 images (0 skipped, 4 failed)" in result.stderr
+    assert "\r" not in result.stderr and "[#" not in result.stderr  # no progress bar off a terminal
+
+
+def test_sidecars_and_resume(model_args: list[str], folder: Path) -> None:
+    first = run_cli("caption", str(folder), *model_args, "--sidecar", "--sidecar-ext", ".caption")
+    assert first.returncode == 1  # the broken images
+    assert first.stdout == ""  # sidecars only
+    assert (folder / "photo.caption").read_text().strip()
+    assert not (folder / "truncated.caption").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+    again = run_cli("caption", str(folder), *model_args, "--sidecar", "--sidecar-ext", ".caption", "--progress")
+    assert "9 skipped" in again.stderr and "images" in again.stderr
+    before = (folder / "photo.caption").stat().st_mtime_ns
+    run_cli("caption", str(folder / "photo.jpg"), *model_args, "--sidecar", "--sidecar-ext", ".caption", "--overwrite")
+    assert (folder / "photo.caption").stat().st_mtime_ns > before
+
+
+def test_interrupted_run_resumes_with_one_result_per_image(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        shutil.copy(images / ("photo.jpg" if i % 2 else "cmyk.jpg"), folder / f"img{i:02d}.jpg")
+    out = tmp_path / "captions.jsonl"
+    args = [sys.executable, "-m", "caprl_local", "caption", str(folder), *model_args, "--max-tokens", "200",
+            "--format", "jsonl", "--output", str(out), "--sidecar"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Interrupted after" in err
+    done = jsonl(out.read_text())
+    assert 3 <= len(done) < 40
+    assert out.read_text().endswith("\n")  # no half-written line
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no half-written sidecar
+    finish = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert finish.returncode == 0, finish.stderr
+    records = jsonl(out.read_text())
+    assert sorted(r["path"] for r in records) == sorted(str(p) for p in folder.glob("*.jpg"))  # each exactly once
+    assert len({p.stem for p in folder.glob("*.txt")}) == 40
+    assert f"{len(done)} skipped" in finish.stderr
+
+
+def test_failed_images_are_retried_and_keep_one_line(model_args: list[str], folder: Path, images: Path) -> None:
+    out = folder.parent / "out.jsonl"
+    run_cli("caption", str(folder), *model_args, "--format", "jsonl", "-o", str(out))
+    shutil.copy(images / "photo.jpg", folder / "truncated.jpg")  # repaired
+    second = run_cli("caption", str(folder), *model_args, "--format", "jsonl", "-o", str(out))
+    records = jsonl(out.read_text())
+    assert len(records) == 13 and len({r["path"] for r in records}) == 13
+    assert "caption" in next(r for r in records if r["path"].endswith("truncated.jpg"))
+    assert "9 skipped" in second.stderr
+    nothing = run_cli("caption", str(folder / "photo.jpg"), *model_args, "--format", "jsonl", "-o", str(out))
+    assert nothing.returncode == 0 and "Nothing to do" in nothing.stderr
+
+
+def test_list_from_stdin(model_args: list[str], images: Path) -> None:
+    listing = f"{images / 'photo.jpg'}\n\n# a comment\n{images / 'alpha.png'}\n"
+    result = run_cli("caption", "--from-list", "-", *model_args, "--format", "jsonl", input=listing)
+    assert result.returncode == 0, result.stderr
+    assert [Path(r["path"]).name for r in jsonl(result.stdout)] == ["photo.jpg", "alpha.png"]
+
+
+def test_jsonl_input_keeps_its_fields(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(images / "photo.jpg", tmp_path / "imgs" / "a.jpg")
+    dataset = tmp_path / "dataset.jsonl"
+    dataset.write_text(
+        json.dumps({"id": 7, "image": "imgs/a.jpg", "source": "web"}) + "\n"
+        + json.dumps({"id": 8, "image": "imgs/missing.jpg"}) + "\n"
+    )
+    result = run_cli("caption", "--from-list", str(dataset), *model_args, "--format", "jsonl")
+    assert result.returncode == 1
+    first, second = jsonl(result.stdout)
+    assert first["id"] == 7 and first["source"] == "web" and first["image"] == "imgs/a.jpg" and first["caption"]
+    assert first["path"] == str(tmp_path / "imgs" / "a.jpg")  # relative to the list's folder
+    assert second["id"] == 8 and "no such file" in second["error"]
+
+
+def test_globs_recursion_and_text_output(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / ".hidden").mkdir()
+    for target in ("a/one.jpg", "a/b/two.png", "a/.hidden/three.jpg", "a/notes.txt"):
+        shutil.copy(images / "photo.jpg", tmp_path / target)
+    flat = run_cli("caption", str(tmp_path / "a"), *model_args)
+    assert flat.stdout.count("==> ") == 1
+    deep = run_cli("caption", str(tmp_path / "a"), "-r", *model_args, "-o", str(tmp_path / "out.txt"))
+    assert deep.returncode == 0 and deep.stdout == ""
+    text = (tmp_path / "out.txt").read_text()
+    assert f"==> {tmp_path / 'a' / 'b' / 'two.png'} <==" in text and "three" not in text
+    pattern = run_cli("caption", str(tmp_path / "a" / "**" / "*.png"), *model_args, "--format", "jsonl")
+    assert [Path(r["path"]).name for r in jsonl(pattern.stdout)] == ["two.png"]
+
+
+def test_caption_many_in_order_with_failures_and_progress(captioner: Captioner, images: Path) -> None:
+    names = ["photo.jpg", "missing.jpg", "alpha.png", "truncated.jpg", "pixel.png", "cmyk.jpg", "photo.jpg"]
+    seen: list[tuple[int, int | None]] = []
+    results = list(captioner.caption_many([images / n for n in names], max_tokens=8,
+                                          progress=lambda d, t: seen.append((d, t))))
+    assert [type(r) for r in results] == [Caption, CaptionFailure, Caption, CaptionFailure, Caption, Caption, Caption]
+    assert results[1].kind == "ImageError" and "missing.jpg" in results[1].error
+    single = {n: captioner.caption(images / n, max_tokens=8).text for n in ("photo.jpg", "alpha.png", "cmyk.jpg")}
+    assert results[0].text == results[6].text == single["photo.jpg"]
+    assert results[2].text == single["alpha.png"] and results[5].text == single["cmyk.jpg"]
+    assert seen == [(i, 7) for i in range(1, 8)]
+    assert [r.text for r in captioner.caption_many(iter([images / "photo.jpg"]), max_tokens=8)] == [single["photo.jpg"]]
