@@ -162,6 +162,7 @@ def caption(
     options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
     engine = dict(gpu_layers=gpu_layers, threads=threads, image_max_tokens=max_image_tokens, verbose=verbose)
     single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
+
     def load() -> Any:
         return Captioner(files.model, files.mmproj, **engine)  # type: ignore[arg-type]
 

@@ -84,6 +84,12 @@ class GenerationOptions:
     seed: int | None = None
     repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise CaprlError(f"max_tokens must be a positive number, not {self.max_tokens!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repeat_penalty <= 0:
+            raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
+
 
 @dataclass(frozen=True)
 class RuntimeInfo:
@@ -416,9 +422,9 @@ class Captioner:
 
     def stream(self, image: ImageInput, **options: Any) -> Iterator[str]:
         """Caption one image, yielding pieces of text as they are generated (options as for caption)."""
-        opts = self._gen_options(**options)
+        opts = self._gen_options(**options)  # checked now, not at the first piece
         self._cancel.clear()
-        yield from self._generate(*self._load_image(image), opts)
+        return self._generate(*self._load_image(image), opts)
 
     def caption_many(
         self,
@@ -491,25 +497,8 @@ class Captioner:
 
     # -- internals --
 
-    def _gen_options(
-        self,
-        *,
-        prompt: str | None = None,
-        preset: str | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 0.95,
-        seed: int | None = None,
-        repeat_penalty: float = 1.05,
-    ) -> GenerationOptions:
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise CaprlError(f"max_tokens must be a positive number, not {max_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1 or repeat_penalty <= 0:
-            raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
-        return GenerationOptions(
-            prompt=resolve_prompt(prompt=prompt, preset=preset, default=self.default_prompt), max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
-        )
+    def _gen_options(self, *, prompt: str | None = None, preset: str | None = None, **rest: Any) -> GenerationOptions:
+        return GenerationOptions(prompt=resolve_prompt(prompt=prompt, preset=preset, default=self.default_prompt), **rest)
 
     def _sampler(self, opts: GenerationOptions) -> llama_cpp.llama_sampler_p:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
