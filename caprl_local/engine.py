@@ -83,6 +83,7 @@ class GenerationOptions:
     top_p: float = 0.95
     seed: int | None = None
     repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
+    ignore_eos: bool = False  # always generate max_tokens (for benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -409,14 +410,16 @@ class Captioner:
         top_p: float = 0.95,
         seed: int | None = None,
         repeat_penalty: float = 1.05,
+        ignore_eos: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> Caption:
         """Caption one image (a path, bytes, PIL image or numpy array).
 
         ``on_text``, if given, receives each piece of text as it is generated.
+        ``ignore_eos`` generates exactly ``max_tokens`` (for benchmarks).
         """
         opts = self._gen_options(prompt=prompt, preset=preset, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, repeat_penalty=repeat_penalty)
+                                 top_p=top_p, seed=seed, repeat_penalty=repeat_penalty, ignore_eos=ignore_eos)
         self._cancel.clear()
         return self._finish(self._generate(*self._load_image(image), opts), on_text)
 
@@ -572,7 +575,7 @@ class Captioner:
                     if self._cancel.is_set():
                         raise Cancelled(f"{name}: cancelled")
                     token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
-                    if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    if not opts.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
                         finish = "stop"
                         break
                     n_gen += 1

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Write a tiny random-weight CapRL-3B pair (text GGUF + mmproj GGUF).
+"""Write a random-weight CapRL-3B pair (text GGUF + mmproj GGUF), tiny or full-sized.
 
 The files carry exactly the metadata keys, tokenizer, chat template, tensor
-names and projector type of mradermacher's CapRL-3B GGUFs (Qwen2.5-VL), only
-with tiny dimensions and seeded random weights, so llama.cpp loads them,
-encodes real images and generates real tokens in milliseconds.
+names and projector type of mradermacher's CapRL-3B GGUFs (Qwen2.5-VL), with
+seeded random weights. `--shape tiny` (the default, ~400 KB) lets llama.cpp load
+them, encode real images and generate real tokens in milliseconds, for tests.
+`--shape caprl-3b` has Qwen2.5-VL-3B's exact dimensions and vocabulary and, with
+`--quant Q4_K_M` (llama.cpp's own quantizer), costs what the real files cost to
+run: for benchmarks. Its file sizes are checked against the published ones.
 
     python scripts/make_tiny_model.py OUT_DIR [--seed N] [--projection-dim N]
+    python scripts/make_tiny_model.py OUT_DIR --shape caprl-3b --quant Q4_K_M [--mmproj-type f16|Q8_0]
 """
 
 from __future__ import annotations
@@ -71,6 +75,21 @@ class Shape:
     v_ff: int = 48  # must differ from v_embd: llama.cpp guesses swapped FFNs otherwise
     v_wa_pattern: int = 2  # full attention every 2nd block (every 8th in the real model)
     n_merges: int = 160
+    n_vocab: int | None = None  # pad the vocabulary to this size (the real one: 151,936)
+
+
+SHAPES = {
+    "tiny": Shape(),
+    # Qwen2.5-VL-3B: config.json of Qwen/Qwen2.5-VL-3B-Instruct (and so of CapRL-3B).
+    "caprl-3b": Shape(
+        n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, rope_sections=(16, 24, 24, 0),
+        v_embd=1280, v_layer=32, v_head=16, v_ff=3420, v_wa_pattern=8, n_vocab=151936,
+    ),
+}
+
+# Sizes of the published files (mradermacher/CapRL-3B-GGUF) that a full-sized pair must match.
+PUBLISHED_BYTES = {"Q4_K_M": 1_930_000_000, "mmproj-f16": 1_340_000_000}
+_FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "IQ4_XS": 30, "Q2_K": 10, "Q3_K_M": 12}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -121,11 +140,17 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
 
 def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset()) -> None:
     tokens, merges = train_bpe(CORPUS, shape.n_merges)
+    if shape.n_vocab:  # the real layout: 151,643 regular tokens, the specials, then [PAD] up to n_vocab
+        tokens += [f"<filler{i}>" for i in range(151643 - len(tokens))]
     n_normal = len(tokens)
     tokens += SPECIAL_TOKENS
     types = [gguf.TokenType.NORMAL] * n_normal + [
         gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.USER_DEFINED for t in SPECIAL_TOKENS
     ]
+    if shape.n_vocab:
+        pads = shape.n_vocab - len(tokens)
+        tokens += [f"[PAD{len(tokens) + i}]" for i in range(pads)]
+        types += [gguf.TokenType.UNUSED] * pads
     special = {t: n_normal + i for i, t in enumerate(SPECIAL_TOKENS)}
     head_dim = shape.n_embd // shape.n_head
 
@@ -157,7 +182,7 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     w.add_chat_template(CHAT_TEMPLATE)
 
     def weight(*dims: int) -> np.ndarray:  # numpy shape is (out, in): ggml's ne reversed
-        return (rng.standard_normal(dims) * 0.1).astype(np.float16)
+        return _random(rng, dims)
 
     def norm(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
@@ -216,7 +241,7 @@ def write_mmproj(
     w.add_vision_n_wa_pattern(shape.v_wa_pattern)
 
     def weight(*dims: int) -> np.ndarray:
-        return (rng.standard_normal(dims) * 0.1).astype(np.float16)
+        return _random(rng, dims)
 
     def vec(n: int, *, ones: bool = False) -> np.ndarray:
         return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
@@ -246,6 +271,22 @@ def write_mmproj(
     _finish(w)
 
 
+_POOL_SIZE = 1 << 24
+
+
+def _random(rng: np.random.Generator, dims: tuple[int, ...]) -> np.ndarray:
+    """Normal(0, 0.1) weights in f16. Big tensors repeat one random pool from a random
+    offset: their values do not matter for speed, and drawing billions would take minutes."""
+    n = int(np.prod(dims))
+    if n <= _POOL_SIZE:
+        return (rng.standard_normal(dims) * 0.1).astype(np.float16)
+    pool = getattr(_random, "pool", None)
+    if pool is None:
+        pool = _random.pool = (rng.standard_normal(_POOL_SIZE) * 0.1).astype(np.float16)  # type: ignore[attr-defined]
+    start = int(rng.integers(0, _POOL_SIZE))
+    return np.resize(np.roll(pool, -start), n).reshape(dims)
+
+
 class _Writer(gguf.GGUFWriter):
     """A GGUFWriter that can leave tensors out, to make broken files for error tests."""
 
@@ -272,16 +313,69 @@ def write_tiny_pair(
     projection_dim: int | None = None,
     stem: str = "CapRL-3B",
     drop: frozenset[str] = frozenset(),
+    shape: str = "tiny",
+    quant: str | None = None,
+    mmproj_type: str = "f16",
 ) -> tuple[Path, Path]:
-    """Write `<stem>.f16.gguf` and `<stem>.mmproj-f16.gguf` into out_dir; return their paths."""
+    """Write `<stem>.<quant or f16>.gguf` and `<stem>.mmproj-<type>.gguf` into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shape = Shape()
+    dims = SHAPES[shape]
     rng = np.random.default_rng(seed)
-    model, mmproj = out / f"{stem}.f16.gguf", out / f"{stem}.mmproj-f16.gguf"
-    write_text_model(model, shape, rng, drop=drop)
-    write_mmproj(mmproj, shape, rng, projection_dim=projection_dim or shape.n_embd, drop=drop)
+    model, mmproj = out / f"{stem}.{quant or 'f16'}.gguf", out / f"{stem}.mmproj-{mmproj_type}.gguf"
+    f16 = out / f"{stem}.f16.gguf"
+    if not (quant and model.exists()):
+        write_text_model(f16, dims, rng, drop=drop)
+    if quant and not model.exists():
+        _quantize(f16, model, quant)
+        f16.unlink()
+    write_mmproj(mmproj, dims, rng, projection_dim=projection_dim or dims.n_embd, drop=drop)
+    if mmproj_type != "f16":
+        _quantize_mmproj(mmproj, mmproj_type)
     return model, mmproj
+
+
+def _quantize(src: Path, dst: Path, quant: str) -> None:
+    """Quantize a text GGUF with llama.cpp's own quantizer (as the published quants were made)."""
+    import os
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[quant]
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise SystemExit(f"quantizing {src} to {quant} failed")
+
+
+def _quantize_mmproj(path: Path, qtype: str) -> None:
+    """Rewrite a projector with its 2-D weights in Q8_0, as llama.cpp's converter does."""
+    reader = gguf.GGUFReader(path)
+    tmp = path.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "clip")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name.startswith(("v.blk.", "mm.")) and t.name.endswith(".weight") and data.ndim == 2:
+            w.add_tensor(t.name, gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, data)
+    _finish(w)
+    tmp.replace(path)
+
+
+def check_published_sizes(model: Path, mmproj: Path, quant: str | None, mmproj_type: str) -> list[str]:
+    """Compare a full-sized pair with the published files' sizes; return the mismatches."""
+    problems = []
+    for key, path in ((quant, model), (f"mmproj-{mmproj_type}", mmproj)):
+        expected = PUBLISHED_BYTES.get(key or "")
+        if expected and abs(path.stat().st_size / expected - 1) > 0.04:
+            problems.append(f"{path.name}: {path.stat().st_size:,} bytes, published {expected:,}")
+    return problems
 
 
 def main() -> None:
@@ -291,12 +385,21 @@ def main() -> None:
     parser.add_argument("--projection-dim", type=int, help="write a mismatched projector (for error tests)")
     parser.add_argument("--stem", default="CapRL-3B")
     parser.add_argument("--drop-tensor", action="append", default=[], help="leave a tensor out (for error tests)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--quant", choices=list(_FTYPES), help="quantize the text model (default: f16)")
+    parser.add_argument("--mmproj-type", choices=["f16", "Q8_0"], default="f16")
     args = parser.parse_args()
     pair = write_tiny_pair(
-        args.out_dir, seed=args.seed, projection_dim=args.projection_dim, stem=args.stem, drop=frozenset(args.drop_tensor)
+        args.out_dir, seed=args.seed, projection_dim=args.projection_dim, stem=args.stem,
+        drop=frozenset(args.drop_tensor), shape=args.shape, quant=args.quant, mmproj_type=args.mmproj_type,
     )
     for path in pair:
-        print(f"{path}  {path.stat().st_size / 1024:.0f} KiB")
+        print(f"{path}  {path.stat().st_size:,} bytes")
+    if args.shape != "tiny":
+        problems = check_published_sizes(*pair, args.quant, args.mmproj_type)
+        if problems:
+            raise SystemExit("sizes differ from the published CapRL-3B files: " + "; ".join(problems))
+        print("sizes match the published CapRL-3B files (within 4%)")
 
 
 if __name__ == "__main__":

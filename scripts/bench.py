@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Benchmark caprl-local against llama.cpp's own llama-mtmd-cli on the same files and settings.
+
+For each image size and image-token cap, both tools caption the image in a fresh process,
+generating a fixed number of tokens (end-of-turn ignored). Reported per run: process start
+to first caption token, model load (first in a process, and again), image encode, prompt
+processing (tokens/s), generation (tokens/s), total wall time, peak resident memory. Then a
+batch: N images in one caprl-local run against N llama-mtmd-cli runs. Also the machine's
+memory bandwidth and the generation-speed ceiling it implies (weight bytes read per token).
+
+    python scripts/bench.py --shape caprl-3b            # builds the shape-true model (once)
+    python scripts/bench.py --model M.gguf --mmproj P.gguf --mtmd-cli build/.../llama-mtmd-cli
+    python scripts/bench.py --shape tiny --sizes 448 --new-tokens 4   # smoke run (tests)
+
+Writes OUT/bench.json and OUT/bench.md (default OUT: docs/bench-<shape or model>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+PROMPT = "Please describe this image in detail"
+SIZES = {"448": (448, 448), "896": (896, 896), "1344": (1344, 1344), "12mp": (4000, 3000)}
+
+
+# --- the measured process (caprl-local side) -----------------------------------------------
+
+
+def one_run(args: argparse.Namespace) -> None:
+    """Inside a fresh process: load, caption each image, print one JSON line per image."""
+    started = float(os.environ["BENCH_SPAWNED_AT"])
+    from caprl_local import Captioner
+
+    t0 = time.perf_counter()
+    cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap)
+    load_s = time.perf_counter() - t0
+    for i, image in enumerate(args.images):
+        first: list[float] = []
+        result = cap.caption(image, max_tokens=args.new_tokens, ignore_eos=True, repeat_penalty=1.0,
+                             on_text=lambda piece: first or first.append(time.time()))
+        print(json.dumps({
+            "image": image, "load_s": load_s if i == 0 else 0.0,
+            "start_to_first_token_s": (first[0] - started) if i == 0 and first else None,
+            "image_tokens": result.image_tokens, "prompt_tokens": result.prompt_tokens,
+            "new_tokens": result.generated_tokens, "encode_s": result.timings.image_encode_s,
+            "prompt_tok_s": result.timings.prompt_tokens_per_s, "gen_tok_s": result.timings.generation_tokens_per_s,
+            "caption_s": result.timings.total_s,
+        }), flush=True)
+    cap.close()
+    t0 = time.perf_counter()
+    again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap)
+    reload_s = time.perf_counter() - t0
+    again.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    print(json.dumps({"reload_s": reload_s, "peak_rss_mib": rss}), flush=True)
+
+
+def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens: int, threads: int) -> list[dict]:
+    cmd = [sys.executable, __file__, "--one", "--model", str(model), "--mmproj", str(mmproj), "--cap", str(cap),
+           "--new-tokens", str(new_tokens), "--threads", str(threads), *map(str, images)]
+    spawned = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": repr(spawned)},
+                          check=False)
+    wall = time.time() - spawned
+    if proc.returncode != 0:
+        raise SystemExit(f"caprl-local run failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    tail = rows.pop()
+    for row in rows:
+        row.update(wall_s=wall, **tail)
+    return rows
+
+
+# --- llama-mtmd-cli side -------------------------------------------------------------------
+
+
+def theirs(cli: Path, model: Path, mmproj: Path, image: Path, *, cap: int, new_tokens: int, threads: int) -> dict:
+    cmd = [str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT,
+           "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-t", str(threads), "-c", "4096",
+           "--image-max-tokens", str(cap), "--chat-template", "chatml"]
+    spawned = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = None
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
+        if first is None and chunk.strip():
+            first = time.time()
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak memory
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    wall = time.time() - spawned
+    if rc != 0:
+        raise SystemExit(f"llama-mtmd-cli failed ({rc}):\n{err[-3000:]}")
+
+    def ms(pattern: str) -> float:
+        m = re.search(pattern, err)
+        return float(m.group(1)) / 1000 if m else float("nan")
+
+    prompt = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", err)
+    gen = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", err)
+    return {
+        "image": str(image), "start_to_first_token_s": (first - spawned) if first else None, "wall_s": wall,
+        "load_s": ms(r"load time =\s*([\d.]+) ms"), "encode_s": ms(r"encoding done in (\d+) ms"),
+        "prompt_tok_s": int(prompt.group(2)) / (float(prompt.group(1)) / 1000) if prompt else float("nan"),
+        "gen_tok_s": int(gen.group(2)) / (float(gen.group(1)) / 1000) if gen else float("nan"),
+        "new_tokens": int(gen.group(2)) + 1 if gen else None, "peak_rss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+
+def memory_bandwidth_gbs(threads: int, size_mb: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth with `threads` threads (numpy releases the GIL), best of a few runs:
+    each thread sums its own slice of a buffer far larger than the caches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones((size_mb << 20) // 8, np.float64)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def write_images(folder: Path, sizes: list[str]) -> dict[str, Path]:
+    from make_test_images import scene
+
+    out = {}
+    for name in sizes:
+        w, h = SIZES[name]
+        img = Image.fromarray(scene(min(w, 1000), min(h, 750), 3))
+        path = folder / f"bench-{name}.jpg"
+        img.resize((w, h), Image.Resampling.BICUBIC).save(path, quality=92)
+        out[name] = path
+    return out
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a and b and b == b else "n/a"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Benchmark: {report['model']}", "",
+             f"{report['machine']} · {report['threads']} threads · {report['new_tokens']} new tokens per caption", "",
+             f"Memory read bandwidth {report['bandwidth_gbs']:.1f} GB/s; text weights {report['weights_gb']:.2f} GB "
+             f"read per token: generation ceiling {report['ceiling_tok_s']:.1f} tokens/s.", "",
+             "| image | cap | image tokens | tool | start→1st token s | load s | encode s | prompt tok/s | "
+             "gen tok/s (of ceiling) | total s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["runs"]:
+        for tool in ("caprl-local", "llama-mtmd-cli"):
+            r = row.get(tool)
+            if not r:
+                continue
+            ceiling = f" ({r['gen_tok_s'] / report['ceiling_tok_s']:.0%})" if report["ceiling_tok_s"] else ""
+            lines.append(
+                f"| {row['size']} | {row['cap']} | {row.get('image_tokens', '')} | {tool} | "
+                f"{(r['start_to_first_token_s'] or float('nan')):.2f} | {r['load_s']:.2f} | {r['encode_s']:.2f} | "
+                f"{r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.2f}{ceiling} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+        if row.get("llama-mtmd-cli"):
+            a, b = row["caprl-local"], row["llama-mtmd-cli"]
+            lines.append(f"| | | | **ours / theirs** | {ratio(a['start_to_first_token_s'], b['start_to_first_token_s'])} | "
+                         f"{ratio(a['load_s'], b['load_s'])} | {ratio(a['encode_s'], b['encode_s'])} | "
+                         f"{ratio(b['prompt_tok_s'], a['prompt_tok_s'])} | {ratio(b['gen_tok_s'], a['gen_tok_s'])} | "
+                         f"{ratio(a['wall_s'], b['wall_s'])} | |")
+    if report.get("batch"):
+        b = report["batch"]
+        lines += ["", f"Batch of {b['n']} images: caprl-local in one run {b['caprl_local_s']:.1f} s; "
+                      + (f"{b['n']} llama-mtmd-cli runs {b['mtmd_cli_s']:.1f} s ({b['mtmd_cli_s'] / b['caprl_local_s']:.2f}x "
+                         "faster with caprl-local)." if b.get("mtmd_cli_s") else "llama-mtmd-cli not measured.")]
+    lines += ["", "Ratios are ours over theirs for times and theirs over ours for rates: below 1 means caprl-local is faster."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--mmproj", type=Path)
+    parser.add_argument("--shape", choices=["tiny", "caprl-3b"], help="build and use a random-weight model")
+    parser.add_argument("--quant", default="Q4_K_M")
+    parser.add_argument("--mtmd-cli", type=Path, help="llama-mtmd-cli to compare with (scripts/build_mtmd_cli.sh)")
+    parser.add_argument("--sizes", default="448,896,12mp", help=f"from {', '.join(SIZES)}")
+    parser.add_argument("--caps", default="1024", help="image-token caps")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=0, help="images in the batch comparison (0: none)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.one:
+        return one_run(args)
+
+    build = Path("build/models") / (args.shape or "")
+    if args.shape:
+        from make_tiny_model import write_tiny_pair
+
+        quant = args.quant if args.shape != "tiny" else None
+        args.model, args.mmproj = write_tiny_pair(build, shape=args.shape, quant=quant)
+    if not (args.model and args.mmproj):
+        parser.error("give --model and --mmproj, or --shape")
+    out = args.out or Path("docs") / f"bench-{args.shape or args.model.stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = memory_bandwidth_gbs(args.threads)
+    weights = args.model.stat().st_size / 1e9
+    report: dict = {
+        "model": f"{args.model.name} + {args.mmproj.name}", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": args.threads, "new_tokens": args.new_tokens, "bandwidth_gbs": bandwidth, "weights_gb": weights,
+        "ceiling_tok_s": bandwidth / weights,  # every weight is read once per generated token
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        images = write_images(Path(tmp), args.sizes.split(","))
+        for cap in map(int, args.caps.split(",")):
+            for size, image in images.items():
+                row: dict = {"size": size, "cap": cap}
+                mine = ours(args.model, args.mmproj, [image], cap=cap, new_tokens=args.new_tokens, threads=args.threads)[0]
+                row["image_tokens"] = mine["image_tokens"]
+                row["caprl-local"] = mine
+                if args.mtmd_cli:
+                    row["llama-mtmd-cli"] = theirs(args.mtmd_cli, args.model, args.mmproj, image, cap=cap,
+                                                   new_tokens=args.new_tokens, threads=args.threads)
+                report["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        if args.batch:
+            batch = [images[s] for s in images][:1] * args.batch
+            copies = []
+            for i, src in enumerate(batch):
+                copies.append(Path(tmp) / f"batch{i}.jpg")
+                shutil.copy(src, copies[-1])
+            cap = int(args.caps.split(",")[0])
+            t0 = time.time()
+            ours(args.model, args.mmproj, copies, cap=cap, new_tokens=args.new_tokens, threads=args.threads)
+            result = {"n": args.batch, "caprl_local_s": time.time() - t0}
+            if args.mtmd_cli:
+                t0 = time.time()
+                for image in copies:
+                    theirs(args.mtmd_cli, args.model, args.mmproj, image, cap=cap, new_tokens=args.new_tokens,
+                           threads=args.threads)
+                result["mtmd_cli_s"] = time.time() - t0
+            report["batch"] = result
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmark script keeps working: a smoke run on the tiny model (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ROOT
+
+
+def test_bench_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
+    model, mmproj = tiny_model
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(model), "--mmproj", str(mmproj),
+         "--sizes", "448", "--caps", "64", "--new-tokens", "3", "--batch", "2", "--threads", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "bench.json").read_text())
+    run = report["runs"][0]["caprl-local"]
+    assert run["image_tokens"] <= 64 and run["new_tokens"] == 3
+    assert run["start_to_first_token_s"] > 0 and run["peak_rss_mib"] > 0 and report["ceiling_tok_s"] > 0
+    assert report["batch"]["n"] == 2
+    assert "| 448 | 64 |" in (out / "bench.md").read_text()
