@@ -71,6 +71,7 @@ class EngineOptions:
     image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
     warmup: bool = True
     verbose: bool = False
+    repack: bool | None = None  # llama.cpp's repacked/AMX weight layouts; None: unless the CPU has AMX
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,18 @@ def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
     return gpu_layers
 
 
+def _repack_safe() -> bool:
+    """Whether to let llama.cpp move weights into its CPU "extra" buffers (repacked layouts,
+    AMX tiles). With the AMX kernels of the llama.cpp in llama-cpp-python 0.3.36, a K-quant
+    model segfaults on the first decode on AMX CPUs (seen on Sapphire Rapids VMs), so on a
+    CPU that advertises AMX the plain layout is used; repack=True asks for it anyway."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return "amx_int8" not in fh.read()
+    except OSError:  # not Linux: the AMX path is Linux-only in ggml
+        return True
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -287,6 +300,7 @@ class Captioner:
         image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS,
         warmup: bool = True,
         verbose: bool = False,
+        repack: bool | None = None,
         prompt: str | None = None,
     ) -> None:
         self._lock = threading.Lock()
@@ -297,6 +311,7 @@ class Captioner:
         self.options = EngineOptions(
             gpu_layers=gpu_layers, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn,
             image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens, warmup=warmup, verbose=verbose,
+            repack=repack,
         )
         for name in ("threads", "image_min_tokens", "image_max_tokens"):
             value = getattr(self.options, name)
@@ -320,6 +335,7 @@ class Captioner:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu
+        mparams.use_extra_bufts = _repack_safe() if opts.repack is None else opts.repack
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
         if not self._model:
             raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.first_error()}")

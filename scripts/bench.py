@@ -36,6 +36,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PROMPT = "Please describe this image in detail"
+REPACK = True
 SIZES = {"448": (448, 448), "896": (896, 896), "1344": (1344, 1344), "12mp": (4000, 3000)}
 
 
@@ -48,7 +49,7 @@ def one_run(args: argparse.Namespace) -> None:
     from caprl_local import Captioner
 
     t0 = time.perf_counter()
-    cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap)
+    cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap, repack=args.repack)
     load_s = time.perf_counter() - t0
     for i, image in enumerate(args.images):
         first: list[float] = []
@@ -64,7 +65,7 @@ def one_run(args: argparse.Namespace) -> None:
         }), flush=True)
     cap.close()
     t0 = time.perf_counter()
-    again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap)
+    again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap, repack=args.repack)
     reload_s = time.perf_counter() - t0
     again.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
@@ -73,7 +74,8 @@ def one_run(args: argparse.Namespace) -> None:
 
 def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens: int, threads: int) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", "--model", str(model), "--mmproj", str(mmproj), "--cap", str(cap),
-           "--new-tokens", str(new_tokens), "--threads", str(threads), *map(str, images)]
+           "--new-tokens", str(new_tokens), "--threads", str(threads), "--repack", "on" if REPACK else "off",
+           *map(str, images)]
     spawned = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": repr(spawned)},
                           check=False)
@@ -93,7 +95,7 @@ def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens:
 def theirs(cli: Path, model: Path, mmproj: Path, image: Path, *, cap: int, new_tokens: int, threads: int) -> dict:
     cmd = [str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT,
            "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-t", str(threads), "-c", "4096",
-           "--image-max-tokens", str(cap), "--chat-template", "chatml"]
+           "--image-max-tokens", str(cap), "--chat-template", "chatml", *([] if REPACK else ["--no-repack"])]
     spawned = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = None
@@ -164,7 +166,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Benchmark: {report['model']}", "",
-             f"{report['machine']} · {report['threads']} threads · {report['new_tokens']} new tokens per caption", "",
+             f"{report['machine']} · {report['threads']} threads · {report['new_tokens']} new tokens per caption · "
+             f"repacked weights {'on' if report['repack'] else 'off'}", "",
              f"Memory read bandwidth {report['bandwidth_gbs']:.1f} GB/s; text weights {report['weights_gb']:.2f} GB "
              f"read per token: generation ceiling {report['ceiling_tok_s']:.1f} tokens/s.", "",
              "| image | cap | image tokens | tool | start→1st token s | load s | encode s | prompt tok/s | "
@@ -210,8 +213,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="images in the batch comparison (0: none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
+                        help="llama.cpp's repacked/AMX weight layouts, for both tools (auto: caprl-local's choice)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    global REPACK
+    from caprl_local.engine import _repack_safe
+
+    REPACK = {"on": True, "off": False}.get(args.repack, _repack_safe())
+    args.repack = REPACK
     if args.one:
         return one_run(args)
 
@@ -229,7 +239,8 @@ def main() -> None:
     weights = args.model.stat().st_size / 1e9
     report: dict = {
         "model": f"{args.model.name} + {args.mmproj.name}", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": args.threads, "new_tokens": args.new_tokens, "bandwidth_gbs": bandwidth, "weights_gb": weights,
+        "threads": args.threads, "new_tokens": args.new_tokens, "repack": REPACK, "bandwidth_gbs": bandwidth,
+        "weights_gb": weights,
         "ceiling_tok_s": bandwidth / weights,  # every weight is read once per generated token
         "runs": [],
     }

@@ -111,3 +111,11 @@ def test_closed_captioner_refuses_work(tiny_model: tuple[Path, Path], images: Pa
     cap.close()  # twice is fine
     with pytest.raises(EngineError, match="closed"):
         cap.caption(images / "photo.jpg")
+
+
+def test_repacked_weight_layouts_give_the_same_caption(tiny_model: tuple[Path, Path], images: Path,
+                                                       captioner: Captioner) -> None:
+    expected = captioner.caption(images / "photo.jpg", **SHORT).text
+    for repack in (True, False):
+        with Captioner(*tiny_model, threads=2, repack=repack) as cap:
+            assert cap.caption(images / "photo.jpg", **SHORT).text == expected
