@@ -313,6 +313,20 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
     click.echo(f"Your own models go in {user_models_path()}", err=True)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+             add_help_option=False)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmark against llama.cpp's llama-mtmd-cli (scripts/bench.py; `bench -h` for its options)."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench.py")
+    if not os.path.isfile(script):
+        raise CaprlError("the benchmark lives in a source checkout of caprl-local (scripts/bench.py); "
+                         "run it from there")
+    raise SystemExit(subprocess.call([sys.executable, script, *ctx.args]))
+
+
 @cli.command(name="rm")
 @click.argument("model")
 @click.option("--quant", help="Remove only this quant (default: every file of the model).")

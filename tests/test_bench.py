@@ -25,3 +25,10 @@ def test_bench_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
     assert run["start_to_first_token_s"] > 0 and run["peak_rss_mib"] > 0 and report["ceiling_tok_s"] > 0
     assert report["batch"]["n"] == 2
     assert "| 448 | 64 |" in (out / "bench.md").read_text()
+
+
+def test_bench_is_reachable_from_the_cli() -> None:
+    from helpers import run_cli
+
+    result = run_cli("bench", "-h")
+    assert result.returncode == 0 and "--mtmd-cli" in result.stdout
