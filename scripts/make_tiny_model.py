@@ -354,12 +354,14 @@ def _quantize_mmproj(path: Path, qtype: str) -> None:
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "clip")
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
             continue
         w.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     for t in reader.tensors:
         data = np.asarray(t.data)
-        if t.name.startswith(("v.blk.", "mm.")) and t.name.endswith(".weight") and data.ndim == 2:
+        if t.name.startswith(("v.blk.", "mm.")) and t.name.endswith(".weight") and data.ndim == 2 \
+                and data.shape[1] % 32 == 0:  # Q8_0 blocks hold 32 values of a row
             w.add_tensor(t.name, gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

@@ -120,3 +120,10 @@ def test_copy_of_a_good_pair_loads(tiny_model: tuple[Path, Path], tmp_path: Path
     model, mmproj = (Path(shutil.copy(p, tmp_path)) for p in tiny_model)
     with Captioner(model, mmproj, threads=1) as cap:
         assert cap.architecture == "qwen2vl"
+
+
+def test_a_q8_0_projector_loads(tmp_path: Path, images: Path) -> None:
+    model, mmproj = tiny.write_tiny_pair(tmp_path, mmproj_type="Q8_0")
+    assert mmproj.name == "CapRL-3B.mmproj-Q8_0.gguf" and read_gguf(mmproj).metadata["general.file_type"] == 7
+    with Captioner(model, mmproj, threads=1) as cap:
+        assert cap.caption(images / "photo.jpg", max_tokens=4).text
