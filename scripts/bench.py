@@ -128,7 +128,7 @@ def theirs(cli: Path, model: Path, mmproj: Path, image: Path, *, cap: int, new_t
         "image": str(image), "start_to_first_token_s": (first - spawned) if first else None, "wall_s": wall,
         "load_s": ms(r"load time =\s*([\d.]+) ms"), "encode_s": encode_s, "ready_s": _log_time(err, "encoding mtmd batch"),
         "prompt_tok_s": int(prompt.group(2)) / prompt_s if prompt else float("nan"),
-        "gen_tok_s": int(gen.group(2)) / (float(gen.group(1)) / 1000) if gen else float("nan"),
+        "gen_tok_s": int(gen.group(2)) / (float(gen.group(1)) / 1000) if gen and float(gen.group(1)) else float("nan"),
         "new_tokens": int(gen.group(2)) + 1 if gen else None, "peak_rss_mib": usage.ru_maxrss / 1024,
     }
 
@@ -137,6 +137,30 @@ def _log_time(log: str, message: str) -> float:
     """Seconds since process start at which llama.cpp logged `message` (its lines start m.ss.mmm.uuu)."""
     m = re.search(rf"^(\d+)\.(\d+)\.(\d+)\.(\d+) \w {re.escape(message)}", log, re.M)
     return int(m.group(1)) * 60 + int(m.group(2)) + int(m.group(3)) / 1e3 if m else float("nan")
+
+
+def drop_page_cache() -> bool:
+    """Evict files from the page cache (needs root), so the next load reads from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def cold_starts(args: argparse.Namespace, image: Path) -> dict | None:
+    """Process start to first token with the model files evicted from the page cache
+    (a 16-token image and 1 new token, so that loading is nearly all of it)."""
+    if not drop_page_cache():
+        return None
+    out = {"caprl_local_s": ours(args.model, args.mmproj, [image], cap=16, new_tokens=1,
+                                 threads=args.threads)[0]["start_to_first_token_s"]}
+    if args.mtmd_cli:
+        drop_page_cache()
+        out["mtmd_cli_s"] = theirs(args.mtmd_cli, args.model, args.mmproj, image, cap=16, new_tokens=1,
+                                   threads=args.threads)["start_to_first_token_s"]
+    return out
 
 
 # --- the machine ---------------------------------------------------------------------------
@@ -205,6 +229,16 @@ def markdown(report: dict) -> str:
                          f"{ratio(a.get('ready_s'), b.get('ready_s'))} | {ratio(a['encode_s'], b['encode_s'])} | "
                          f"{ratio(b['prompt_tok_s'], a['prompt_tok_s'])} | {ratio(b['gen_tok_s'], a['gen_tok_s'])} | "
                          f"{ratio(a['wall_s'], b['wall_s'])} | |")
+    runs = [row["caprl-local"] for row in report["runs"]]
+    if runs:
+        lines += ["", f"Model load in a caprl-local process: {runs[0]['load_s']:.2f} s the first time, "
+                      f"{runs[0]['reload_s']:.2f} s again (files in the page cache)."]
+    if report.get("cold"):
+        c = report["cold"]
+        lines += ["", "Cold start (page cache dropped), process start to first token at 16 image tokens: "
+                      f"caprl-local {c['caprl_local_s']:.2f} s"
+                      + (f", llama-mtmd-cli {c['mtmd_cli_s']:.2f} s ({c['caprl_local_s'] / c['mtmd_cli_s']:.3f}x)."
+                         if c.get("mtmd_cli_s") else ".")]
     if report.get("batch"):
         b = report["batch"]
         lines += ["", f"Batch of {b['n']} images: caprl-local in one run {b['caprl_local_s']:.1f} s; "
@@ -228,6 +262,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=0, help="images in the batch comparison (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and image; the fastest is kept")
+    parser.add_argument("--cold", action="store_true", help="also time cold starts (drops the page cache: root)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
@@ -264,6 +299,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         images = write_images(Path(tmp), args.sizes.split(","))
+        if args.cold:
+            report["cold"] = cold_starts(args, next(iter(images.values())))
         for cap in map(int, args.caps.split(",")):
             for size, image in images.items():
                 row: dict = {"size": size, "cap": cap}
