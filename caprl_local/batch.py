@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -132,7 +133,26 @@ class Output(Protocol):
     def write(self, item: BatchItem, record: dict[str, Any]) -> None: ...
 
 
-class JsonlOutput:
+class _AppendOutput:
+    """Results appended to a file (or written to a stream), each record whole or not at all."""
+
+    path: Path | None
+    fh: TextIO | None
+
+    def _append(self, text: str) -> None:
+        assert self.fh is not None
+        with deferred_interrupt():
+            self.fh.write(text)
+            self.fh.flush()
+            if self.path is not None:
+                os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        if self.path is not None and self.fh is not None:
+            self.fh.close()
+
+
+class JsonlOutput(_AppendOutput):
     """One JSON object per image, appended and flushed as each image finishes.
 
     Opening an existing file reads what it holds: images with a caption for the same prompt
@@ -161,17 +181,7 @@ class JsonlOutput:
         return (item.key, prompt) in self.done
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
-        assert self.fh is not None
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with deferred_interrupt():  # a line is written whole or not at all
-            self.fh.write(line)
-            self.fh.flush()
-            if self.path is not None:
-                os.fsync(self.fh.fileno())
-
-    def close(self) -> None:
-        if self.path is not None and self.fh is not None:
-            self.fh.close()
+        self._append(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 class SidecarOutput:
@@ -192,20 +202,30 @@ class SidecarOutput:
             write_atomic(self.path_for(item), record["caption"] + "\n")
 
 
-class TextOutput:
-    """Captions as plain text on a stream, each under a ``==> path <==`` header."""
+class TextOutput(_AppendOutput):
+    """Captions as plain text, each under a ``==> path <==`` header, on a stream or in a file.
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+    An existing file is appended to, and the images under its headers count as done.
+    """
+
+    _HEADER = re.compile(r"^==> (.*) <==$", re.M)
+
+    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.done: set[str] = set()
+        if self.path is None:
+            self.fh = stream
+            return
+        if self.path.exists() and not overwrite:
+            self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
+        self.fh = open(self.path, "w" if overwrite else "a", encoding="utf-8")
 
     def has(self, item: BatchItem, prompt: str) -> bool:
-        return False
+        return item.key in self.done
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
         if "caption" in record:
-            with deferred_interrupt():
-                self.stream.write(f"==> {item.path} <==\n{record['caption']}\n\n")
-                self.stream.flush()
+            self._append(f"==> {item.path} <==\n{record['caption']}\n\n")
 
 
 def _parse_line(line: str) -> dict[str, Any] | None:

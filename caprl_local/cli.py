@@ -232,12 +232,10 @@ def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt
     outputs: list[Any] = []
     if sidecar:
         outputs.append(SidecarOutput(sidecar_ext, overwrite=overwrite))
-    stream = open(output, "a" if fmt == "text" and not overwrite else "w", encoding="utf-8") \
-        if output and fmt == "text" else sys.stdout
     if fmt == "jsonl":
         outputs.append(JsonlOutput(output, overwrite=overwrite, stream=sys.stdout))
     elif output or not sidecar:
-        outputs.append(TextOutput(stream))
+        outputs.append(TextOutput(output, overwrite=overwrite, stream=sys.stdout))
     todo, skipped = split_done(items, outputs, prompt)
     reporter = _BatchReporter(len(items), skipped, show=sys.stderr.isatty() if progress is None else progress)
     summary = None
@@ -251,8 +249,6 @@ def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt
         for out in outputs:
             if hasattr(out, "close"):
                 out.close()
-        if stream is not sys.stdout:
-            stream.close()
     reporter.finish(summary, quiet=progress is False)
     if summary is not None and summary.interrupted:
         raise KeyboardInterrupt

@@ -140,6 +140,8 @@ def test_globs_recursion_and_text_output(model_args: list[str], images: Path, tm
     assert deep.returncode == 0 and deep.stdout == ""
     text = (tmp_path / "out.txt").read_text()
     assert f"==> {tmp_path / 'a' / 'b' / 'two.png'} <==" in text and "three" not in text
+    again = run_cli("caption", str(tmp_path / "a"), "-r", *model_args, "-o", str(tmp_path / "out.txt"))
+    assert "Nothing to do" in again.stderr and (tmp_path / "out.txt").read_text() == text  # resumed, not doubled
     pattern = run_cli("caption", str(tmp_path / "a" / "**" / "*.png"), *model_args, "--format", "jsonl")
     assert [Path(r["path"]).name for r in jsonl(pattern.stdout)] == ["two.png"]
 
