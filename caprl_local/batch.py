@@ -139,13 +139,23 @@ class _AppendOutput:
     path: Path | None
     fh: TextIO | None
 
+    def _open(self, mode: str) -> TextIO:
+        assert self.path is not None
+        try:
+            return open(self.path, mode, encoding="utf-8")
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+
     def _append(self, text: str) -> None:
         assert self.fh is not None
-        with deferred_interrupt():
-            self.fh.write(text)
-            self.fh.flush()
-            if self.path is not None:
-                os.fsync(self.fh.fileno())
+        try:
+            with deferred_interrupt():
+                self.fh.write(text)
+                self.fh.flush()
+                if self.path is not None:
+                    os.fsync(self.fh.fileno())
+        except OSError as exc:
+            raise _write_error(self.path or Path("<stdout>"), exc) from exc
 
     def close(self) -> None:
         if self.path is not None and self.fh is not None:
@@ -175,7 +185,7 @@ class JsonlOutput(_AppendOutput):
                     kept.append(line)
         if overwrite or kept != _lines(self.path):
             write_atomic(self.path, "".join(kept))  # drop failed and broken lines, keep the rest
-        self.fh = open(self.path, "a", encoding="utf-8")
+        self.fh = self._open("a")
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return (item.key, prompt) in self.done
@@ -218,7 +228,7 @@ class TextOutput(_AppendOutput):
             return
         if self.path.exists() and not overwrite:
             self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
-        self.fh = open(self.path, "w" if overwrite else "a", encoding="utf-8")
+        self.fh = self._open("w" if overwrite else "a")
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return item.key in self.done
@@ -251,8 +261,16 @@ def write_atomic(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, exc: OSError) -> CaprlError:
+    # Results already written stay; the run stops, since every later write would fail too.
+    return CaprlError(f"{path}: cannot write results ({exc.strerror or exc}); check the folder and free space, "
+                      "then run the same command again to continue")
 
 
 @contextmanager

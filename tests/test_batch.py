@@ -158,3 +158,11 @@ def test_caption_many_in_order_with_failures_and_progress(captioner: Captioner, 
     assert results[2].text == single["alpha.png"] and results[5].text == single["cmyk.jpg"]
     assert seen == [(i, 7) for i in range(1, 8)]
     assert [r.text for r in captioner.caption_many(iter([images / "photo.jpg"]), max_tokens=8)] == [single["photo.jpg"]]
+
+
+def test_unwritable_outputs_are_one_line_errors(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    missing_dir = tmp_path / "nope" / "out.jsonl"
+    result = run_cli("caption", str(images / "photo.jpg"), str(images / "cmyk.jpg"), *model_args,
+                     "--format", "jsonl", "-o", str(missing_dir))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert str(missing_dir) in result.stderr and "Traceback" not in result.stderr
