@@ -19,9 +19,9 @@ from .errors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .engine import Captioner
-    from .results import Caption, CaptionFailure, Timings
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
+    from .results import Caption, CaptionFailure, Timings
 
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.

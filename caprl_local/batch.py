@@ -14,10 +14,11 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from .errors import Cancelled, CaprlError
 from .results import Caption, CaptionFailure

@@ -15,9 +15,10 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sized, Union
+from typing import Any, Literal
 
 import llama_cpp
 from llama_cpp import mtmd_cpp as mtmd
@@ -26,8 +27,8 @@ from PIL import Image
 from . import __version__
 from .errors import Cancelled, CaprlError, EngineError, ModelFileError
 from .ggufmeta import GGUFInfo, read_gguf
-from .images import ImageInput, describe, fit_to_budget, load_ahead, load_image, pad_to_aspect
 from .hub import ModelFiles, ProgressCallback, download_model
+from .images import ImageInput, describe, fit_to_budget, load_ahead, load_image, pad_to_aspect
 from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
 from .registry import DEFAULT_MODEL
 from .results import Caption, CaptionFailure, Timings
@@ -35,7 +36,7 @@ from .results import Caption, CaptionFailure, Timings
 log = logging.getLogger("caprl_local")
 _llama_log = logging.getLogger("caprl_local.llama")
 
-GpuLayers = Union[int, Literal["auto"]]
+GpuLayers = int | Literal["auto"]
 
 #: Default cap on image tokens. llama.cpp allows Qwen2.5-VL 4096 (a 12-MP photo then needs
 #: tens of GB for the vision encoder); 1024 tokens is about a megapixel, ample for captions.

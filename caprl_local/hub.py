@@ -21,9 +21,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import CaprlError, DownloadError, OfflineError, UnknownModelError
 from .registry import DEFAULT_MODEL, ModelSpec, get_model, is_repo_id
@@ -120,7 +121,7 @@ def _endpoint_url() -> str:
     return (_endpoint() or "https://huggingface.co").rstrip("/")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf() -> Any:
     """huggingface_hub, imported on first use, with its own stderr log handler removed:
     the library never prints; its records still reach logging's root for apps to show."""

@@ -55,7 +55,7 @@ def one_run(args: argparse.Namespace) -> None:
         first: list[float] = []
         caption_start = time.time()
         result = cap.caption(image, max_tokens=args.new_tokens, ignore_eos=True, repeat_penalty=1.0,
-                             on_text=lambda piece: first or first.append(time.time()))
+                             on_text=lambda piece, first=first: first or first.append(time.time()))
         print(json.dumps({
             "image": image, "load_s": load_s if i == 0 else 0.0,
             # process start -> the image encode begins (model loaded, image read and resized)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from caprl_local import Caption, CaptionFailure, Captioner
 from helpers import run_cli
+
+from caprl_local import Caption, Captioner, CaptionFailure
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 from PIL import Image
 
-from caprl_local import Caption, Captioner, CaprlError, EngineError, ImageError
-from helpers import load_script
+from caprl_local import CaprlError, Caption, Captioner, EngineError, ImageError
 
 GOOD_SIZES = load_script("make_test_images").GOOD
 

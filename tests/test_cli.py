@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import BAD_IMAGE_ERRORS, run_cli
 
 from caprl_local import Captioner
-from helpers import BAD_IMAGE_ERRORS, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub
+from helpers import load_script
 
 from caprl_local import Captioner, DownloadError, OfflineError, UnknownModelError
 from caprl_local.hub import _translate, download_model, list_cached, parse_quant
-from fake_hub import FakeHub
-from helpers import load_script
 
 STATIC, IMATRIX = "mradermacher/CapRL-3B-GGUF", "mradermacher/CapRL-3B-i1-GGUF"
 BIG = "CapRL-3B.Q6_K.gguf"  # padded past the downloader's chunk size, so a cut leaves a partial file

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import BAD_IMAGE_ERRORS, load_script
 from PIL import Image
 
 from caprl_local.errors import ImageError
 from caprl_local.images import load_image
-from helpers import BAD_IMAGE_ERRORS, load_script
 
 GOOD_SIZES = load_script("make_test_images").GOOD
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import gguf
 import pytest
+from helpers import load_script
 
 from caprl_local import Captioner, EngineError, ModelFileError
 from caprl_local.ggufmeta import _TYPE_SIZES, read_gguf
-from helpers import load_script
 
 tiny = load_script("make_tiny_model")
 
