@@ -165,7 +165,10 @@ def caption(
     single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
 
     def load() -> Any:
-        return Captioner(files.model, files.mmproj, **engine)  # type: ignore[arg-type]
+        _status(f"Loading {files.model.name} ...")
+        captioner = Captioner(files.model, files.mmproj, **engine)  # type: ignore[arg-type]
+        _status("")
+        return captioner
 
     with _GracefulInterrupt() as interrupt:
         if single and fmt == "text" and not (output or sidecar or list_file):
@@ -213,7 +216,12 @@ class _GracefulInterrupt:
 
 def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], verbose: bool) -> None:
     on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
-    result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
+    _status("Reading the image ...")  # on a CPU the vision encoder can take a minute
+    try:
+        result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
+    finally:
+        if on_text is None or not on_text.started:  # once the caption shows, the line is its own
+            _status("")
     click.echo(result.text if on_text is None else "")
     if verbose:
         t = result.timings
@@ -424,6 +432,12 @@ class _DownloadBar:
         click.echo(line, nl=p.downloaded >= total > 0, err=True)
 
 
+def _status(message: str) -> None:
+    """A transient line on stderr while something slow happens, only when a person watches."""
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{message}", nl=False, err=True)
+
+
 class _Streamer:
     """Writes caption pieces to stdout as they come, trimmed as the finished caption is."""
 
@@ -436,6 +450,8 @@ class _Streamer:
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
+            if self.started:
+                _status("")  # the caption replaces the "Reading the image" line
         body = text.rstrip()
         self.pending = text[len(body):]
         click.echo(body, nl=False)
