@@ -276,6 +276,23 @@ def _default_threads() -> int:
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama.cpp's auto / disabled / enabled
 
 
+def _caption(text: str, image_tokens: int, prompt_tokens: int, n_gen: int, finish: str, *, load_s: float,
+             t_loaded: float, encode_s: float, t_prompt: float, t_end: float) -> Caption:
+    """A Caption from the clock readings of one generation."""
+    prompt_s = t_prompt - t_loaded - encode_s
+    gen_s = t_end - t_prompt
+    return Caption(
+        text=text.strip(), image_tokens=image_tokens, prompt_tokens=prompt_tokens, generated_tokens=n_gen,
+        finish_reason=finish,  # type: ignore[arg-type]
+        timings=Timings(
+            image_load_s=load_s, image_encode_s=encode_s, prompt_eval_s=prompt_s, generation_s=gen_s,
+            total_s=t_end - t_loaded + load_s,
+            prompt_tokens_per_s=prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
+            generation_tokens_per_s=n_gen / gen_s if gen_s > 0 else 0.0,
+        ),
+    )
+
+
 # --- the captioner -------------------------------------------------------------------------
 
 
@@ -341,19 +358,9 @@ class Captioner:
         if not self._model:
             raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.first_error()}")
 
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = opts.n_ctx
-        cparams.n_batch = self._n_batch = min(_N_BATCH, opts.n_ctx)
-        cparams.n_ubatch = min(_N_UBATCH, opts.n_ctx)
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.flash_attn_type = _FLASH_ATTN[opts.flash_attn]
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            self.close()
-            raise EngineError(
-                f"model {self.model_path}: could not create a llama.cpp context of {opts.n_ctx} tokens "
-                f"(out of memory?): {_LOG.first_error()}"
-            )
+        self.slots = 0
+        self._threads = threads
+        self._make_context(1)
 
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = n_gpu != 0 and bool(llama_cpp.llama_supports_gpu_offload())
@@ -382,14 +389,40 @@ class Captioner:
         self._min_pixels = min(opts.image_min_tokens or _LLAMA_MIN_IMAGE_TOKENS, max_tokens) * self._align**2
         self._max_aspect = 0.95 * max_tokens
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._batch = llama_cpp.llama_batch_init(1, 0, 1)
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._piece_buf = ctypes.create_string_buffer(256)
         self.n_gpu_layers, self.threads = n_gpu, threads
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, n_ctx=%d)",
             self.model_path.name, self.mmproj_path.name, self.load_seconds, n_gpu, threads, self.n_ctx,
         )
+
+    def _make_context(self, n_seq: int) -> None:
+        """(Re)create the llama.cpp context with room for n_seq captions of n_ctx tokens each."""
+        opts = self.options
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx * n_seq  # split evenly: each sequence gets n_ctx
+        cparams.n_seq_max = n_seq
+        cparams.n_batch = self._n_batch = min(_N_BATCH, opts.n_ctx)
+        cparams.n_ubatch = min(_N_UBATCH, opts.n_ctx)
+        cparams.n_threads = cparams.n_threads_batch = self._threads
+        cparams.flash_attn_type = _FLASH_ATTN[opts.flash_attn]
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise EngineError(
+                f"model {self.model_path}: could not create a llama.cpp context of {n_seq} x {opts.n_ctx} tokens "
+                f"(out of memory?): {_LOG.first_error()}"
+            )
+        self._batch = llama_cpp.llama_batch_init(max(n_seq, 1), 0, 1)
+        self.slots = n_seq
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx) // n_seq
 
     @classmethod
     def from_pretrained(
@@ -569,7 +602,6 @@ class Captioner:
         Yields text pieces; returns the finished Caption.
         """
         t_loaded = time.perf_counter()
-        t_start = t_loaded - load_s
         with self._lock:
             if not self._ctx:
                 raise EngineError("this Captioner is closed; create a new one")
@@ -585,7 +617,6 @@ class Captioner:
 
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 pieces: list[str] = []
-                buf = ctypes.create_string_buffer(256)
                 batch = self._batch
                 n_gen, finish = 0, "length"
                 while n_gen < opts.max_tokens and n_past < self.n_ctx:
@@ -596,11 +627,7 @@ class Captioner:
                         finish = "stop"
                         break
                     n_gen += 1
-                    n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-                    if n < 0:  # a piece longer than the buffer: -n is the size it needs
-                        buf = ctypes.create_string_buffer(-n)
-                        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-                    piece = decoder.decode(buf.raw[: max(n, 0)])
+                    piece = decoder.decode(self._token_bytes(token))
                     if piece:
                         pieces.append(piece)
                         yield piece
@@ -619,25 +646,16 @@ class Captioner:
             finally:
                 llama_cpp.llama_sampler_free(sampler)
                 mtmd.mtmd_input_chunks_free(chunks)
-        t_end = time.perf_counter()
-        prompt_s = t_prompt - t_loaded - encode_s
-        gen_s = t_end - t_prompt
-        return Caption(
-            text="".join(pieces).strip(),
-            image_tokens=image_tokens,
-            prompt_tokens=prompt_tokens,
-            generated_tokens=n_gen,
-            finish_reason=finish,  # type: ignore[arg-type]
-            timings=Timings(
-                image_load_s=t_loaded - t_start,
-                image_encode_s=encode_s,
-                prompt_eval_s=prompt_s,
-                generation_s=gen_s,
-                total_s=t_end - t_start,
-                prompt_tokens_per_s=prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
-                generation_tokens_per_s=n_gen / gen_s if gen_s > 0 else 0.0,
-            ),
-        )
+        return _caption("".join(pieces), image_tokens, prompt_tokens, n_gen, finish, load_s=load_s,
+                        t_loaded=t_loaded, encode_s=encode_s, t_prompt=t_prompt, t_end=time.perf_counter())
+
+    def _token_bytes(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # a piece longer than the buffer: -n is the size it needs
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
 
     def _tokenize(self, rgb, prompt: str, name: str):  # type: ignore[no-untyped-def]
         data = rgb.tobytes()
@@ -658,7 +676,7 @@ class Captioner:
             raise EngineError(f"{name}: could not prepare the image for the model: {why}")
         return chunks
 
-    def _eval_prompt(self, chunks, name: str) -> tuple[int, int, int, float]:  # type: ignore[no-untyped-def]
+    def _eval_prompt(self, chunks, name: str, seq: int = 0) -> tuple[int, int, int, float]:  # type: ignore[no-untyped-def]
         """Feed every chunk to the model; returns (n_past, image tokens, prompt tokens, encode seconds)."""
         n_chunks = mtmd.mtmd_input_chunks_size(chunks)
         total = mtmd.mtmd_helper_get_n_tokens(chunks)
@@ -681,11 +699,11 @@ class Captioner:
                 encode_s += time.perf_counter() - t0
                 embd = mtmd.mtmd_get_output_embd(self._mctx)
                 ret = mtmd.mtmd_helper_decode_image_chunk(
-                    self._mctx, self._ctx, chunk, embd, n_past, 0, self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None
+                    self._mctx, self._ctx, chunk, embd, n_past, seq, self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None
                 )
             else:
                 ret = mtmd.mtmd_helper_eval_chunk_single(
-                    self._mctx, self._ctx, chunk, n_past, 0, self._n_batch, last, ctypes.byref(new_past)
+                    self._mctx, self._ctx, chunk, n_past, seq, self._n_batch, last, ctypes.byref(new_past)
                 )
             if ret != 0:
                 raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {_LOG.first_error()}")
