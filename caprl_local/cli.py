@@ -55,6 +55,23 @@ class GpuLayersType(click.ParamType):
         return number
 
 
+class ParallelType(GpuLayersType):
+    """'auto' or a whole number of captions in flight (1 or more)."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | int:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a valid number of captions in flight (1 or more)", param, ctx)
+        return number
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="caprl-local")
 def cli() -> None:
@@ -95,6 +112,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
 @click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
+@click.option("--parallel", type=ParallelType(), default="auto", show_default=True,
+              help="Captions in flight at once in a batch: more images per minute for a little more memory "
+                   "(auto: as many as memory allows, up to 8).")
 @click.option("--progress/--quiet", "progress", default=None,
               help="Force the progress bar on or off [default: on when stderr is a terminal].")
 @click.option("--prompt", help="Your own instruction; '<image>' marks where the image goes (default: first).")
@@ -126,6 +146,7 @@ def caption(
     sidecar: bool,
     sidecar_ext: str,
     overwrite: bool,
+    parallel: str | int,
     progress: bool | None,
     prompt: str | None,
     preset: str | None,
@@ -160,7 +181,7 @@ def caption(
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=_DownloadBar())
     prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
-    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    options: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
     engine = dict(gpu_layers=gpu_layers, threads=threads, image_max_tokens=max_image_tokens, verbose=verbose)
     single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
 
@@ -175,7 +196,7 @@ def caption(
             with interrupt.watch(load()) as cap:
                 _caption_one(cap, images[0], prompt_text, options, verbose)
             return
-        _caption_batch(lambda: interrupt.watch(load()), files, items, prompt_text, options, fmt=fmt,
+        _caption_batch(lambda: interrupt.watch(load()), files, items, prompt_text, options, parallel=parallel, fmt=fmt,
                        output=output, sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite,
                        progress=progress)
 
@@ -234,7 +255,7 @@ def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], ver
 
 
 def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt: str, options: dict[str, Any],
-                   *, fmt: str, output: str | None, sidecar: bool, sidecar_ext: str,
+                   *, parallel: str | int, fmt: str, output: str | None, sidecar: bool, sidecar_ext: str,
                    overwrite: bool, progress: bool | None) -> None:
     from .batch import JsonlOutput, SidecarOutput, TextOutput, run_batch, split_done
 
@@ -252,8 +273,9 @@ def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt
         if todo:
             model_name = files.name or files.model.name
             with load() as cap:
+                n = cap.auto_parallel(max_tokens=options["max_tokens"]) if parallel == "auto" else parallel
                 summary = run_batch(cap, todo, outputs, prompt=prompt, model=model_name, quant=files.quant,
-                                    on_result=reporter.result, **options)
+                                    on_result=reporter.result, parallel=min(n, len(todo)), **options)
     finally:
         for out in outputs:
             if hasattr(out, "close"):

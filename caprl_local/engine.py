@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import llama_cpp
+import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
@@ -266,6 +267,18 @@ def _repack_safe() -> bool:
         return True
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -291,6 +304,42 @@ def _caption(text: str, image_tokens: int, prompt_tokens: int, n_gen: int, finis
             generation_tokens_per_s=n_gen / gen_s if gen_s > 0 else 0.0,
         ),
     )
+
+
+def _failure(name: str, exc: CaprlError) -> CaptionFailure:
+    return CaptionFailure(image=name, error=str(exc), kind=type(exc).__name__)
+
+
+class _Slot:
+    """One caption in flight in a parallel run: its sequence, sampler and text so far."""
+
+    def __init__(self, *, seq: int, index: int, name: str, sampler: Any, n_past: int, image_tokens: int,
+                 prompt_tokens: int, encode_s: float, load_s: float, t_loaded: float, t_prompt: float) -> None:
+        self.seq, self.index, self.name, self.sampler, self.n_past = seq, index, name, sampler, n_past
+        self.image_tokens, self.prompt_tokens, self.encode_s = image_tokens, prompt_tokens, encode_s
+        self.load_s, self.t_loaded, self.t_prompt = load_s, t_loaded, t_prompt
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pieces: list[str] = []
+        self.pending = 0  # the token sampled but not yet taken into the caption
+        self.logit_index = -1
+        self.n_gen = 0
+        self.finish = "length"
+
+    def consume(self, cap: Captioner, opts: GenerationOptions) -> bool:
+        """Take the pending token into the caption; True when the caption is complete."""
+        if not opts.ignore_eos and llama_cpp.llama_vocab_is_eog(cap._vocab, self.pending):
+            self.finish = "stop"
+            return True
+        self.n_gen += 1
+        self.pieces.append(self.decoder.decode(cap._token_bytes(self.pending)))
+        return self.n_gen >= opts.max_tokens or self.n_past >= cap.n_ctx
+
+    def caption(self) -> Caption:
+        llama_cpp.llama_sampler_free(self.sampler)
+        self.pieces.append(self.decoder.decode(b"", final=True))
+        return _caption("".join(self.pieces), self.image_tokens, self.prompt_tokens, self.n_gen, self.finish,
+                        load_s=self.load_s, t_loaded=self.t_loaded, encode_s=self.encode_s, t_prompt=self.t_prompt,
+                        t_end=time.perf_counter())
 
 
 # --- the captioner -------------------------------------------------------------------------
@@ -390,6 +439,8 @@ class Captioner:
         self._max_aspect = 0.95 * max_tokens
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._probe: Callable[[int, int, np.ndarray], None] | None = None
         self.n_gpu_layers, self.threads = n_gpu, threads
         self.load_seconds = time.perf_counter() - t0
         log.info(
@@ -483,6 +534,7 @@ class Captioner:
         self,
         images: Iterable[ImageInput],
         *,
+        parallel: int = 1,
         progress: Callable[[int, int | None], None] | None = None,
         prefetch: int = 2,
         **options: Any,
@@ -491,26 +543,133 @@ class Captioner:
 
         An image that cannot be read or captioned yields a CaptionFailure instead of raising.
         The next ``prefetch`` images are read, decoded and resized in a background thread
-        while the current one is captioned. ``progress(done, total)`` follows each result
-        (total is None when ``images`` has no length).
+        while the current one is captioned. ``parallel`` > 1 keeps that many captions in
+        flight in one llama.cpp context, each decode step advancing all of them (the weights
+        are read once per step for all); a finished caption's slot takes the next image.
+        ``progress(done, total)`` follows each result (total is None when ``images`` has no length).
         """
         opts = self._gen_options(**options)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise CaprlError(f"parallel must be a positive number, not {parallel!r}")
         total = len(images) if isinstance(images, Sized) else None
         self._cancel.clear()
-        for done, (source, loaded) in enumerate(load_ahead(images, load=self._load_prepared, ahead=prefetch), 1):
-            name = describe(source)
-            result: Caption | CaptionFailure
-            try:
-                if isinstance(loaded, BaseException):
-                    raise loaded
-                result = self._finish(self._generate(loaded[0], loaded[1], name, opts), None)
-            except Cancelled:
-                raise
-            except CaprlError as exc:
-                result = CaptionFailure(image=name, error=str(exc), kind=type(exc).__name__)
+        loaded = enumerate(load_ahead(images, load=self._load_prepared, ahead=max(prefetch, parallel)))
+        results = self._run_parallel(loaded, opts, parallel) if parallel > 1 else self._run_sequential(loaded, opts)
+        for done, result in enumerate(results, 1):
             if progress is not None:
                 progress(done, total)
             yield result
+
+    def _run_sequential(self, loaded: Iterator[tuple[int, tuple[Any, Any]]],
+                        opts: GenerationOptions) -> Iterator[Caption | CaptionFailure]:
+        for _, (source, item) in loaded:
+            name = describe(source)
+            try:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._finish(self._generate(item[0], item[1], name, opts), None)
+            except Cancelled:
+                raise
+            except CaprlError as exc:
+                yield _failure(name, exc)
+
+    def _run_parallel(self, loaded: Iterator[tuple[int, tuple[Any, Any]]], opts: GenerationOptions,
+                      n: int) -> Iterator[Caption | CaptionFailure]:
+        """Continuous batching: up to n sequences, one token each per decode step, in order out."""
+        with self._lock:
+            if not self._ctx:
+                raise EngineError("this Captioner is closed; create a new one")
+            if self.slots < n:
+                self._make_context(n)
+            memory = llama_cpp.llama_get_memory(self._ctx)
+            llama_cpp.llama_memory_clear(memory, True)
+            batch = self._batch
+            free = list(range(n - 1, -1, -1))
+            active: list[_Slot] = []
+            finished: dict[int, Caption | CaptionFailure] = {}
+            next_out, exhausted = 0, False
+            try:
+                while True:
+                    while free and not exhausted:  # prefill free slots with the next images
+                        nxt = next(loaded, None)
+                        if nxt is None:
+                            exhausted = True
+                            break
+                        index, (source, item) = nxt
+                        name = describe(source)
+                        seq = free.pop()
+                        try:
+                            if isinstance(item, BaseException):
+                                raise item
+                            active.append(self._start_slot(seq, index, name, item, opts))
+                        except Cancelled:
+                            raise
+                        except CaprlError as exc:
+                            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+                            free.append(seq)
+                            finished[index] = _failure(name, exc)
+                    while next_out in finished:
+                        yield finished.pop(next_out)
+                        next_out += 1
+                    if not active:
+                        if exhausted:
+                            return
+                        continue
+                    if self._cancel.is_set():
+                        raise Cancelled("cancelled")
+                    batch.n_tokens = 0
+                    for slot in list(active):
+                        if slot.consume(self, opts):  # its pending token ended it
+                            active.remove(slot)
+                            finished[slot.index] = slot.caption()
+                            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
+                            free.append(slot.seq)
+                            continue
+                        i = batch.n_tokens
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i] = slot.pending, slot.n_past, 1
+                        batch.seq_id[i][0], batch.logits[i] = slot.seq, 1
+                        slot.logit_index, slot.n_past = i, slot.n_past + 1
+                        batch.n_tokens = i + 1
+                    if batch.n_tokens:
+                        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                            raise EngineError(f"llama.cpp failed while generating {batch.n_tokens} captions: "
+                                              f"{_LOG.first_error()}")
+                        for slot in active:
+                            if self._probe is not None:  # tests look at the logits of each step
+                                logits = llama_cpp.llama_get_logits_ith(self._ctx, slot.logit_index)
+                                self._probe(slot.index, slot.n_gen, np.ctypeslib.as_array(logits, (self._n_vocab,)).copy())
+                            slot.pending = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logit_index)
+            finally:
+                for slot in active:
+                    llama_cpp.llama_sampler_free(slot.sampler)
+                llama_cpp.llama_memory_clear(memory, True)
+
+    def auto_parallel(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, limit: int = 8) -> int:
+        """How many captions to keep in flight: as many as half the free memory holds the
+        KV cache for (image tokens + prompt + max_tokens each), at most `limit`."""
+        n_layer = llama_cpp.llama_model_n_layer(self._model)
+        n_head, n_head_kv = llama_cpp.llama_model_n_head(self._model), llama_cpp.llama_model_n_head_kv(self._model)
+        kv_per_token = 2 * n_layer * llama_cpp.llama_model_n_embd(self._model) // n_head * n_head_kv * 2  # K+V, f16
+        per_caption = self.options.n_ctx * kv_per_token
+        free = _available_memory()
+        return max(1, min(limit, int(0.5 * free // per_caption) if free else 4))
+
+    def _start_slot(self, seq: int, index: int, name: str, item: tuple[Image.Image, float],
+                    opts: GenerationOptions) -> _Slot:
+        """Evaluate one image's prompt into sequence `seq` and sample its first token."""
+        t_loaded = time.perf_counter()
+        _LOG.errors.clear()
+        chunks = self._tokenize(item[0], opts.prompt, name)
+        try:
+            n_past, image_tokens, prompt_tokens, encode_s = self._eval_prompt(chunks, name, seq)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        sampler = self._sampler(opts)
+        slot = _Slot(seq=seq, index=index, name=name, sampler=sampler, n_past=n_past, image_tokens=image_tokens,
+                     prompt_tokens=prompt_tokens, encode_s=encode_s, load_s=item[1], t_loaded=t_loaded,
+                     t_prompt=time.perf_counter())
+        slot.pending = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+        return slot
 
     def cancel(self) -> None:
         """Stop the caption in progress, or the caption_many run, at the next token.
