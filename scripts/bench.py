@@ -51,6 +51,14 @@ def one_run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap, repack=args.repack)
     load_s = time.perf_counter() - t0
+    if args.in_flight:  # throughput: all images through caption_many with this many in flight
+        t0 = time.perf_counter()
+        results = list(cap.caption_many(args.images, parallel=args.in_flight, max_tokens=args.new_tokens,
+                                        ignore_eos=True, repeat_penalty=1.0))
+        seconds = time.perf_counter() - t0
+        print(json.dumps({"in_flight": args.in_flight, "images": len(results), "seconds": seconds,
+                          "generated": sum(r.generated_tokens for r in results)}), flush=True)
+        return
     for i, image in enumerate(args.images):
         first: list[float] = []
         caption_start = time.time()
@@ -163,6 +171,36 @@ def cold_starts(args: argparse.Namespace, image: Path) -> dict | None:
     return out
 
 
+def throughput(args: argparse.Namespace, image: Path, tmp: Path) -> list[dict]:
+    """Images per minute and aggregate generation speed with 1, 2, 4... captions in flight."""
+    copies = []
+    for i in range(args.batch):
+        copies.append(tmp / f"through{i}.jpg")
+        shutil.copy(image, copies[-1])
+    cap = int(args.caps.split(",")[0])
+    rows = []
+    for n in map(int, args.parallel.split(",")):
+        cmd = [sys.executable, __file__, "--one", "--in-flight", str(n), "--model", str(args.model), "--mmproj",
+               str(args.mmproj), "--cap", str(cap), "--new-tokens", str(args.new_tokens), "--threads",
+               str(args.threads), "--repack", "on" if REPACK else "off", *map(str, copies)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": "0"})
+        if proc.returncode != 0:
+            raise SystemExit(f"throughput run failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.update(images_per_min=60 * row["images"] / row["seconds"], tok_s=row["generated"] / row["seconds"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.mtmd_cli:
+        t0 = time.time()
+        for path in copies:
+            theirs(args.mtmd_cli, args.model, args.mmproj, path, cap=cap, new_tokens=args.new_tokens,
+                   threads=args.threads)
+        seconds = time.time() - t0
+        rows.append({"in_flight": "llama-mtmd-cli x N", "images": len(copies), "seconds": seconds,
+                     "images_per_min": 60 * len(copies) / seconds, "tok_s": len(copies) * args.new_tokens / seconds})
+    return rows
+
+
 # --- the machine ---------------------------------------------------------------------------
 
 
@@ -239,6 +277,12 @@ def markdown(report: dict) -> str:
                       f"caprl-local {c['caprl_local_s']:.2f} s"
                       + (f", llama-mtmd-cli {c['mtmd_cli_s']:.2f} s ({c['caprl_local_s'] / c['mtmd_cli_s']:.3f}x)."
                          if c.get("mtmd_cli_s") else ".")]
+    if report.get("throughput"):
+        base = report["throughput"][0]["images_per_min"]
+        lines += ["", "| captions in flight | images | seconds | images/min | aggregate tokens/s | vs 1 in flight |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['in_flight']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_min']:.2f} | "
+                  f"{r['tok_s']:.2f} | {r['images_per_min'] / base:.2f}x |" for r in report["throughput"]]
     if report.get("batch"):
         b = report["batch"]
         lines += ["", f"Batch of {b['n']} images: caprl-local in one run {b['caprl_local_s']:.1f} s; "
@@ -263,6 +307,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="images in the batch comparison (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and image; the fastest is kept")
     parser.add_argument("--cold", action="store_true", help="also time cold starts (drops the page cache: root)")
+    parser.add_argument("--parallel", default="", help="throughput of --batch images at these captions in flight, e.g. 1,2,4,8")
+    parser.add_argument("--in-flight", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
@@ -317,6 +363,8 @@ def main() -> None:
                 row["image_tokens"] = row["caprl-local"]["image_tokens"]
                 report["runs"].append(row)
                 print(json.dumps(row), flush=True)
+        if args.batch and args.parallel:
+            report["throughput"] = throughput(args, next(iter(images.values())), Path(tmp))
         if args.batch:
             batch = [images[s] for s in images][:1] * args.batch
             copies = []
