@@ -38,27 +38,13 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 
-class GpuLayersType(click.ParamType):
-    """'auto' or a whole number of layers (-1 for all)."""
+class AutoOrNumber(click.ParamType):
+    """'auto' or a whole number of at least `minimum`."""
 
     name = "auto|N"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | int:
-        if isinstance(value, int) or value == "auto":
-            return value
-        try:
-            number = int(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither 'auto' nor a number of layers", param, ctx)
-        if number < -1:
-            self.fail(f"{number} is not a valid layer count (use -1 for all, 0 for none)", param, ctx)
-        return number
-
-
-class ParallelType(GpuLayersType):
-    """'auto' or a whole number of captions in flight (1 or more)."""
-
-    name = "auto|N"
+    def __init__(self, minimum: int, hint: str) -> None:
+        self.minimum, self.hint = minimum, hint
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | int:
         if isinstance(value, int) or value == "auto":
@@ -67,8 +53,8 @@ class ParallelType(GpuLayersType):
             number = int(value)
         except ValueError:
             self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is not a valid number of captions in flight (1 or more)", param, ctx)
+        if number < self.minimum:
+            self.fail(f"{number} is too small ({self.hint})", param, ctx)
         return number
 
 
@@ -112,7 +98,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
 @click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
-@click.option("--parallel", type=ParallelType(), default="auto", show_default=True,
+@click.option("--parallel", type=AutoOrNumber(1, "1 or more captions in flight"), default="auto", show_default=True,
               help="Captions in flight at once in a batch: more images per minute for a little more memory "
                    "(auto: as many as memory allows, up to 8).")
 @click.option("--progress/--quiet", "progress", default=None,
@@ -124,7 +110,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="0 is greedy decoding; higher values sample more freely.")
 @click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
-@click.option("--gpu-layers", type=GpuLayersType(), default="auto", show_default=True,
+@click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"), default="auto", show_default=True,
               help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all available].")
 @click.option("--max-image-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
