@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from caprl_local import Caption, CaptionFailure, Captioner
-from caprl_local.images import load_ahead
 from helpers import run_cli
+
+from caprl_local import Caption, Captioner, CaptionFailure
+from caprl_local.images import load_ahead
 
 NAMES = ["photo.jpg", "alpha.png", "missing.jpg", "cmyk.jpg", "truncated.jpg", "palette.png", "pixel.png",
          "panorama.png", "deep16.png", "rotated.jpg"]
