@@ -83,9 +83,10 @@ def collect_inputs(
             except OSError as exc:
                 raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
             items += read_list(text, Path(list_file).parent, list_file)
-    seen: set[str] = set()
-    unique = [i for i in items if not (i.key in seen or seen.add(i.key))]  # type: ignore[func-returns-value]
-    return unique
+    unique: dict[str, BatchItem] = {}
+    for item in items:
+        unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
+    return list(unique.values())
 
 
 def _expand(arg: str, recursive: bool) -> list[BatchItem]:

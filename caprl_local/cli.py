@@ -259,7 +259,7 @@ def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt
         if todo:
             model_name = files.name or files.model.name
             with load() as cap:
-                n = cap.auto_parallel(max_tokens=options["max_tokens"]) if parallel == "auto" else parallel
+                n = cap.auto_parallel() if parallel == "auto" else parallel
                 summary = run_batch(cap, todo, outputs, prompt=prompt, model=model_name, quant=files.quant,
                                     on_result=reporter.result, parallel=min(n, len(todo)), **options)
     finally:

@@ -644,9 +644,9 @@ class Captioner:
                     llama_cpp.llama_sampler_free(slot.sampler)
                 llama_cpp.llama_memory_clear(memory, True)
 
-    def auto_parallel(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, limit: int = 8) -> int:
+    def auto_parallel(self, *, limit: int = 8) -> int:
         """How many captions to keep in flight: as many as half the free memory holds the
-        KV cache for (image tokens + prompt + max_tokens each), at most `limit`."""
+        KV cache for (n_ctx tokens each, what every sequence is given), at most `limit`."""
         n_layer = llama_cpp.llama_model_n_layer(self._model)
         n_head, n_head_kv = llama_cpp.llama_model_n_head(self._model), llama_cpp.llama_model_n_head_kv(self._model)
         kv_per_token = 2 * n_layer * llama_cpp.llama_model_n_embd(self._model) // n_head * n_head_kv * 2  # K+V, f16

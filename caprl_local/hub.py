@@ -214,9 +214,9 @@ def list_cached(root: Path | None = None) -> list[CachedFile]:
         repo, filename = "/".join(rel[:2]), "/".join(rel[2:])
         if filename.startswith(".") or path.name.startswith("."):
             continue  # a temporary file of a download in progress
-        parsed = parse_quant(filename) or (None, False)
-        projector = bool(_PROJECTOR_NAME.search(path.name))
-        out.append(CachedFile(repo, filename, path, path.stat().st_size, parsed[0], projector, parsed[1]))
+        kind = _classify(repo, filename, path.stat().st_size, None)  # named as on the Hub, read the same way
+        if kind is not None:
+            out.append(CachedFile(repo, filename, path, kind.size, kind.quant, kind.projector, kind.imatrix))
     return out
 
 
