@@ -171,9 +171,10 @@ def caption(
     engine = dict(gpu_layers=gpu_layers, threads=threads, image_max_tokens=max_image_tokens, verbose=verbose)
     single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
 
-    def load() -> Any:
+    def load(in_flight: bool = False) -> Any:
         _status(f"Loading {files.model.name} ...")
-        captioner = Captioner(files.model, files.mmproj, **engine)  # type: ignore[arg-type]
+        # Several captions in flight: the weight layout made for matrix products many rows wide.
+        captioner = Captioner(files.model, files.mmproj, repack=True if in_flight else None, **engine)  # type: ignore[arg-type]
         _status("")
         return captioner
 
@@ -182,7 +183,7 @@ def caption(
             with interrupt.watch(load()) as cap:
                 _caption_one(cap, images[0], prompt_text, options, verbose)
             return
-        _caption_batch(lambda: interrupt.watch(load()), files, items, prompt_text, options, parallel=parallel, fmt=fmt,
+        _caption_batch(lambda in_flight: interrupt.watch(load(in_flight)), files, items, prompt_text, options, parallel=parallel, fmt=fmt,
                        output=output, sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite,
                        progress=progress)
 
@@ -240,7 +241,7 @@ def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], ver
         )
 
 
-def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt: str, options: dict[str, Any],
+def _caption_batch(load: Callable[[bool], Any], files: Any, items: list[Any], prompt: str, options: dict[str, Any],
                    *, parallel: str | int, fmt: str, output: str | None, sidecar: bool, sidecar_ext: str,
                    overwrite: bool, progress: bool | None) -> None:
     from .batch import JsonlOutput, SidecarOutput, TextOutput, run_batch, split_done
@@ -258,7 +259,7 @@ def _caption_batch(load: Callable[[], Any], files: Any, items: list[Any], prompt
     try:
         if todo:
             model_name = files.name or files.model.name
-            with load() as cap:
+            with load(len(todo) > 1 and parallel != 1) as cap:
                 n = cap.auto_parallel() if parallel == "auto" else parallel
                 summary = run_batch(cap, todo, outputs, prompt=prompt, model=model_name, quant=files.quant,
                                     on_result=reporter.result, parallel=min(n, len(todo)), **options)

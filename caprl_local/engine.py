@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ from .errors import Cancelled, CaprlError, EngineError, ModelFileError
 from .ggufmeta import GGUFInfo, read_gguf
 from .hub import ModelFiles, ProgressCallback, download_model
 from .images import ImageInput, describe, fit_to_budget, load_ahead, load_image, pad_to_aspect
-from .prompts import SUPPORTED_ARCHITECTURES, chat_prompt, resolve_prompt
+from .prompts import CHATML, CONTENT, chat_prompt, resolve_prompt
 from .registry import DEFAULT_MODEL
 from .results import Caption, CaptionFailure, Timings
 
@@ -51,14 +52,38 @@ _N_UBATCH = 512
 _REPEAT_LAST_N = 256
 
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
-_PROJECTORS = {"qwen2vl": frozenset({"qwen2vl_merger", "qwen2.5vl_merger"})}
 
-# Tensors llama.cpp's Qwen-VL vision graph uses without checking that they exist (a file
-# lacking one would crash the process instead of failing to load).
-_VISION_TENSORS = ("v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
-_VISION_BLOCK_TENSORS = tuple(
-    f"{name}.{kind}" for name in ("attn_q", "attn_k", "attn_v") for kind in ("weight", "bias")
-) + ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_down.weight")
+
+@dataclass(frozen=True)
+class _Family:
+    """What the engine knows about one family of vision-language GGUFs."""
+
+    name: str
+    projectors: frozenset[str]  # clip.projector_type values of its vision projectors
+    # Projector tensors llama.cpp's vision graph uses without checking that they exist (a
+    # file lacking one would crash the process instead of failing to load): overall, per block.
+    tensors: tuple[str, ...]
+    block_tensors: tuple[str, ...]
+    f32_tensors: tuple[str, ...] = ()  # ... and those it asserts are f32
+
+
+_MERGER = ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
+_PATCH = ("v.patch_embd.weight", "v.patch_embd.weight.1")
+_BLOCK = ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_down.weight")
+
+#: Text model architecture (general.architecture) -> its family.
+_FAMILIES = {
+    "qwen2vl": _Family(
+        "Qwen2-VL / Qwen2.5-VL", frozenset({"qwen2vl_merger", "qwen2.5vl_merger"}), _PATCH + _MERGER,
+        tuple(f"{n}.{k}" for n in ("attn_q", "attn_k", "attn_v") for k in ("weight", "bias")) + _BLOCK,
+    ),
+    "qwen3vl": _Family(
+        "Qwen3-VL", frozenset({"qwen3vl_merger"}), (*_PATCH, "v.patch_embd.bias", "v.position_embd.weight", *_MERGER),
+        ("attn_qkv.weight", "attn_qkv.bias", *_BLOCK), f32_tensors=("v.position_embd.weight",),
+    ),
+}
+SUPPORTED_ARCHITECTURES = frozenset(_FAMILIES)
+_PROJECTOR_FAMILY = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL", "qwen3vl_merger": "Qwen3-VL"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +98,7 @@ class EngineOptions:
     image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
     warmup: bool = True
     verbose: bool = False
-    repack: bool | None = None  # llama.cpp's repacked/AMX weight layouts; None: unless the CPU has AMX
+    repack: bool | None = None  # llama.cpp's repacked weight layouts (faster with captions in flight); None: auto
 
 
 @dataclass(frozen=True)
@@ -213,38 +238,62 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     if not mmproj.metadata.get("clip.has_vision_encoder", False):
         raise ModelFileError(f"projector {mmproj.path}: has no vision encoder; use the model's image mmproj")
     proj_type = str(mmproj.metadata.get("clip.projector_type", mmproj.metadata.get("clip.vision.projector_type", "")))
-    if proj_type not in _PROJECTORS[arch]:
+    family = _FAMILIES[arch]
+    if proj_type not in family.projectors:
+        kind = f"a {_PROJECTOR_FAMILY[proj_type]} projector" if proj_type in _PROJECTOR_FAMILY else \
+            f"a projector of type {proj_type or 'unknown'!r}"
         raise ModelFileError(
-            f"projector {mmproj.path}: type {proj_type or 'unknown'!r} does not belong to a {arch} model "
-            f"like {model.path.name}; use the mmproj published with this model"
+            f"projector {mmproj.path}: is {kind}, but {model.path.name} is a {family.name} text model; "
+            "use the mmproj published with this model"
         )
-    _check_vision_tensors(mmproj)
-    n_embd = model.metadata.get(f"{arch}.embedding_length")
-    proj_dim = mmproj.metadata.get("clip.vision.projection_dim")
-    if n_embd != proj_dim:
+    _check_vision_tensors(mmproj, family)
+    # llama.cpp feeds the text model embeddings of n_embd x (1 + deepstack layers); the projector
+    # yields its merger's width x (1 + its deepstack mergers): both must agree.
+    n_deepstack = _int(model.metadata.get(f"{arch}.n_deepstack_layers", 0))
+    if n_deepstack >= _int(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
+        raise ModelFileError(f"model {model.path}: invalid deepstack layer count {n_deepstack}; download it again")
+    text_width = _int(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
+    merger = mmproj.tensors["mm.2.bias"][1][0]
+    deepstack = [dims for name, (_t, dims) in mmproj.tensors.items()
+                 if name.startswith("v.deepstack.") and name.endswith(".fc2.weight")]
+    proj_width = merger * (1 + len(deepstack))
+    if text_width != proj_width or any(dims[1] != merger for dims in deepstack):
         raise ModelFileError(
-            f"projector {mmproj.path}: produces {proj_dim}-wide embeddings but {model.path.name} expects "
-            f"{n_embd}; use the mmproj published with this model"
+            f"projector {mmproj.path}: produces {proj_width}-wide embeddings but {model.path.name} expects "
+            f"{text_width}; use the mmproj published with this model"
         )
     return model, mmproj
 
 
-def _check_vision_tensors(mmproj: GGUFInfo) -> None:
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _check_vision_tensors(mmproj: GGUFInfo, family: _Family) -> None:
     meta = mmproj.metadata
     sizes = {key: meta.get(f"clip.vision.{key}") for key in ("block_count", "patch_size", "embedding_length")}
     heads = meta.get("clip.vision.attention.head_count")
     if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or not isinstance(heads, int) or heads < 1 \
             or sizes["embedding_length"] % heads:
         raise ModelFileError(f"projector {mmproj.path}: invalid vision encoder sizes {sizes}; download the published mmproj")
-    wanted = list(_VISION_TENSORS) + [
-        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in _VISION_BLOCK_TENSORS  # type: ignore[arg-type]
+    wanted = list(family.tensors) + [
+        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in family.block_tensors  # type: ignore[arg-type]
     ]
-    missing = [t for t in wanted if t not in mmproj.tensor_names]
+    # A deepstack merger is used when its fc1 exists, and then needs its fc2.
+    wanted += [name.replace(".fc1.", ".fc2.") for name in mmproj.tensors if name.startswith("v.deepstack.")
+               and name.endswith(".fc1.weight")]
+    missing = [t for t in wanted if t not in mmproj.tensors]
     if missing:
         raise ModelFileError(
             f"projector {mmproj.path}: tensor {missing[0]} is missing ({len(missing)} in all); the file is "
             "incomplete or from an incompatible converter; download the published mmproj"
         )
+    for name in family.f32_tensors:
+        if mmproj.tensors[name][0] != 0:  # GGML_TYPE_F32
+            raise ModelFileError(
+                f"projector {mmproj.path}: tensor {name} must be f32 for llama.cpp; the file is from an "
+                "incompatible converter; download the published mmproj"
+            )
 
 
 def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
@@ -255,16 +304,68 @@ def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
     return gpu_layers
 
 
-def _repack_safe() -> bool:
-    """Whether to let llama.cpp move weights into its CPU "extra" buffers (repacked layouts,
-    AMX tiles). With the AMX kernels of the llama.cpp in llama-cpp-python 0.3.36, a K-quant
-    model segfaults on the first decode on AMX CPUs (seen on Sapphire Rapids VMs), so on a
-    CPU that advertises AMX the plain layout is used; repack=True asks for it anyway."""
+def _cpu_extra_buffer_types() -> dict[str, int]:
+    """llama.cpp's extra CPU weight buffer types on this machine (e.g. AMX, CPU_REPACK), by name."""
+    lib = llama_cpp.llama_cpp._lib  # ggml's registry is reachable through libllama
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            return "amx_int8" not in fh.read()
-    except OSError:  # not Linux: the AMX path is Linux-only in ggml
-        return True
+        lib.ggml_backend_dev_by_type.restype = lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+        lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.ggml_backend_buft_name.restype, lib.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    except AttributeError:
+        return {}
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = lib.ggml_backend_dev_backend_reg(dev) if dev else None
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn:
+        return {}
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    out: dict[str, int] = {}
+    for i in itertools.count():
+        if not bufts or not bufts[i]:
+            return out
+        out[lib.ggml_backend_buft_name(bufts[i]).decode()] = bufts[i]
+
+
+class _Override(ctypes.Structure):
+    """llama_model_tensor_buft_override: weights whose names match go to this buffer type."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# ggml types that llama.cpp's CPU_REPACK buffer re-lays out on x86 with AVX2 (Q4_0, Q4_K,
+# IQ4_NL; matrices with a multiple of 8 rows: repack.cpp). A weight of any other type put
+# there would have no repacking routine and crash the load, so only these are routed to it.
+_REPACKABLE_TYPES = frozenset({2, 12, 20})
+
+
+def _weight_layout(info: GGUFInfo, repack: bool | None, n_gpu: int) -> tuple[bool, Any, str]:
+    """How llama.cpp lays out the text weights in CPU memory.
+
+    Returns (use llama.cpp's extra CPU buffers, tensor overrides or None, description).
+    Repacked layouts speed up matrix products several sequences wide (captions in flight).
+    On CPUs with AMX, the AMX buffer of the llama.cpp in llama-cpp-python 0.3.36 segfaults
+    on the first decode of a K-quant model (seen on Sapphire Rapids VMs), so there a
+    repacked layout means the CPU_REPACK buffer alone, reached by naming the weights it can
+    take; and since that one decodes a single sequence about 10% slower than the plain
+    layout, the default there (repack=None) is plain.
+    """
+    extra = _cpu_extra_buffer_types()
+    amx = "AMX" in extra
+    if repack is False or (repack is None and amx) or not extra:
+        return False, None, "plain (AMX avoided)" if amx and repack is None else "plain"
+    if not amx:
+        return True, None, "repacked"
+    system = llama_cpp.llama_print_system_info().decode(errors="replace")
+    names = [name for name, (ttype, dims) in info.tensors.items()
+             if ttype in _REPACKABLE_TYPES and len(dims) == 2 and dims[1] % 8 == 0 and name.startswith("blk.")]
+    if n_gpu != 0 or "CPU_REPACK" not in extra or "AVX2 = 1" not in system or not names:
+        return False, None, "plain (AMX avoided)"
+    pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    overrides = (_Override * 2)(_Override(pattern.encode(), extra["CPU_REPACK"]), _Override(None, None))
+    return False, overrides, f"repacked: {len(names)} of {len(info.tensors)} weights in CPU_REPACK (AMX avoided)"
 
 
 def _available_memory() -> int | None:
@@ -390,9 +491,14 @@ class Captioner:
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
         self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=model_info.architecture)
         self.architecture = model_info.architecture
-        self._load(mmproj_info)
+        meta, arch = model_info.metadata, self.architecture
+        head_dim = _int(meta.get(f"{arch}.attention.key_length")) or \
+            _int(meta.get(f"{arch}.embedding_length")) // max(1, _int(meta.get(f"{arch}.attention.head_count")))
+        self._kv_bytes_per_token = (  # K and V in f16, every layer
+            2 * 2 * _int(meta.get(f"{arch}.block_count")) * _int(meta.get(f"{arch}.attention.head_count_kv")) * head_dim)
+        self._load(model_info, mmproj_info)
 
-    def _load(self, mmproj_info: GGUFInfo) -> None:
+    def _load(self, model_info: GGUFInfo, mmproj_info: GGUFInfo) -> None:
         opts = self.options
         _init_backend(opts.verbose)
         _LOG.errors.clear()
@@ -402,7 +508,9 @@ class Captioner:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu
-        mparams.use_extra_bufts = _repack_safe() if opts.repack is None else opts.repack
+        mparams.use_extra_bufts, overrides, self.weight_layout = _weight_layout(model_info, opts.repack, n_gpu)
+        if overrides is not None:
+            mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
         if not self._model:
             raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {_LOG.first_error()}")
@@ -428,6 +536,7 @@ class Captioner:
             raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
 
         self._marker = mtmd.mtmd_default_marker().decode()
+        self.chat_format = self._chat_format()
         # How llama.cpp's Qwen-VL preprocessor sizes images: sides in multiples of patch x merge
         # pixels (28), area between the token limits. A strip more than one token high per
         # `cap` tokens wide would overshoot the cap, so such strips get padded first.
@@ -444,8 +553,9 @@ class Captioner:
         self.n_gpu_layers, self.threads = n_gpu, threads
         self.load_seconds = time.perf_counter() - t0
         log.info(
-            "loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, n_ctx=%d)",
+            "loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, n_ctx=%d, weights %s)",
             self.model_path.name, self.mmproj_path.name, self.load_seconds, n_gpu, threads, self.n_ctx,
+            self.weight_layout,
         )
 
     def _make_context(self, n_seq: int) -> None:
@@ -647,10 +757,7 @@ class Captioner:
     def auto_parallel(self, *, limit: int = 8) -> int:
         """How many captions to keep in flight: as many as half the free memory holds the
         KV cache for (n_ctx tokens each, what every sequence is given), at most `limit`."""
-        n_layer = llama_cpp.llama_model_n_layer(self._model)
-        n_head, n_head_kv = llama_cpp.llama_model_n_head(self._model), llama_cpp.llama_model_n_head_kv(self._model)
-        kv_per_token = 2 * n_layer * llama_cpp.llama_model_n_embd(self._model) // n_head * n_head_kv * 2  # K+V, f16
-        per_caption = self.options.n_ctx * kv_per_token
+        per_caption = max(1, self.options.n_ctx * self._kv_bytes_per_token)
         free = _available_memory()
         return max(1, min(limit, int(0.5 * free // per_caption) if free else 4))
 
@@ -808,6 +915,20 @@ class Captioner:
         return _caption("".join(pieces), image_tokens, prompt_tokens, n_gen, finish, load_s=load_s,
                         t_loaded=t_loaded, encode_s=encode_s, t_prompt=t_prompt, t_end=time.perf_counter())
 
+    def _chat_format(self) -> str:
+        """One user turn and the assistant's opening in the model's own chat format: its GGUF's
+        chat template as llama.cpp renders it (no system turn), with CONTENT for the prompt."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        if template:
+            turn = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(b"user", CONTENT.encode()))
+            buf = ctypes.create_string_buffer(4096)
+            n = llama_cpp.llama_chat_apply_template(template, turn, 1, True, buf, len(buf))
+            rendered = buf.raw[:n].decode(errors="replace") if 0 < n <= len(buf) else ""
+            if rendered.count(CONTENT) == 1:
+                return rendered
+            log.warning("%s: llama.cpp does not know this model's chat template; using ChatML", self.model_path.name)
+        return CHATML
+
     def _token_bytes(self, token: int) -> bytes:
         buf = self._piece_buf
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
@@ -823,7 +944,7 @@ class Captioner:
             raise EngineError(f"{name}: llama.cpp could not take the image: {_LOG.first_error()}")
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            text = chat_prompt(self.architecture, prompt, media_marker=self._marker).encode()
+            text = chat_prompt(self.chat_format, prompt, media_marker=self._marker).encode()
             itext = mtmd.mtmd_input_text(text, len(text), True, True)
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             ret = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)

@@ -39,9 +39,13 @@ class GGUFInfo:
     path: Path
     metadata: Mapping[str, Any]  # arrays of more than 16 items are kept only as their length
     n_tensors: int
-    tensor_names: frozenset[str]
+    tensors: Mapping[str, tuple[int, tuple[int, ...]]]  # name -> (ggml type id, dims in ggml order)
     data_end: int | None  # where the last tensor ends; None if a tensor type is unknown to us
     file_size: int
+
+    @property
+    def tensor_names(self) -> frozenset[str]:
+        return frozenset(self.tensors)
 
     @property
     def architecture(self) -> str:
@@ -140,7 +144,8 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
     for _ in range(n_kv):
         key = r.string()
         meta[key] = r.value(r.take("I"))
-    names, tensors = [], []
+    tensors: list[tuple[list[int], int, int]] = []
+    table: dict[str, tuple[int, tuple[int, ...]]] = {}
     for _ in range(n_tensors):
         tname = r.string()
         n_dims = r.take("I")
@@ -148,7 +153,7 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
             raise ValueError(f"tensor {tname} has {n_dims} dimensions")
         dims = [r.take("Q") for _ in range(n_dims)]
         ttype, offset = r.take("I"), r.take("Q")
-        names.append(tname)
+        table[tname] = (ttype, tuple(dims))
         tensors.append((dims, ttype, offset))
     align = int(meta.get("general.alignment", 32)) or 32
     data_start = (r.pos + align - 1) // align * align
@@ -164,4 +169,4 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
         data_end = max(data_end, data_start + offset + count // block * nbytes)
     if data_end is not None and data_end > size:
         raise ModelFileError(f"{r.name}: file is truncated ({size:,} of {data_end:,} bytes); download it again")
-    return GGUFInfo(path, MappingProxyType(meta), n_tensors, frozenset(names), data_end, size)
+    return GGUFInfo(path, MappingProxyType(meta), n_tensors, MappingProxyType(table), data_end, size)

@@ -24,13 +24,13 @@ PRESETS: dict[str, str] = {
 #: Where the image goes in a prompt; without it, the image comes first, as in CapRL's prompt.
 IMAGE_PLACEHOLDER = "<image>"
 
-# Text model architecture -> user turn and assistant opening (Qwen's ChatML, no system turn:
-# CapRL's captions were trained and evaluated without one).
-_CHAT_FORMATS: dict[str, str] = {
-    "qwen2vl": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-}
+#: One user turn and the assistant's opening in Qwen's ChatML, with no system turn (CapRL's
+#: captions were trained and evaluated without one). The engine renders each model's own
+#: chat template instead, and falls back to this for a GGUF that carries none.
+CHATML = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
-SUPPORTED_ARCHITECTURES = frozenset(_CHAT_FORMATS)
+#: Where the prompt's content goes in a chat format.
+CONTENT = "{content}"
 
 
 def resolve_prompt(*, prompt: str | None = None, preset: str | None = None, default: str = DEFAULT_PROMPT) -> str:
@@ -49,10 +49,10 @@ def resolve_prompt(*, prompt: str | None = None, preset: str | None = None, defa
         raise CaprlError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def chat_prompt(architecture: str, text: str, *, media_marker: str) -> str:
+def chat_prompt(chat_format: str, text: str, *, media_marker: str) -> str:
     """The full model input for one image and one instruction, in the model's chat format."""
     if IMAGE_PLACEHOLDER in text:
         content = text.replace(IMAGE_PLACEHOLDER, media_marker, 1)
     else:
         content = media_marker + text
-    return _CHAT_FORMATS[architecture].format(content=content)
+    return chat_format.replace(CONTENT, content, 1)

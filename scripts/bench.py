@@ -36,7 +36,9 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PROMPT = "Please describe this image in detail"
-REPACK = True
+REPACK = "auto"  # caprl-local's --repack (auto: the engine's choice)
+THEIRS_REPACK = True  # whether llama-mtmd-cli may use its repacked layouts
+LAYOUTS = {"auto": None, "on": True, "off": False}
 SIZES = {"448": (448, 448), "896": (896, 896), "1344": (1344, 1344), "12mp": (4000, 3000)}
 
 
@@ -49,7 +51,8 @@ def one_run(args: argparse.Namespace) -> None:
     from caprl_local import Captioner
 
     t0 = time.perf_counter()
-    cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap, repack=args.repack)
+    cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap,
+                    repack=LAYOUTS[args.repack])
     load_s = time.perf_counter() - t0
     if args.in_flight:  # throughput: all images through caption_many with this many in flight
         t0 = time.perf_counter()
@@ -57,7 +60,8 @@ def one_run(args: argparse.Namespace) -> None:
                                         ignore_eos=True, repeat_penalty=1.0))
         seconds = time.perf_counter() - t0
         print(json.dumps({"in_flight": args.in_flight, "images": len(results), "seconds": seconds,
-                          "generated": sum(r.generated_tokens for r in results)}), flush=True)
+                          "generated": sum(r.generated_tokens for r in results), "weights": cap.weight_layout}),
+              flush=True)
         return
     for i, image in enumerate(args.images):
         first: list[float] = []
@@ -77,16 +81,18 @@ def one_run(args: argparse.Namespace) -> None:
     cap.close()
     done_at = time.time()  # the end of the work a llama-mtmd-cli run also does
     t0 = time.perf_counter()
-    again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap, repack=args.repack)
+    again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap,
+                      repack=LAYOUTS[args.repack])
     reload_s = time.perf_counter() - t0
     again.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    print(json.dumps({"reload_s": reload_s, "peak_rss_mib": rss, "done_at": done_at}), flush=True)
+    print(json.dumps({"reload_s": reload_s, "peak_rss_mib": rss, "done_at": done_at, "weights": again.weight_layout}),
+          flush=True)
 
 
 def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens: int, threads: int) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", "--model", str(model), "--mmproj", str(mmproj), "--cap", str(cap),
-           "--new-tokens", str(new_tokens), "--threads", str(threads), "--repack", "on" if REPACK else "off",
+           "--new-tokens", str(new_tokens), "--threads", str(threads), "--repack", REPACK,
            *map(str, images)]
     spawned = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": repr(spawned)},
@@ -107,7 +113,7 @@ def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens:
 def theirs(cli: Path, model: Path, mmproj: Path, image: Path, *, cap: int, new_tokens: int, threads: int) -> dict:
     cmd = [str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT,
            "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-t", str(threads), "-c", "4096",
-           "--image-max-tokens", str(cap), "--chat-template", "chatml", "--perf", "-lv", "4", *([] if REPACK else ["--no-repack"])]
+           "--image-max-tokens", str(cap), "--chat-template", "chatml", "--perf", "-lv", "4", *([] if THEIRS_REPACK else ["--no-repack"])]
     spawned = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = None
@@ -182,7 +188,8 @@ def throughput(args: argparse.Namespace, image: Path, tmp: Path) -> list[dict]:
     for n in map(int, args.parallel.split(",")):
         cmd = [sys.executable, __file__, "--one", "--in-flight", str(n), "--model", str(args.model), "--mmproj",
                str(args.mmproj), "--cap", str(cap), "--new-tokens", str(args.new_tokens), "--threads",
-               str(args.threads), "--repack", "on" if REPACK else "off", *map(str, copies)]
+               # as the CLI does: the layout for wide matrix products when captions are in flight
+               str(args.threads), "--repack", "on" if n > 1 and REPACK == "auto" else REPACK, *map(str, copies)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": "0"})
         if proc.returncode != 0:
             raise SystemExit(f"throughput run failed:\n{proc.stderr[-3000:]}")
@@ -245,7 +252,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Benchmark: {report['model']}", "",
              f"{report['machine']} · {report['threads']} threads · {report['new_tokens']} new tokens per caption · "
              f"best of {report.get('repeats', 1)} · "
-             f"repacked weights {'on' if report['repack'] else 'off'}", "",
+             f"weights: caprl-local {report['weights']}, llama-mtmd-cli "
+             f"{'repacked' if report['theirs_repack'] else 'plain (--no-repack)'}", "",
              f"Memory read bandwidth {report['bandwidth_gbs']:.1f} GB/s; text weights {report['weights_gb']:.2f} GB "
              f"read per token: generation ceiling {report['ceiling_tok_s']:.1f} tokens/s.", "",
              "| image | cap | image tokens | tool | start→1st token s | start→encode s | encode s | prompt tok/s | "
@@ -312,14 +320,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
-                        help="llama.cpp's repacked/AMX weight layouts, for both tools (auto: caprl-local's choice)")
+                        help="llama.cpp's repacked weight layouts (auto: each tool's safe choice on this CPU)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    global REPACK
-    from caprl_local.engine import _repack_safe
+    global REPACK, THEIRS_REPACK
+    from caprl_local.engine import _cpu_extra_buffer_types
 
-    REPACK = {"on": True, "off": False}.get(args.repack, _repack_safe())
-    args.repack = REPACK
+    REPACK = args.repack
+    # llama-mtmd-cli can only take all of llama.cpp's extra layouts or none; with AMX among
+    # them a K-quant model crashes (see caprl_local.engine._weight_layout), so: none.
+    THEIRS_REPACK = LAYOUTS[args.repack] if args.repack != "auto" else "AMX" not in _cpu_extra_buffer_types()
     if args.one:
         return one_run(args)
 
@@ -337,7 +347,8 @@ def main() -> None:
     weights = args.model.stat().st_size / 1e9
     report: dict = {
         "model": f"{args.model.name} + {args.mmproj.name}", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats, "repack": REPACK,
+        "threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "theirs_repack": THEIRS_REPACK, "weights": "",
         "bandwidth_gbs": bandwidth,
         "weights_gb": weights,
         "ceiling_tok_s": bandwidth / weights,  # every weight is read once per generated token
@@ -365,7 +376,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         if args.batch and args.parallel:
             report["throughput"] = throughput(args, next(iter(images.values())), Path(tmp))
-        if args.batch:
+        if args.batch and not args.parallel:  # the throughput table has N llama-mtmd-cli runs already
             batch = [images[s] for s in images][:1] * args.batch
             copies = []
             for i, src in enumerate(batch):
@@ -382,6 +393,8 @@ def main() -> None:
                            threads=args.threads)
                 result["mtmd_cli_s"] = time.time() - t0
             report["batch"] = result
+    layouts = [r["caprl-local"].get("weights") for r in report["runs"]] + [r.get("weights") for r in report.get("throughput", [])]
+    report["weights"] = next((w for w in layouts if w), "n/a")
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
     print(markdown(report))

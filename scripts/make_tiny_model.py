@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Write a random-weight CapRL-3B pair (text GGUF + mmproj GGUF), tiny or full-sized.
+"""Write a random-weight CapRL pair (text GGUF + mmproj GGUF), tiny or full-sized.
 
-The files carry exactly the metadata keys, tokenizer, chat template, tensor
-names and projector type of mradermacher's CapRL-3B GGUFs (Qwen2.5-VL), with
-seeded random weights. `--shape tiny` (the default, ~400 KB) lets llama.cpp load
-them, encode real images and generate real tokens in milliseconds, for tests.
-`--shape caprl-3b` has Qwen2.5-VL-3B's exact dimensions and vocabulary and, with
-`--quant Q4_K_M` (llama.cpp's own quantizer), costs what the real files cost to
-run: for benchmarks. Its file sizes are checked against the published ones.
+The files carry exactly the metadata keys, tokenizer, chat template, tensor names
+and projector type of the published GGUFs, with seeded random weights: CapRL-3B
+(Qwen2.5-VL: mradermacher's files) or, with a `qwen3vl` shape, CapRL 2.0 (Qwen3-VL:
+internlm's files, deepstack projector included). `--shape tiny` / `tiny-qwen3vl`
+(~400 KB) let llama.cpp load them, encode real images and generate real tokens in
+milliseconds, for tests. `--shape caprl-3b` / `caprl-qwen3vl-2b` have the real
+models' dimensions and vocabulary and, with `--quant Q4_K_M` (llama.cpp's own
+quantizer), cost what the real files cost to run: for benchmarks. Their sizes are
+checked against the published ones.
 
-    python scripts/make_tiny_model.py OUT_DIR [--seed N] [--projection-dim N]
+    python scripts/make_tiny_model.py OUT_DIR [--shape tiny-qwen3vl] [--seed N] [--projection-dim N]
     python scripts/make_tiny_model.py OUT_DIR --shape caprl-3b --quant Q4_K_M [--mmproj-type f16|Q8_0]
 """
 
@@ -33,6 +35,9 @@ SPECIAL_TOKENS = [
     "<|repo_name|>", "<|file_sep|>",
 ]
 
+# Qwen3's four added tokens after Qwen2.5's (ids 151665-151668 in the real vocabulary).
+QWEN3_EXTRA_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+
 # The chat template shipped in Qwen2.5-VL's tokenizer_config.json (and so in CapRL-3B's GGUFs).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -50,6 +55,28 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL-Instruct's chat template (chat_template.json; abridged: the tool-calling branches are
+# left out). Unlike Qwen2.5-VL's, it adds no default system turn.
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}{%- else %}"
+    "{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}{%- else %}{%- for item in message.content %}"
+    "{%- if 'text' in item %}{{- item.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # Text the tiny BPE merges are learnt from, so prompts tokenize into real multi-byte tokens.
 CORPUS = """Please describe this image in detail. The image shows a photograph of a street
 with buildings, people, cars and trees under a blue sky. In the foreground there is a red
@@ -61,19 +88,23 @@ the objects and their positions, and transcribe any visible text exactly."""
 
 @dataclass(frozen=True)
 class Shape:
-    """Dimensions of the text model and the vision tower."""
+    """Model family and the dimensions of the text model and the vision tower."""
 
+    family: str = "qwen2vl"  # qwen2vl (Qwen2.5-VL: CapRL-3B) or qwen3vl (Qwen3-VL: CapRL 2.0)
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
     n_head_kv: int = 2
     n_ff: int = 128
     rope_sections: tuple[int, int, int, int] = (2, 3, 3, 0)  # sums to head_dim / 2
+    head_dim: int | None = None  # Qwen3 states it (attention.key_length); else n_embd // n_head
     v_embd: int = 32
     v_layer: int = 4
     v_head: int = 2
     v_ff: int = 48  # must differ from v_embd: llama.cpp guesses swapped FFNs otherwise
-    v_wa_pattern: int = 2  # full attention every 2nd block (every 8th in the real model)
+    v_wa_pattern: int = 2  # Qwen2.5-VL: full attention every 2nd block (every 8th in the real model)
+    v_deepstack: tuple[int, ...] = ()  # Qwen3-VL: vision blocks whose features also feed the text model
+    v_image_size: int = 560  # Qwen3-VL: side of its learned position grid, in pixels
     n_merges: int = 160
     n_vocab: int | None = None  # pad the vocabulary to this size (the real one: 151,936)
 
@@ -85,10 +116,23 @@ SHAPES = {
         n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, rope_sections=(16, 24, 24, 0),
         v_embd=1280, v_layer=32, v_head=16, v_ff=3420, v_wa_pattern=8, n_vocab=151936,
     ),
+    "tiny-qwen3vl": Shape(
+        family="qwen3vl", n_layer=4, rope_sections=(3, 3, 2, 0), head_dim=16, v_deepstack=(0, 1, 2), v_image_size=64,
+    ),
+    # Qwen3-VL-2B: config.json of Qwen/Qwen3-VL-2B-Instruct (and so of CapRL-Qwen3VL-2B).
+    "caprl-qwen3vl-2b": Shape(
+        family="qwen3vl", n_embd=2048, n_layer=28, n_head=16, n_head_kv=8, n_ff=6144, head_dim=128,
+        rope_sections=(24, 20, 20, 0), v_embd=1024, v_layer=24, v_head=16, v_ff=4096, v_deepstack=(5, 11, 17),
+        v_image_size=768, n_vocab=151936,
+    ),
 }
 
-# Sizes of the published files (mradermacher/CapRL-3B-GGUF) that a full-sized pair must match.
-PUBLISHED_BYTES = {"Q4_K_M": 1_930_000_000, "mmproj-f16": 1_340_000_000}
+# Sizes of published files that a full-sized pair must match: mradermacher/CapRL-3B-GGUF, and
+# Qwen3-VL-2B's projector as the Hub's Qwen3-VL-2B GGUFs publish it (822 MB in f16).
+PUBLISHED_BYTES = {
+    "caprl-3b": {"Q4_K_M": 1_930_000_000, "mmproj-f16": 1_340_000_000},
+    "caprl-qwen3vl-2b": {"mmproj-f16": 822_000_000},
+}
 _FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "IQ4_XS": 30, "Q2_K": 10, "Q3_K_M": 12}
 
 
@@ -139,36 +183,43 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
 
 
 def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset()) -> None:
+    qwen3 = shape.family == "qwen3vl"
+    specials = SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else [])
     tokens, merges = train_bpe(CORPUS, shape.n_merges)
     if shape.n_vocab:  # the real layout: 151,643 regular tokens, the specials, then [PAD] up to n_vocab
         tokens += [f"<filler{i}>" for i in range(151643 - len(tokens))]
     n_normal = len(tokens)
-    tokens += SPECIAL_TOKENS
+    tokens += specials
     types = [gguf.TokenType.NORMAL] * n_normal + [
-        gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.USER_DEFINED for t in SPECIAL_TOKENS
+        gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.USER_DEFINED for t in specials
     ]
     if shape.n_vocab:
         pads = shape.n_vocab - len(tokens)
         tokens += [f"[PAD{len(tokens) + i}]" for i in range(pads)]
         types += [gguf.TokenType.UNUSED] * pads
-    special = {t: n_normal + i for i, t in enumerate(SPECIAL_TOKENS)}
-    head_dim = shape.n_embd // shape.n_head
+    special = {t: n_normal + i for i, t in enumerate(specials)}
+    head_dim = shape.head_dim or shape.n_embd // shape.n_head
 
-    w = _Writer(str(path), "qwen2vl", drop=drop)
+    w = _Writer(str(path), shape.family, drop=drop)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("CapRL 3B")
-    w.add_basename("CapRL")
-    w.add_size_label("3B")
+    w.add_name("CapRL Qwen3VL 2B" if qwen3 else "CapRL 3B")
+    w.add_basename("CapRL-Qwen3VL" if qwen3 else "CapRL")
+    w.add_size_label("2B" if qwen3 else "3B")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_context_length(128000)
+    w.add_context_length(262144 if qwen3 else 128000)
     w.add_embedding_length(shape.n_embd)
     w.add_block_count(shape.n_layer)
     w.add_feed_forward_length(shape.n_ff)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_freq_base(1000000.0)
+    w.add_rope_freq_base(5000000.0 if qwen3 else 1000000.0)
     w.add_layer_norm_rms_eps(1e-6)
+    if qwen3:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_dimension_sections(list(shape.rope_sections))
+    if qwen3:  # the projector's deepstack features are added to the outputs of the first layers
+        w.add_num_deepstack_layers(len(shape.v_deepstack))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -179,7 +230,7 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     w.add_pad_token_id(special["<|endoftext|>"])
     w.add_bos_token_id(special["<|endoftext|>"])
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(QWEN3VL_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE)
 
     def weight(*dims: int) -> np.ndarray:  # numpy shape is (out, in): ggml's ne reversed
         return _random(rng, dims)
@@ -190,8 +241,8 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     def bias(n: int) -> np.ndarray:
         return (rng.standard_normal(n) * 0.1).astype(np.float32)
 
-    kv = shape.n_head_kv * head_dim
-    # Tied embeddings, as in Qwen2.5-VL-3B: no output.weight. Rows of byte tokens outside
+    q, kv = shape.n_head * head_dim, shape.n_head_kv * head_dim
+    # Tied embeddings, as in Qwen2.5-VL-3B and Qwen3-VL-2B/4B: no output.weight. Rows of byte tokens outside
     # printable ASCII and of special tokens are shrunk so that their logits stay small: the
     # random model then writes readable text rather than invalid UTF-8 or an instant
     # end-of-turn (either would make every caption look alike).
@@ -202,13 +253,14 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     for i in range(shape.n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", norm(shape.n_embd))
-        w.add_tensor(p + "attn_q.weight", weight(shape.n_embd, shape.n_embd))
-        w.add_tensor(p + "attn_q.bias", bias(shape.n_embd))
-        w.add_tensor(p + "attn_k.weight", weight(kv, shape.n_embd))
-        w.add_tensor(p + "attn_k.bias", bias(kv))
-        w.add_tensor(p + "attn_v.weight", weight(kv, shape.n_embd))
-        w.add_tensor(p + "attn_v.bias", bias(kv))
-        w.add_tensor(p + "attn_output.weight", weight(shape.n_embd, shape.n_embd))
+        for name, rows in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+            w.add_tensor(p + name + ".weight", weight(rows, shape.n_embd))
+            if not qwen3:  # Qwen3 has no q/k/v biases
+                w.add_tensor(p + name + ".bias", bias(rows))
+        if qwen3:  # ... but RMS norms on each head's queries and keys
+            w.add_tensor(p + "attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(p + "attn_k_norm.weight", norm(head_dim))
+        w.add_tensor(p + "attn_output.weight", weight(shape.n_embd, q))
         w.add_tensor(p + "ffn_norm.weight", norm(shape.n_embd))
         w.add_tensor(p + "ffn_gate.weight", weight(shape.n_ff, shape.n_embd))
         w.add_tensor(p + "ffn_up.weight", weight(shape.n_ff, shape.n_embd))
@@ -220,6 +272,8 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
 def write_mmproj(
     path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int, drop: frozenset[str] = frozenset()
 ) -> None:
+    if shape.family == "qwen3vl":
+        return write_qwen3vl_mmproj(path, shape, rng, projection_dim=projection_dim, drop=drop)
     patch = 14
     w = _Writer(str(path), "clip", drop=drop)
     w.add_type(gguf.GGUFType.MMPROJ)
@@ -271,6 +325,76 @@ def write_mmproj(
     _finish(w)
 
 
+def write_qwen3vl_mmproj(
+    path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int, drop: frozenset[str] = frozenset()
+) -> None:
+    """Qwen3-VL's vision tower as llama.cpp's converter writes it (conversion/qwen3vl.py): fused
+    QKV, LayerNorms with biases, GELU MLPs, learned position embeddings, and deepstack mergers
+    whose outputs are concatenated to the main merger's (the text model's input is 1 + N wide)."""
+    patch = 16
+    w = _Writer(str(path), "clip", drop=drop)
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name("CapRL Qwen3VL 2B")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN3VL)
+    w.add_vision_use_gelu(True)
+    w.add_vision_projection_dim(projection_dim)
+    w.add_vision_image_size(shape.v_image_size)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(shape.v_embd)
+    w.add_vision_feed_forward_length(shape.v_ff)
+    w.add_vision_block_count(shape.v_layer)
+    w.add_vision_head_count(shape.v_head)
+    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    w.add_vision_spatial_merge_size(2)
+    w.add_vision_is_deepstack_layers([i in shape.v_deepstack for i in range(shape.v_layer)])
+
+    def weight(*dims: int) -> np.ndarray:
+        return _random(rng, dims)
+
+    def vec(n: int, *, ones: bool = False) -> np.ndarray:
+        return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
+    w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.weight.1", weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.bias", vec(d))
+    # Position embeddings stay f32, as the converter keeps them (llama.cpp interpolates them in f32).
+    w.add_tensor("v.position_embd.weight", weight((shape.v_image_size // patch) ** 2, d).astype(np.float32))
+    for i in range(shape.v_layer):
+        p = f"v.blk.{i}."
+        w.add_tensor(p + "ln1.weight", vec(d, ones=True))
+        w.add_tensor(p + "ln1.bias", vec(d))
+        w.add_tensor(p + "attn_qkv.weight", weight(3 * d, d))
+        w.add_tensor(p + "attn_qkv.bias", vec(3 * d))
+        w.add_tensor(p + "attn_out.weight", weight(d, d))
+        w.add_tensor(p + "attn_out.bias", vec(d))
+        w.add_tensor(p + "ln2.weight", vec(d, ones=True))
+        w.add_tensor(p + "ln2.bias", vec(d))
+        w.add_tensor(p + "ffn_up.weight", weight(ff, d))
+        w.add_tensor(p + "ffn_up.bias", vec(ff))
+        w.add_tensor(p + "ffn_down.weight", weight(d, ff))
+        w.add_tensor(p + "ffn_down.bias", vec(d))
+    for i in shape.v_deepstack:
+        p = f"v.deepstack.{i}."
+        w.add_tensor(p + "norm.weight", vec(merged, ones=True))
+        w.add_tensor(p + "norm.bias", vec(merged))
+        w.add_tensor(p + "fc1.weight", weight(merged, merged))
+        w.add_tensor(p + "fc1.bias", vec(merged))
+        w.add_tensor(p + "fc2.weight", weight(projection_dim, merged))
+        w.add_tensor(p + "fc2.bias", vec(projection_dim))
+    w.add_tensor("v.post_ln.weight", vec(d, ones=True))
+    w.add_tensor("v.post_ln.bias", vec(d))
+    w.add_tensor("mm.0.weight", weight(merged, merged))
+    w.add_tensor("mm.0.bias", vec(merged))
+    w.add_tensor("mm.2.weight", weight(projection_dim, merged))
+    w.add_tensor("mm.2.bias", vec(projection_dim))
+    _finish(w)
+
+
 _POOL_SIZE = 1 << 24
 
 
@@ -311,13 +435,14 @@ def write_tiny_pair(
     *,
     seed: int = 0,
     projection_dim: int | None = None,
-    stem: str = "CapRL-3B",
+    stem: str | None = None,
     drop: frozenset[str] = frozenset(),
     shape: str = "tiny",
     quant: str | None = None,
     mmproj_type: str = "f16",
 ) -> tuple[Path, Path]:
     """Write `<stem>.<quant or f16>.gguf` and `<stem>.mmproj-<type>.gguf` into out_dir; return their paths."""
+    stem = stem or ("CapRL-Qwen3VL-2B" if SHAPES[shape].family == "qwen3vl" else "CapRL-3B")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
@@ -360,7 +485,7 @@ def _quantize_mmproj(path: Path, qtype: str) -> None:
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     for t in reader.tensors:
         data = np.asarray(t.data)
-        if t.name.startswith(("v.blk.", "mm.")) and t.name.endswith(".weight") and data.ndim == 2 \
+        if t.name.startswith(("v.blk.", "v.deepstack.", "mm.")) and t.name.endswith(".weight") and data.ndim == 2 \
                 and data.shape[1] % 32 == 0:  # Q8_0 blocks hold 32 values of a row
             w.add_tensor(t.name, gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -370,11 +495,11 @@ def _quantize_mmproj(path: Path, qtype: str) -> None:
     tmp.replace(path)
 
 
-def check_published_sizes(model: Path, mmproj: Path, quant: str | None, mmproj_type: str) -> list[str]:
+def check_published_sizes(shape: str, model: Path, mmproj: Path, quant: str | None, mmproj_type: str) -> list[str]:
     """Compare a full-sized pair with the published files' sizes; return the mismatches."""
     problems = []
     for key, path in ((quant, model), (f"mmproj-{mmproj_type}", mmproj)):
-        expected = PUBLISHED_BYTES.get(key or "")
+        expected = PUBLISHED_BYTES.get(shape, {}).get(key or "")
         if expected and abs(path.stat().st_size / expected - 1) > 0.04:
             problems.append(f"{path.name}: {path.stat().st_size:,} bytes, published {expected:,}")
     return problems
@@ -385,7 +510,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projection-dim", type=int, help="write a mismatched projector (for error tests)")
-    parser.add_argument("--stem", default="CapRL-3B")
+    parser.add_argument("--stem", help="file name stem (default: CapRL-3B, or CapRL-Qwen3VL-2B for qwen3vl shapes)")
     parser.add_argument("--drop-tensor", action="append", default=[], help="leave a tensor out (for error tests)")
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--quant", choices=list(_FTYPES), help="quantize the text model (default: f16)")
@@ -397,11 +522,11 @@ def main() -> None:
     )
     for path in pair:
         print(f"{path}  {path.stat().st_size:,} bytes")
-    if args.shape != "tiny":
-        problems = check_published_sizes(*pair, args.quant, args.mmproj_type)
+    if args.shape in PUBLISHED_BYTES:
+        problems = check_published_sizes(args.shape, *pair, args.quant, args.mmproj_type)
         if problems:
-            raise SystemExit("sizes differ from the published CapRL-3B files: " + "; ".join(problems))
-        print("sizes match the published CapRL-3B files (within 4%)")
+            raise SystemExit("sizes differ from the published files: " + "; ".join(problems))
+        print("sizes match the published files (within 4%)")
 
 
 if __name__ == "__main__":
