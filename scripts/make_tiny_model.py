@@ -182,7 +182,8 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset()) -> None:
+def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset(),
+                     chat_template: str | None = None) -> None:
     qwen3 = shape.family == "qwen3vl"
     specials = SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else [])
     tokens, merges = train_bpe(CORPUS, shape.n_merges)
@@ -230,7 +231,7 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     w.add_pad_token_id(special["<|endoftext|>"])
     w.add_bos_token_id(special["<|endoftext|>"])
     w.add_add_bos_token(False)
-    w.add_chat_template(QWEN3VL_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE)
+    w.add_chat_template(chat_template or (QWEN3VL_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE))
 
     def weight(*dims: int) -> np.ndarray:  # numpy shape is (out, in): ggml's ne reversed
         return _random(rng, dims)
@@ -440,6 +441,7 @@ def write_tiny_pair(
     shape: str = "tiny",
     quant: str | None = None,
     mmproj_type: str = "f16",
+    chat_template: str | None = None,
 ) -> tuple[Path, Path]:
     """Write `<stem>.<quant or f16>.gguf` and `<stem>.mmproj-<type>.gguf` into out_dir; return their paths."""
     stem = stem or ("CapRL-Qwen3VL-2B" if SHAPES[shape].family == "qwen3vl" else "CapRL-3B")
@@ -450,7 +452,7 @@ def write_tiny_pair(
     model, mmproj = out / f"{stem}.{quant or 'f16'}.gguf", out / f"{stem}.mmproj-{mmproj_type}.gguf"
     f16 = out / f"{stem}.f16.gguf"
     if not (quant and model.exists()):
-        write_text_model(f16, dims, rng, drop=drop)
+        write_text_model(f16, dims, rng, drop=drop, chat_template=chat_template)
     if quant and not model.exists():
         _quantize(f16, model, quant)
         f16.unlink()
