@@ -306,7 +306,8 @@ def main() -> None:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--mmproj", type=Path)
-    parser.add_argument("--shape", choices=["tiny", "caprl-3b"], help="build and use a random-weight model")
+    parser.add_argument("--shape", choices=["tiny", "tiny-qwen3vl", "caprl-3b", "caprl-qwen3vl-2b"],
+                        help="build and use a random-weight model")
     parser.add_argument("--quant", default="Q4_K_M")
     parser.add_argument("--mtmd-cli", type=Path, help="llama-mtmd-cli to compare with (scripts/build_mtmd_cli.sh)")
     parser.add_argument("--sizes", default="448,896,12mp", help=f"from {', '.join(SIZES)}")
@@ -337,7 +338,7 @@ def main() -> None:
     if args.shape:
         from make_tiny_model import write_tiny_pair
 
-        quant = args.quant if args.shape != "tiny" else None
+        quant = args.quant if not args.shape.startswith("tiny") else None
         args.model, args.mmproj = write_tiny_pair(build, shape=args.shape, quant=quant)
     if not (args.model and args.mmproj):
         parser.error("give --model and --mmproj, or --shape")

@@ -276,21 +276,9 @@ def write_mmproj(
     if shape.family == "qwen3vl":
         return write_qwen3vl_mmproj(path, shape, rng, projection_dim=projection_dim, drop=drop)
     patch = 14
-    w = _Writer(str(path), "clip", drop=drop)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name("CapRL 3B")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN25VL)
+    w = _mmproj_writer(path, shape, drop=drop, name="CapRL 3B", projector=gguf.VisionProjectorType.QWEN25VL,
+                       patch=patch, image_size=560, projection_dim=projection_dim)
     w.add_vision_use_silu(True)
-    w.add_vision_projection_dim(projection_dim)
-    w.add_vision_image_size(560)
-    w.add_vision_patch_size(patch)
-    w.add_vision_embedding_length(shape.v_embd)
-    w.add_vision_feed_forward_length(shape.v_ff)
-    w.add_vision_block_count(shape.v_layer)
-    w.add_vision_head_count(shape.v_head)
-    w.add_vision_attention_layernorm_eps(1e-6)
     w.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])
     w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
     w.add_vision_n_wa_pattern(shape.v_wa_pattern)
@@ -299,7 +287,7 @@ def write_mmproj(
         return _random(rng, dims)
 
     def vec(n: int, *, ones: bool = False) -> np.ndarray:
-        return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
+        return _vec(rng, n, ones=ones)
 
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
     # Qwen2.5-VL's Conv3D patch embedding, split into its two temporal halves.
@@ -333,21 +321,9 @@ def write_qwen3vl_mmproj(
     QKV, LayerNorms with biases, GELU MLPs, learned position embeddings, and deepstack mergers
     whose outputs are concatenated to the main merger's (the text model's input is 1 + N wide)."""
     patch = 16
-    w = _Writer(str(path), "clip", drop=drop)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name("CapRL Qwen3VL 2B")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN3VL)
+    w = _mmproj_writer(path, shape, drop=drop, name="CapRL Qwen3VL 2B", projector=gguf.VisionProjectorType.QWEN3VL,
+                       patch=patch, image_size=shape.v_image_size, projection_dim=projection_dim)
     w.add_vision_use_gelu(True)
-    w.add_vision_projection_dim(projection_dim)
-    w.add_vision_image_size(shape.v_image_size)
-    w.add_vision_patch_size(patch)
-    w.add_vision_embedding_length(shape.v_embd)
-    w.add_vision_feed_forward_length(shape.v_ff)
-    w.add_vision_block_count(shape.v_layer)
-    w.add_vision_head_count(shape.v_head)
-    w.add_vision_attention_layernorm_eps(1e-6)
     w.add_vision_image_mean([0.5, 0.5, 0.5])
     w.add_vision_image_std([0.5, 0.5, 0.5])
     w.add_vision_spatial_merge_size(2)
@@ -357,7 +333,7 @@ def write_qwen3vl_mmproj(
         return _random(rng, dims)
 
     def vec(n: int, *, ones: bool = False) -> np.ndarray:
-        return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
+        return _vec(rng, n, ones=ones)
 
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
     w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
@@ -394,6 +370,31 @@ def write_qwen3vl_mmproj(
     w.add_tensor("mm.2.weight", weight(projection_dim, merged))
     w.add_tensor("mm.2.bias", vec(projection_dim))
     _finish(w)
+
+
+def _mmproj_writer(path: Path, shape: Shape, *, drop: frozenset[str], name: str, projector: str, patch: int,
+                   image_size: int, projection_dim: int) -> _Writer:
+    """A projector file with the vision-tower keys every Qwen-VL mmproj carries."""
+    w = _Writer(str(path), "clip", drop=drop)
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(projector)
+    w.add_vision_projection_dim(projection_dim)
+    w.add_vision_image_size(image_size)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(shape.v_embd)
+    w.add_vision_feed_forward_length(shape.v_ff)
+    w.add_vision_block_count(shape.v_layer)
+    w.add_vision_head_count(shape.v_head)
+    w.add_vision_attention_layernorm_eps(1e-6)
+    return w
+
+
+def _vec(rng: np.random.Generator, n: int, *, ones: bool = False) -> np.ndarray:
+    """A norm weight (ones) or a bias (small random values), in f32 as the converter writes them."""
+    return np.ones(n, np.float32) if ones else (rng.standard_normal(n) * 0.1).astype(np.float32)
 
 
 _POOL_SIZE = 1 << 24
