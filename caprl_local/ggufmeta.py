@@ -44,10 +44,6 @@ class GGUFInfo:
     file_size: int
 
     @property
-    def tensor_names(self) -> frozenset[str]:
-        return frozenset(self.tensors)
-
-    @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 

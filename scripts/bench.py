@@ -325,14 +325,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     global REPACK, THEIRS_REPACK
+    REPACK = args.repack
+    if args.one:
+        return one_run(args)
     from caprl_local.engine import _cpu_extra_buffer_types
 
-    REPACK = args.repack
     # llama-mtmd-cli can only take all of llama.cpp's extra layouts or none; with AMX among
     # them a K-quant model crashes (see caprl_local.engine._weight_layout), so: none.
     THEIRS_REPACK = LAYOUTS[args.repack] if args.repack != "auto" else "AMX" not in _cpu_extra_buffer_types()
-    if args.one:
-        return one_run(args)
 
     build = Path("build/models") / (args.shape or "")
     if args.shape:

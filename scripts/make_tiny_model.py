@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,12 +284,7 @@ def write_mmproj(
     w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
     w.add_vision_n_wa_pattern(shape.v_wa_pattern)
 
-    def weight(*dims: int) -> np.ndarray:
-        return _random(rng, dims)
-
-    def vec(n: int, *, ones: bool = False) -> np.ndarray:
-        return _vec(rng, n, ones=ones)
-
+    weight, vec = _makers(rng)
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
     # Qwen2.5-VL's Conv3D patch embedding, split into its two temporal halves.
     w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
@@ -329,12 +325,7 @@ def write_qwen3vl_mmproj(
     w.add_vision_spatial_merge_size(2)
     w.add_vision_is_deepstack_layers([i in shape.v_deepstack for i in range(shape.v_layer)])
 
-    def weight(*dims: int) -> np.ndarray:
-        return _random(rng, dims)
-
-    def vec(n: int, *, ones: bool = False) -> np.ndarray:
-        return _vec(rng, n, ones=ones)
-
+    weight, vec = _makers(rng)
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
     w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
     w.add_tensor("v.patch_embd.weight.1", weight(d, 3, patch, patch))
@@ -390,6 +381,11 @@ def _mmproj_writer(path: Path, shape: Shape, *, drop: frozenset[str], name: str,
     w.add_vision_head_count(shape.v_head)
     w.add_vision_attention_layernorm_eps(1e-6)
     return w
+
+
+def _makers(rng: np.random.Generator) -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
+    """(weight(*dims), vec(n, ones=False)) drawing from rng: a projector's matrices and vectors."""
+    return (lambda *dims: _random(rng, dims)), (lambda n, *, ones=False: _vec(rng, n, ones=ones))
 
 
 def _vec(rng: np.random.Generator, n: int, *, ones: bool = False) -> np.ndarray:

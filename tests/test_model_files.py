@@ -99,10 +99,10 @@ def test_the_files_are_format_true(tiny_model: tuple[Path, Path]) -> None:
     assert text.metadata["qwen2vl.rope.dimension_sections"] == [2, 3, 3, 0]
     assert text.metadata["tokenizer.ggml.model"] == "gpt2" and text.metadata["tokenizer.ggml.pre"] == "qwen2"
     assert "<|vision_start|><|image_pad|><|vision_end|>" in text.metadata["tokenizer.chat_template"]
-    assert "output.weight" not in text.tensor_names  # tied embeddings, as in Qwen2.5-VL-3B
+    assert "output.weight" not in text.tensors  # tied embeddings, as in Qwen2.5-VL-3B
     assert proj.metadata["clip.projector_type"] == "qwen2.5vl_merger"
     assert proj.metadata["clip.vision.n_wa_pattern"] > 0 and proj.metadata["clip.use_silu"] is True
-    assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.blk.0.ffn_gate.weight"} <= proj.tensor_names
+    assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.blk.0.ffn_gate.weight"} <= proj.tensors.keys()
     assert model.stat().st_size + mmproj.stat().st_size < 1_000_000
     reader = gguf.GGUFReader(model)
     tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in reader.fields["tokenizer.ggml.tokens"].data]
