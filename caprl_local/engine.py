@@ -380,6 +380,26 @@ def _available_memory() -> int | None:
     return None
 
 
+def _gpu_free_memory() -> int | None:
+    """Free bytes summed over llama.cpp's GPU devices, or None if it reports none."""
+    lib = llama_cpp.llama_cpp._lib  # ggml's device registry is reachable through libllama
+    try:
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype, lib.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        lib.ggml_backend_dev_type.restype, lib.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        size_p = ctypes.POINTER(ctypes.c_size_t)
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
+    except AttributeError:
+        return None
+    free, total, found = ctypes.c_size_t(), ctypes.c_size_t(), 0
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            found += free.value
+    return found or None
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -758,11 +778,19 @@ class Captioner:
                     llama_cpp.llama_sampler_free(slot.sampler)
                 llama_cpp.llama_memory_clear(memory, True)
 
-    def auto_parallel(self, *, limit: int = 8) -> int:
-        """How many captions to keep in flight: as many as half the free memory holds the
-        KV cache for (n_ctx tokens each, what every sequence is given), at most `limit`."""
+    def auto_parallel(self, *, limit: int | None = None) -> int:
+        """How many captions to keep in flight: as many as half the free memory (the GPUs' when
+        layers are offloaded) holds the KV cache for, n_ctx tokens each, at most `limit`.
+
+        The default limit is 16 on a GPU. On a CPU it is 4 up to 4 threads and 8 above: a step
+        several sequences wide pays off while it stays bound by memory bandwidth, and on 2 cores
+        8-wide steps are already compute-bound (11.0 tokens/s against 12.8 at 4 wide).
+        """
+        on_gpu = self.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        if limit is None:
+            limit = 16 if on_gpu else 4 if self.threads <= 4 else 8
         per_caption = max(1, self.options.n_ctx * self._kv_bytes_per_token)
-        free = _available_memory()
+        free = (_gpu_free_memory() if on_gpu else None) or _available_memory()
         return max(1, min(limit, int(0.5 * free // per_caption) if free else 4))
 
     def _start_slot(self, seq: int, index: int, name: str, item: tuple[Image.Image, float],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from caprl_local import Caption, Captioner, CaptionFailure
+from caprl_local import Caption, Captioner, CaptionFailure, engine
 from caprl_local.images import load_ahead
 
 NAMES = ["photo.jpg", "alpha.png", "missing.jpg", "cmyk.jpg", "truncated.jpg", "palette.png", "pixel.png",
@@ -60,6 +60,13 @@ def test_parallel_must_be_positive(captioner: Captioner, images: Path) -> None:
 
     with pytest.raises(CaprlError, match="parallel"):
         list(captioner.caption_many([images / "photo.jpg"], parallel=0))
+
+
+def test_auto_parallel_fits_memory_and_the_device(captioner: Captioner) -> None:
+    n = captioner.auto_parallel()  # a CPU build here: 4 at most up to 4 threads, 8 above
+    assert 1 <= n <= (4 if captioner.threads <= 4 else 8)
+    assert captioner.auto_parallel(limit=1) == 1
+    assert engine._gpu_free_memory() is None  # no GPU device in a CPU build
 
 
 def test_cli_parallel_matches_sequential(tiny_model: tuple[Path, Path], images: Path) -> None:
