@@ -24,6 +24,7 @@ import platform
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,12 +56,14 @@ def one_run(args: argparse.Namespace) -> None:
                     repack=LAYOUTS[args.repack])
     load_s = time.perf_counter() - t0
     if args.in_flight:  # throughput: all images through caption_many with this many in flight
+        steps = time_full_steps(args.in_flight)
         t0 = time.perf_counter()
         results = list(cap.caption_many(args.images, parallel=args.in_flight, max_tokens=args.new_tokens,
                                         ignore_eos=True, repeat_penalty=1.0))
         seconds = time.perf_counter() - t0
         print(json.dumps({"in_flight": args.in_flight, "images": len(results), "seconds": seconds,
-                          "generated": sum(r.generated_tokens for r in results), "weights": cap.weight_layout}),
+                          "generated": sum(r.generated_tokens for r in results), "weights": cap.weight_layout,
+                          "step_s": statistics.median(steps) if steps else None}),
               flush=True)
         return
     for i, image in enumerate(args.images):
@@ -88,6 +91,23 @@ def one_run(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     print(json.dumps({"reload_s": reload_s, "peak_rss_mib": rss, "done_at": done_at, "weights": again.weight_layout}),
           flush=True)
+
+
+def time_full_steps(width: int) -> list[float]:
+    """Time every llama_decode that advances `width` captions at once (a full-width step)."""
+    import llama_cpp
+
+    decode, seconds = llama_cpp.llama_decode, []
+
+    def timed(ctx, batch):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        ret = decode(ctx, batch)
+        if batch.n_tokens == width:
+            seconds.append(time.perf_counter() - t0)
+        return ret
+
+    llama_cpp.llama_decode = timed  # the engine calls it through the module
+    return seconds
 
 
 def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens: int, threads: int) -> list[dict]:
@@ -287,10 +307,12 @@ def markdown(report: dict) -> str:
                          if c.get("mtmd_cli_s") else ".")]
     if report.get("throughput"):
         base = report["throughput"][0]["images_per_min"]
-        lines += ["", "| captions in flight | images | seconds | images/min | aggregate tokens/s | vs 1 in flight |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| captions in flight | images | seconds | images/min | aggregate tokens/s | vs 1 in flight "
+                      "| full-width step s |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['in_flight']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_min']:.2f} | "
-                  f"{r['tok_s']:.2f} | {r['images_per_min'] / base:.2f}x |" for r in report["throughput"]]
+                  f"{r['tok_s']:.2f} | {r['images_per_min'] / base:.2f}x | "
+                  f"{format(r['step_s'], '.3f') if r.get('step_s') else ''} |" for r in report["throughput"]]
     if report.get("batch"):
         b = report["batch"]
         lines += ["", f"Batch of {b['n']} images: caprl-local in one run {b['caprl_local_s']:.1f} s; "
