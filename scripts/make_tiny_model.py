@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,29 +283,23 @@ def write_mmproj(
     w.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
     w.add_vision_n_wa_pattern(shape.v_wa_pattern)
 
-    weight, vec = _makers(rng)
+    t = _Tensors(w, rng)
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
     # Qwen2.5-VL's Conv3D patch embedding, split into its two temporal halves.
-    w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
-    w.add_tensor("v.patch_embd.weight.1", weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.weight", t.weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.weight.1", t.weight(d, 3, patch, patch))
     for i in range(shape.v_layer):
         p = f"v.blk.{i}."
         for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(p + name + ".weight", weight(d, d))
-            w.add_tensor(p + name + ".bias", vec(d))
-        w.add_tensor(p + "ln1.weight", vec(d, ones=True))
-        w.add_tensor(p + "ln2.weight", vec(d, ones=True))
-        w.add_tensor(p + "ffn_gate.weight", weight(ff, d))
-        w.add_tensor(p + "ffn_gate.bias", vec(ff))
-        w.add_tensor(p + "ffn_up.weight", weight(ff, d))
-        w.add_tensor(p + "ffn_up.bias", vec(ff))
-        w.add_tensor(p + "ffn_down.weight", weight(d, ff))
-        w.add_tensor(p + "ffn_down.bias", vec(d))
-    w.add_tensor("v.post_ln.weight", vec(d, ones=True))
-    w.add_tensor("mm.0.weight", weight(merged, merged))
-    w.add_tensor("mm.0.bias", vec(merged))
-    w.add_tensor("mm.2.weight", weight(projection_dim, merged))
-    w.add_tensor("mm.2.bias", vec(projection_dim))
+            t.linear(p + name, d, d)
+        t.norm(p + "ln1", d, bias=False)  # RMSNorms
+        t.norm(p + "ln2", d, bias=False)
+        t.linear(p + "ffn_gate", ff, d)
+        t.linear(p + "ffn_up", ff, d)
+        t.linear(p + "ffn_down", d, ff)
+    t.norm("v.post_ln", d, bias=False)
+    t.linear("mm.0", merged, merged)
+    t.linear("mm.2", projection_dim, merged)
     _finish(w)
 
 
@@ -325,41 +318,29 @@ def write_qwen3vl_mmproj(
     w.add_vision_spatial_merge_size(2)
     w.add_vision_is_deepstack_layers([i in shape.v_deepstack for i in range(shape.v_layer)])
 
-    weight, vec = _makers(rng)
+    t = _Tensors(w, rng)
     d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
-    w.add_tensor("v.patch_embd.weight", weight(d, 3, patch, patch))
-    w.add_tensor("v.patch_embd.weight.1", weight(d, 3, patch, patch))
-    w.add_tensor("v.patch_embd.bias", vec(d))
+    w.add_tensor("v.patch_embd.weight", t.weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.weight.1", t.weight(d, 3, patch, patch))
+    w.add_tensor("v.patch_embd.bias", t.vec(d))
     # Position embeddings stay f32, as the converter keeps them (llama.cpp interpolates them in f32).
-    w.add_tensor("v.position_embd.weight", weight((shape.v_image_size // patch) ** 2, d).astype(np.float32))
+    w.add_tensor("v.position_embd.weight", t.weight((shape.v_image_size // patch) ** 2, d).astype(np.float32))
     for i in range(shape.v_layer):
         p = f"v.blk.{i}."
-        w.add_tensor(p + "ln1.weight", vec(d, ones=True))
-        w.add_tensor(p + "ln1.bias", vec(d))
-        w.add_tensor(p + "attn_qkv.weight", weight(3 * d, d))
-        w.add_tensor(p + "attn_qkv.bias", vec(3 * d))
-        w.add_tensor(p + "attn_out.weight", weight(d, d))
-        w.add_tensor(p + "attn_out.bias", vec(d))
-        w.add_tensor(p + "ln2.weight", vec(d, ones=True))
-        w.add_tensor(p + "ln2.bias", vec(d))
-        w.add_tensor(p + "ffn_up.weight", weight(ff, d))
-        w.add_tensor(p + "ffn_up.bias", vec(ff))
-        w.add_tensor(p + "ffn_down.weight", weight(d, ff))
-        w.add_tensor(p + "ffn_down.bias", vec(d))
+        t.norm(p + "ln1", d)
+        t.linear(p + "attn_qkv", 3 * d, d)
+        t.linear(p + "attn_out", d, d)
+        t.norm(p + "ln2", d)
+        t.linear(p + "ffn_up", ff, d)
+        t.linear(p + "ffn_down", d, ff)
     for i in shape.v_deepstack:
         p = f"v.deepstack.{i}."
-        w.add_tensor(p + "norm.weight", vec(merged, ones=True))
-        w.add_tensor(p + "norm.bias", vec(merged))
-        w.add_tensor(p + "fc1.weight", weight(merged, merged))
-        w.add_tensor(p + "fc1.bias", vec(merged))
-        w.add_tensor(p + "fc2.weight", weight(projection_dim, merged))
-        w.add_tensor(p + "fc2.bias", vec(projection_dim))
-    w.add_tensor("v.post_ln.weight", vec(d, ones=True))
-    w.add_tensor("v.post_ln.bias", vec(d))
-    w.add_tensor("mm.0.weight", weight(merged, merged))
-    w.add_tensor("mm.0.bias", vec(merged))
-    w.add_tensor("mm.2.weight", weight(projection_dim, merged))
-    w.add_tensor("mm.2.bias", vec(projection_dim))
+        t.norm(p + "norm", merged)
+        t.linear(p + "fc1", merged, merged)
+        t.linear(p + "fc2", projection_dim, merged)
+    t.norm("v.post_ln", d)
+    t.linear("mm.0", merged, merged)
+    t.linear("mm.2", projection_dim, merged)
     _finish(w)
 
 
@@ -383,9 +364,28 @@ def _mmproj_writer(path: Path, shape: Shape, *, drop: frozenset[str], name: str,
     return w
 
 
-def _makers(rng: np.random.Generator) -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
-    """(weight(*dims), vec(n, ones=False)) drawing from rng: a projector's matrices and vectors."""
-    return (lambda *dims: _random(rng, dims)), (lambda n, *, ones=False: _vec(rng, n, ones=ones))
+class _Tensors:
+    """Adds a projector's tensors to a writer, drawing their values from rng."""
+
+    def __init__(self, w: _Writer, rng: np.random.Generator) -> None:
+        self.w, self.rng = w, rng
+
+    def weight(self, *dims: int) -> np.ndarray:
+        return _random(self.rng, dims)
+
+    def vec(self, n: int, *, ones: bool = False) -> np.ndarray:
+        return _vec(self.rng, n, ones=ones)
+
+    def linear(self, name: str, n_out: int, n_in: int) -> None:
+        """name.weight (n_out x n_in) and name.bias."""
+        self.w.add_tensor(f"{name}.weight", self.weight(n_out, n_in))
+        self.w.add_tensor(f"{name}.bias", self.vec(n_out))
+
+    def norm(self, name: str, n: int, *, bias: bool = True) -> None:
+        """name.weight (ones) and, for a LayerNorm, name.bias."""
+        self.w.add_tensor(f"{name}.weight", self.vec(n, ones=True))
+        if bias:
+            self.w.add_tensor(f"{name}.bias", self.vec(n))
 
 
 def _vec(rng: np.random.Generator, n: int, *, ones: bool = False) -> np.ndarray:
