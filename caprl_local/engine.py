@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -304,17 +305,35 @@ def _resolve_gpu_layers(gpu_layers: GpuLayers) -> int:
     return gpu_layers
 
 
+@functools.cache
+def _ggml() -> Any:
+    """ggml's device registry, reached through libllama, with the signatures used here; None
+    if this build does not export it."""
+    lib = llama_cpp.llama_cpp._lib
+    vp, size_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)
+    signatures = {
+        "ggml_backend_dev_by_type": (vp, [ctypes.c_int]),
+        "ggml_backend_dev_backend_reg": (vp, [vp]),
+        "ggml_backend_reg_get_proc_address": (vp, [vp, ctypes.c_char_p]),
+        "ggml_backend_buft_name": (ctypes.c_char_p, [vp]),
+        "ggml_backend_dev_count": (ctypes.c_size_t, []),
+        "ggml_backend_dev_get": (vp, [ctypes.c_size_t]),
+        "ggml_backend_dev_type": (ctypes.c_int, [vp]),
+        "ggml_backend_dev_memory": (None, [vp, size_p, size_p]),
+    }
+    try:
+        for name, (restype, argtypes) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except AttributeError:
+        return None
+    return lib
+
+
 def _cpu_extra_buffer_types() -> dict[str, int]:
     """llama.cpp's extra CPU weight buffer types on this machine (e.g. AMX, CPU_REPACK), by name."""
-    lib = llama_cpp.llama_cpp._lib  # ggml's registry is reachable through libllama
-    try:
-        lib.ggml_backend_dev_by_type.restype = lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-        lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.ggml_backend_buft_name.restype, lib.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    except AttributeError:
+    lib = _ggml()
+    if lib is None:
         return {}
     dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     reg = lib.ggml_backend_dev_backend_reg(dev) if dev else None
@@ -382,14 +401,8 @@ def _available_memory() -> int | None:
 
 def _gpu_free_memory() -> int | None:
     """Free bytes summed over llama.cpp's GPU devices, or None if it reports none."""
-    lib = llama_cpp.llama_cpp._lib  # ggml's device registry is reachable through libllama
-    try:
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.restype, lib.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        lib.ggml_backend_dev_type.restype, lib.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        size_p = ctypes.POINTER(ctypes.c_size_t)
-        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
-    except AttributeError:
+    lib = _ggml()
+    if lib is None:
         return None
     free, total, found = ctypes.c_size_t(), ctypes.c_size_t(), 0
     for i in range(lib.ggml_backend_dev_count()):
