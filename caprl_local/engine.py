@@ -553,7 +553,7 @@ class Captioner:
         self._make_context(1)
 
         mp = mtmd.mtmd_context_params_default()
-        mp.use_gpu = n_gpu != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        mp.use_gpu = self._on_gpu = n_gpu != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         mp.n_threads = threads
         mp.print_timings = False
         mp.warmup = opts.warmup
@@ -799,11 +799,10 @@ class Captioner:
         several sequences wide pays off while it stays bound by memory bandwidth, and on 2 cores
         8-wide steps are already compute-bound (11.0 tokens/s against 12.8 at 4 wide).
         """
-        on_gpu = self.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         if limit is None:
-            limit = 16 if on_gpu else 4 if self.threads <= 4 else 8
+            limit = 16 if self._on_gpu else 4 if self.threads <= 4 else 8
         per_caption = max(1, self.options.n_ctx * self._kv_bytes_per_token)
-        free = (_gpu_free_memory() if on_gpu else None) or _available_memory()
+        free = (_gpu_free_memory() if self._on_gpu else None) or _available_memory()
         return max(1, min(limit, int(0.5 * free // per_caption) if free else 4))
 
     def _start_slot(self, seq: int, index: int, name: str, item: tuple[Image.Image, float],
