@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     Cancelled,
     CaprlError,
     DownloadError,
@@ -18,7 +17,7 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from .engine import Captioner
+    from .engine import Captioner, CaptionHandle
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
     from .results import Caption, CaptionFailure, Timings
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.
 _LAZY = {
-    "Captioner": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
+    "Captioner": "engine", "CaptionHandle": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
     "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
     "ModelSpec": "registry",
 }
@@ -43,6 +42,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Caption",
     "CaptionFailure",
+    "CaptionHandle",
     "Captioner",
     "Timings",
     "ModelSpec",

@@ -1,8 +1,8 @@
-"""Caption many images: gather inputs, skip what is done, write results as they come.
+"""Caption many images: gather inputs, choose outputs, skip what is done, write results as they come.
 
 Knows nothing of llama.cpp or the Hub: it drives ``Captioner.caption_many`` and writes
 each result at once (JSONL lines, sidecar files), so an interrupted run loses only the
-image in progress and the same command, run again, finishes the rest.
+images in progress and the same command, run again, finishes the rest.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from .errors import Cancelled, CaprlError
+from .options import Parallel
 from .results import Caption, CaptionFailure
 
 #: File name extensions taken from folders (files named explicitly are tried whatever their name).
@@ -45,11 +46,9 @@ class BatchItem:
 
 @dataclass
 class BatchSummary:
-    """How a batch went."""
+    """How a batch went (filled in as it runs)."""
 
-    total: int = 0
     done: int = 0
-    skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
     interrupted: bool = False
@@ -144,7 +143,7 @@ class _AppendOutput:
     def _open(self, mode: str) -> TextIO:
         assert self.path is not None
         try:
-            return open(self.path, mode, encoding="utf-8")
+            return open(self.path, mode, encoding="utf-8")  # type: ignore[return-value]
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
 
@@ -332,10 +331,10 @@ def run_batch(
     Returns the summary; Ctrl-C ends the run early with ``interrupted`` set, everything
     finished so far already written.
     """
-    summary = BatchSummary(total=len(items))
+    summary = BatchSummary()
     started = time.perf_counter()
     try:
-        for item, result in zip(items, captioner.caption_many([i.path for i in items], prompt=prompt, **options)):
+        for item, result in zip(items, captioner.caption_many([i.path for i in items], prompt=prompt, **options), strict=True):
             record = result_record(item, result, prompt=prompt, model=model, quant=quant)
             for output in outputs:
                 output.write(item, record)
@@ -350,3 +349,69 @@ def run_batch(
         summary.interrupted = True
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# --- a whole run, as the CLI asks for it ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where a batch's results go."""
+
+    format: Literal["text", "jsonl"] = "text"
+    path: str | None = None  # a file instead of the stream
+    sidecar: bool = False  # photo.txt beside photo.jpg
+    sidecar_ext: str = ".txt"
+    overwrite: bool = False  # caption images that already have a result again
+
+
+def open_outputs(options: OutputOptions, *, stream: TextIO) -> list[Output]:
+    """The outputs for a run: sidecars, and JSONL or text to the file or the stream (text to the
+    stream only when nothing else receives the captions)."""
+    outputs: list[Output] = []
+    if options.sidecar:
+        outputs.append(SidecarOutput(options.sidecar_ext, overwrite=options.overwrite))
+    if options.format == "jsonl":
+        outputs.append(JsonlOutput(options.path, overwrite=options.overwrite, stream=stream))
+    elif options.path or not options.sidecar:
+        outputs.append(TextOutput(options.path, overwrite=options.overwrite, stream=stream))
+    return outputs
+
+
+def caption_batch(
+    items: list[BatchItem],
+    *,
+    load: Callable[[Parallel], AbstractContextManager[Any]],
+    outputs: OutputOptions,
+    stream: TextIO,
+    prompt: str,
+    parallel: Parallel = "auto",
+    model: str | None = None,
+    quant: str | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
+    **options: Any,
+) -> BatchSummary | None:
+    """Caption the items not yet done into the outputs; None when every item was done already.
+
+    ``load(parallel)`` gives the captioner, loaded only if there is work: as many captions in
+    flight as asked for, never more than there are images. ``on_start(total, skipped)`` comes
+    before the first image; ``stream`` receives the results meant for stdout.
+    """
+    opened: list[Output] = []
+    try:
+        opened = open_outputs(outputs, stream=stream)
+        todo, skipped = split_done(items, opened, prompt)
+        if on_start is not None:
+            on_start(len(items), len(items) - len(todo))
+        if not todo:
+            return None
+        n: Parallel = 1 if len(todo) == 1 else parallel if parallel == "auto" else min(parallel, len(todo))
+        with load(n) as captioner:
+            return run_batch(captioner, todo, opened, prompt=prompt, model=model, quant=quant,
+                             on_result=on_result, **options)
+    finally:
+        for out in opened:
+            if isinstance(out, _AppendOutput):
+                out.close()
+

@@ -11,15 +11,17 @@ import logging
 import os
 import signal
 import sys
-import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import click
 
-from . import __version__
+from . import console
+from ._version import __version__
 from .errors import Cancelled, CaprlError
+from .options import EngineOptions, GenerationOptions, Parallel, default
 from .prompts import PRESETS
 from .registry import DEFAULT_MODEL
 
@@ -100,50 +102,34 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
 @click.option("--parallel", type=AutoOrNumber(1, "1 or more captions in flight"), default="auto", show_default=True,
               help="Captions in flight at once in a batch: more images per minute for a little more memory "
-                   "(auto: as many as memory allows, up to 8).")
+                   "(auto: as many as memory allows, up to 4 or 8 on a CPU and 16 on a GPU).")
 @click.option("--progress/--quiet", "progress", default=None,
               help="Force the progress bar on or off [default: on when stderr is a terminal].")
 @click.option("--prompt", help="Your own instruction; '<image>' marks where the image goes (default: first).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Stop after this many new tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="0 is greedy decoding; higher values sample more freely.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
+              show_default=True, help="Stop after this many new tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
+              show_default=True, help="0 is greedy decoding; higher values sample more freely.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+              default=default(GenerationOptions, "top_p"), show_default=True,
+              help="Nucleus sampling: keep the most likely tokens up to this probability (with --temperature > 0).")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+              default=default(GenerationOptions, "repeat_penalty"), show_default=True,
+              help="Penalty on tokens repeated in the last 256 (1 is none).")
 @click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
-@click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"), default="auto", show_default=True,
+@click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
+              default=default(EngineOptions, "gpu_layers"), show_default=True,
               help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all available].")
-@click.option("--max-image-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--max-image-tokens", "image_max_tokens", type=click.IntRange(min=1),
+              default=default(EngineOptions, "image_max_tokens"), show_default=True,
               help="Cap on tokens per image; large images are scaled down to fit.")
 @click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks.")
-def caption(
-    images: tuple[str, ...],
-    model: str,
-    mmproj_path: str | None,
-    quant: str | None,
-    imatrix: bool,
-    mmproj_quant: str | None,
-    cache_dir: str | None,
-    offline: bool,
-    recursive: bool,
-    list_file: str | None,
-    fmt: str,
-    output: str | None,
-    sidecar: bool,
-    sidecar_ext: str,
-    overwrite: bool,
-    parallel: str | int,
-    progress: bool | None,
-    prompt: str | None,
-    preset: str | None,
-    max_tokens: int,
-    temperature: float,
-    seed: int | None,
-    gpu_layers: str | int,
-    threads: int | None,
-    max_image_tokens: int,
-    verbose: bool,
-) -> None:
+def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
+            mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
+            fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
+            progress: bool | None, prompt: str | None, preset: str | None, **options: Any) -> None:
     """Caption IMAGES (files, folders or glob patterns) and print the captions.
 
     One image: its caption on stdout. Many: each written as it is done; the same command
@@ -155,37 +141,47 @@ def caption(
         raise click.UsageError("use either --prompt or --preset, not both")
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
-    from .batch import collect_inputs
+    from .batch import OutputOptions, caption_batch, collect_inputs
     from .engine import Captioner  # imported here so that --help stays instant
     from .hub import download_model
     from .prompts import DEFAULT_PROMPT, resolve_prompt
 
+    engine = {k: options.pop(k) for k in ("gpu_layers", "threads", "image_max_tokens", "verbose")}
     items = collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
     if not items:
         where = ", ".join(images) or list_file
         raise CaprlError(f"no images found in {where}" + ("" if recursive else " (add --recursive for sub-folders)"))
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                           cache_dir=cache_dir, offline=offline, progress=_DownloadBar())
+                           cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
-    options: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    engine = dict(gpu_layers=gpu_layers, threads=threads, image_max_tokens=max_image_tokens, verbose=verbose)
-    single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
-
-    def load(in_flight: bool = False) -> Any:
-        _status(f"Loading {files.model.name} ...")
-        # Several captions in flight: the weight layout made for matrix products many rows wide.
-        captioner = Captioner(files.model, files.mmproj, repack=True if in_flight else None, **engine)  # type: ignore[arg-type]
-        _status("")
-        return captioner
 
     with _GracefulInterrupt() as interrupt:
+        def load(in_flight: str | int) -> Any:
+            console.status(f"Loading {files.model.name} ...")
+            captioner = Captioner(files.model, files.mmproj, parallel=in_flight, **engine)
+            console.status("")
+            return interrupt.watch(captioner)
+
+        single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
         if single and fmt == "text" and not (output or sidecar or list_file):
-            with interrupt.watch(load()) as cap:
-                _caption_one(cap, images[0], prompt_text, options, verbose)
+            with load(1) as cap:
+                _caption_one(cap, images[0], prompt_text, options, engine["verbose"])
             return
-        _caption_batch(lambda in_flight: interrupt.watch(load(in_flight)), files, items, prompt_text, options, parallel=parallel, fmt=fmt,
-                       output=output, sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite,
-                       progress=progress)
+        show = sys.stderr.isatty() if progress is None else progress
+        reporter: list[console.BatchProgress] = []
+        summary = caption_batch(
+            items, load=load, prompt=prompt_text, parallel=parallel, model=files.name or files.model.name,
+            quant=files.quant, stream=console.results_stream(progress=show),
+            outputs=OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
+                                  sidecar_ext=sidecar_ext, overwrite=overwrite),
+            on_start=lambda total, skipped: reporter.append(
+                console.BatchProgress(total, skipped, show=show, quiet=progress is False)),
+            on_result=lambda *args: reporter[0].result(*args), **options)
+    reporter[0].finish(summary)
+    if summary is not None and summary.interrupted:
+        raise KeyboardInterrupt
+    if summary is not None and summary.failed:
+        raise SystemExit(EXIT_FAILURE)
 
 
 class _GracefulInterrupt:
@@ -223,13 +219,13 @@ class _GracefulInterrupt:
 
 
 def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], verbose: bool) -> None:
-    on_text = _Streamer() if sys.stdout.isatty() else None  # stream only to a person
-    _status("Reading the image ...")  # on a CPU the vision encoder can take a minute
+    on_text = console.Streamer() if sys.stdout.isatty() else None  # stream only to a person
+    console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
     try:
         result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
     finally:
         if on_text is None or not on_text.started:  # once the caption shows, the line is its own
-            _status("")
+            console.status("")
     click.echo(result.text if on_text is None else "")
     if verbose:
         t = result.timings
@@ -239,39 +235,6 @@ def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], ver
             f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
             err=True,
         )
-
-
-def _caption_batch(load: Callable[[bool], Any], files: Any, items: list[Any], prompt: str, options: dict[str, Any],
-                   *, parallel: str | int, fmt: str, output: str | None, sidecar: bool, sidecar_ext: str,
-                   overwrite: bool, progress: bool | None) -> None:
-    from .batch import JsonlOutput, SidecarOutput, TextOutput, run_batch, split_done
-
-    outputs: list[Any] = []
-    if sidecar:
-        outputs.append(SidecarOutput(sidecar_ext, overwrite=overwrite))
-    if fmt == "jsonl":
-        outputs.append(JsonlOutput(output, overwrite=overwrite, stream=sys.stdout))
-    elif output or not sidecar:
-        outputs.append(TextOutput(output, overwrite=overwrite, stream=sys.stdout))
-    todo, skipped = split_done(items, outputs, prompt)
-    reporter = _BatchReporter(len(items), skipped, show=sys.stderr.isatty() if progress is None else progress)
-    summary = None
-    try:
-        if todo:
-            model_name = files.name or files.model.name
-            with load(len(todo) > 1 and parallel != 1) as cap:
-                n = cap.auto_parallel() if parallel == "auto" else parallel
-                summary = run_batch(cap, todo, outputs, prompt=prompt, model=model_name, quant=files.quant,
-                                    on_result=reporter.result, parallel=min(n, len(todo)), **options)
-    finally:
-        for out in outputs:
-            if hasattr(out, "close"):
-                out.close()
-    reporter.finish(summary, quiet=progress is False)
-    if summary is not None and summary.interrupted:
-        raise KeyboardInterrupt
-    if summary is not None and summary.failed:
-        raise SystemExit(EXIT_FAILURE)
 
 
 @cli.command()
@@ -285,7 +248,7 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
     from .hub import download_model
 
     files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                           cache_dir=cache_dir, progress=_DownloadBar())
+                           cache_dir=cache_dir, progress=console.DownloadBar())
     click.echo(files.model)
     click.echo(files.mmproj)
 
@@ -313,14 +276,14 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
         if item.available is not None:
             quants = [f for f in item.available if not f.projector]
             shown = ", ".join(
-                f"{'i1-' if f.imatrix else ''}{f.quant} {_size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
+                f"{'i1-' if f.imatrix else ''}{f.quant} {console.size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
                 for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
             )
             click.echo(f"  quants: {shown or 'none published yet'}")
         elif item.error != "offline":
             click.echo(f"  quants: not listed ({item.error})")
         for c in item.cached:
-            click.echo(f"  cached: {c.filename}  {_size(c.size)}")
+            click.echo(f"  cached: {c.filename}  {console.size(c.size)}")
         if not item.cached:
             click.echo("  cached: nothing")
     click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
@@ -353,7 +316,7 @@ def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
     removed = remove_model(model, quant=quant, cache_dir=cache_dir)
     for c in removed:
         click.echo(c.path)
-    click.echo(f"Removed {len(removed)} file(s), freed {_size(sum(c.size for c in removed))}.", err=True)
+    click.echo(f"Removed {len(removed)} file(s), freed {console.size(sum(c.size for c in removed))}.", err=True)
 
 
 def _listing_json(item: Any) -> dict[str, Any]:
@@ -367,103 +330,6 @@ def _listing_json(item: Any) -> dict[str, Any]:
         "cached": [{**asdict(c), "path": str(c.path)} for c in item.cached],
         "cached_bytes": sum(c.size for c in item.cached),
     }
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
-
-
-class _BatchReporter:
-    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr."""
-
-    def __init__(self, total: int, skipped: int, *, show: bool) -> None:
-        self.total, self.skipped, self.show = total, skipped, show
-        self.started = time.monotonic()
-
-    def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
-        if "error" in record:
-            self._clear()
-            click.echo(f"Error: {record['error']}", err=True)
-        if self.show:
-            done = self.skipped + summary.done + summary.failed
-            left = self.total - done
-            rate = (summary.done + summary.failed) / max(time.monotonic() - self.started, 1e-6)
-            bar = "#" * int(24 * done / max(self.total, 1))
-            click.echo(f"\r\033[K[{bar:<24}] {done}/{self.total} images  {60 * rate:.1f}/min  "
-                       f"ETA {_duration(left / rate) if rate > 0 else '?'}", nl=False, err=True)
-
-    def _clear(self) -> None:
-        if self.show:
-            click.echo("\r\033[K", nl=False, err=True)
-
-    def finish(self, summary: Any, *, quiet: bool) -> None:
-        self._clear()
-        if quiet:
-            return
-        if summary is None:
-            click.echo(f"Nothing to do: all {self.total} images already have a result "
-                       "(--overwrite captions them again).", err=True)
-            return
-        ended = "Interrupted after" if summary.interrupted else "Captioned"
-        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed) "
-                   f"in {_duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class _DownloadBar:
-    """Renders download progress on stderr: a live bar for a person, one line per file otherwise."""
-
-    def __init__(self) -> None:
-        self.current: str | None = None
-        self.started = 0.0
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, p: Any) -> None:
-        now = time.monotonic()
-        if p.filename != self.current:
-            self.current, self.started, self.first = p.filename, now, p.downloaded
-            if not self.tty:
-                click.echo(f"Downloading {p.filename} ({_size(p.total or 0)})", err=True)
-        if not self.tty:
-            return
-        total = p.total or 0
-        frac = p.downloaded / total if total else 0.0
-        rate = (p.downloaded - self.first) / max(now - self.started, 1e-6)
-        eta = (total - p.downloaded) / rate if rate > 0 and total else 0
-        bar = "#" * int(frac * 24)
-        line = (f"\r\033[K{p.filename}  [{bar:<24}] {frac:4.0%}  {_size(p.downloaded)}/{_size(total)}"
-                f"  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s")
-        click.echo(line, nl=p.downloaded >= total > 0, err=True)
-
-
-def _status(message: str) -> None:
-    """A transient line on stderr while something slow happens, only when a person watches."""
-    if sys.stderr.isatty():
-        click.echo(f"\r\033[K{message}", nl=False, err=True)
-
-
-class _Streamer:
-    """Writes caption pieces to stdout as they come, trimmed as the finished caption is."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.pending = ""  # whitespace held back until more text follows it
-
-    def __call__(self, piece: str) -> None:
-        text = self.pending + piece
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-            if self.started:
-                _status("")  # the caption replaces the "Reading the image" line
-        body = text.rstrip()
-        self.pending = text[len(body):]
-        click.echo(body, nl=False)
 
 
 @cli.command()
@@ -520,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return EXIT_FAILURE
     except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
-        return _report(exc, verbose)
+        return _report(exc, tracebacks=verbose or os.environ.get("CAPRL_DEBUG", "") not in ("", "0"))
 
 
-def _report(exc: BaseException, verbose: bool) -> int:
+def _report(exc: BaseException, *, tracebacks: bool) -> int:
+    """One line on stderr for `exc`, its exit code from ERROR_TABLE; the traceback with
+    --verbose or CAPRL_DEBUG=1 (which leaves llama.cpp's log off)."""
     for exc_type, code, message in ERROR_TABLE:
         if isinstance(exc, exc_type):
             if isinstance(exc, click.ClickException):
@@ -532,13 +400,13 @@ def _report(exc: BaseException, verbose: bool) -> int:
                 if code == EXIT_INTERRUPTED and sys.stderr.isatty():
                     click.echo(err=True)  # end a progress line first
                 click.echo(message.format(exc=exc), err=True)
-            if verbose and code == EXIT_FAILURE:
-                logging.getLogger("caprl_local").error("traceback", exc_info=exc)
+            if tracebacks and code == EXIT_FAILURE:
+                traceback.print_exception(exc, file=sys.stderr)
             return code
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     # A bug in caprl-local: still one line, with the traceback only on request.
-    click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (run with --verbose for details)", err=True)
-    if verbose:
-        logging.getLogger("caprl_local").error("traceback", exc_info=exc)
+    click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (set CAPRL_DEBUG=1 for the traceback)", err=True)
+    if tracebacks:
+        traceback.print_exception(exc, file=sys.stderr)
     return EXIT_FAILURE

@@ -38,10 +38,7 @@ class GGUFInfo:
 
     path: Path
     metadata: Mapping[str, Any]  # arrays of more than 16 items are kept only as their length
-    n_tensors: int
     tensors: Mapping[str, tuple[int, tuple[int, ...]]]  # name -> (ggml type id, dims in ggml order)
-    data_end: int | None  # where the last tensor ends; None if a tensor type is unknown to us
-    file_size: int
 
     @property
     def architecture(self) -> str:
@@ -153,16 +150,16 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
         tensors.append((dims, ttype, offset))
     align = int(meta.get("general.alignment", 32)) or 32
     data_start = (r.pos + align - 1) // align * align
-    data_end: int | None = data_start
+    data_end = data_start  # where the last tensor ends, if every tensor type is known to us
     for dims, ttype, offset in tensors:
         if ttype not in _TYPE_SIZES:
-            data_end = None
             break
         block, nbytes = _TYPE_SIZES[ttype]
         count = 1
         for d in dims:
             count *= d
         data_end = max(data_end, data_start + offset + count // block * nbytes)
-    if data_end is not None and data_end > size:
-        raise ModelFileError(f"{r.name}: file is truncated ({size:,} of {data_end:,} bytes); download it again")
-    return GGUFInfo(path, MappingProxyType(meta), n_tensors, MappingProxyType(table), data_end, size)
+    else:
+        if data_end > size:
+            raise ModelFileError(f"{r.name}: file is truncated ({size:,} of {data_end:,} bytes); download it again")
+    return GGUFInfo(path, MappingProxyType(meta), MappingProxyType(table))

@@ -13,8 +13,9 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, Union
+from typing import BinaryIO, TypeVar, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,6 +97,41 @@ def fit_to_budget(size: tuple[int, int], *, align: int, min_pixels: int, max_pix
     return int(w_bar), int(h_bar)
 
 
+@dataclass(frozen=True)
+class ImageBudget:
+    """How llama.cpp's Qwen-VL preprocessor sizes an image for a projector and a token cap:
+    sides in multiples of `align` pixels (patch x merge), area between the token limits.
+
+    :meth:`prepare` does that work here instead, where it can run ahead in another thread,
+    leaving llama.cpp nothing to resize.
+    """
+
+    align: int
+    min_pixels: int
+    max_pixels: int
+    max_aspect: float  # a strip more than one token high per this many tokens wide gets padded
+
+    #: llama.cpp's own limits on image tokens for Qwen-VL projectors.
+    LLAMA_MAX_TOKENS = 4096
+    LLAMA_MIN_TOKENS = 8
+
+    @classmethod
+    def for_tokens(cls, *, align: int, min_tokens: int | None, max_tokens: int | None) -> ImageBudget:
+        most = max_tokens or cls.LLAMA_MAX_TOKENS
+        least = min(min_tokens or cls.LLAMA_MIN_TOKENS, most)
+        return cls(align, least * align**2, most * align**2, 0.95 * most)
+
+    def prepare(self, image: ImageInput) -> Image.Image:
+        """Load an image and fit it to the budget the way llama.cpp would: pad strips too thin
+        for the cap (llama.cpp never shrinks a side below one token), then downscale to the
+        exact size llama.cpp's preprocessor picks."""
+        rgb = pad_to_aspect(load_image(image, draft_pixels=self.max_pixels), self.max_aspect)
+        size = fit_to_budget(rgb.size, align=self.align, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if size[0] * size[1] < rgb.width * rgb.height:
+            rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return rgb
+
+
 def load_ahead(
     sources: Iterable[T], *, load: Callable[[T], Image.Image], ahead: int = 2
 ) -> Iterator[tuple[T, tuple[Image.Image, float] | Exception]]:
@@ -145,7 +181,7 @@ def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
     return canvas
 
 
-def _decode(fh: io.BufferedIOBase | io.BytesIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
+def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -52,16 +52,21 @@ def one_run(args: argparse.Namespace) -> None:
     from caprl_local import Captioner
 
     t0 = time.perf_counter()
+    width = args.in_flight or args.callers or 1
     cap = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap,
-                    repack=LAYOUTS[args.repack])
+                    repack=LAYOUTS[args.repack], parallel=width)
     load_s = time.perf_counter() - t0
-    if args.in_flight:  # throughput: all images through caption_many with this many in flight
-        steps = time_full_steps(args.in_flight)
+    if args.in_flight or args.callers:  # throughput: all images, this many in flight
+        steps = time_full_steps(width)
+        gen = {"max_tokens": args.new_tokens, "ignore_eos": True, "repeat_penalty": 1.0}
         t0 = time.perf_counter()
-        results = list(cap.caption_many(args.images, parallel=args.in_flight, max_tokens=args.new_tokens,
-                                        ignore_eos=True, repeat_penalty=1.0))
+        if args.callers:  # a desktop app's way: threads each calling caption(), sharing one Captioner
+            results = concurrent_calls(cap, args.images, args.callers, gen)
+        else:
+            results = list(cap.caption_many(args.images, **gen))
         seconds = time.perf_counter() - t0
-        print(json.dumps({"in_flight": args.in_flight, "images": len(results), "seconds": seconds,
+        label = f"{args.callers} threads calling caption()" if args.callers else args.in_flight
+        print(json.dumps({"in_flight": label, "images": len(results), "seconds": seconds,
                           "generated": sum(r.generated_tokens for r in results), "weights": cap.weight_layout,
                           "step_s": statistics.median(steps) if steps else None}),
               flush=True)
@@ -85,12 +90,20 @@ def one_run(args: argparse.Namespace) -> None:
     done_at = time.time()  # the end of the work a llama-mtmd-cli run also does
     t0 = time.perf_counter()
     again = Captioner(args.model, args.mmproj, threads=args.threads, image_max_tokens=args.cap,
-                      repack=LAYOUTS[args.repack])
+                      repack=LAYOUTS[args.repack], parallel=width)
     reload_s = time.perf_counter() - t0
     again.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     print(json.dumps({"reload_s": reload_s, "peak_rss_mib": rss, "done_at": done_at, "weights": again.weight_layout}),
           flush=True)
+
+
+def concurrent_calls(cap, images: list[str], callers: int, options: dict) -> list:  # type: ignore[no-untyped-def]
+    """`callers` threads, each calling cap.caption() on the next image until none are left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(lambda image: cap.caption(image, **options), images))
 
 
 def time_full_steps(width: int) -> list[float]:
@@ -133,7 +146,8 @@ def ours(model: Path, mmproj: Path, images: list[Path], *, cap: int, new_tokens:
 def theirs(cli: Path, model: Path, mmproj: Path, image: Path, *, cap: int, new_tokens: int, threads: int) -> dict:
     cmd = [str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT,
            "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-t", str(threads), "-c", "4096",
-           "--image-max-tokens", str(cap), "--chat-template", "chatml", "--perf", "-lv", "4", *([] if THEIRS_REPACK else ["--no-repack"])]
+           "--image-max-tokens", str(cap), "--chat-template", "chatml", "--perf", "-lv", "4",
+           *([] if THEIRS_REPACK else ["--no-repack"])]
     spawned = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = None
@@ -205,11 +219,12 @@ def throughput(args: argparse.Namespace, image: Path, tmp: Path) -> list[dict]:
         shutil.copy(image, copies[-1])
     cap = int(args.caps.split(",")[0])
     rows = []
-    for n in map(int, args.parallel.split(",")):
-        cmd = [sys.executable, __file__, "--one", "--in-flight", str(n), "--model", str(args.model), "--mmproj",
+    runs = [("--in-flight", n) for n in map(int, filter(None, args.parallel.split(",")))]
+    runs += [("--callers", n) for n in map(int, filter(None, args.callers_list.split(",")))]
+    for flag, n in runs:
+        cmd = [sys.executable, __file__, "--one", flag, str(n), "--model", str(args.model), "--mmproj",
                str(args.mmproj), "--cap", str(cap), "--new-tokens", str(args.new_tokens), "--threads",
-               # as the CLI does: the layout for wide matrix products when captions are in flight
-               str(args.threads), "--repack", "on" if n > 1 and REPACK == "auto" else REPACK, *map(str, copies)]
+               str(args.threads), "--repack", REPACK, *map(str, copies)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_SPAWNED_AT": "0"})
         if proc.returncode != 0:
             raise SystemExit(f"throughput run failed:\n{proc.stderr[-3000:]}")
@@ -287,7 +302,8 @@ def markdown(report: dict) -> str:
             ceiling = f" ({r['gen_tok_s'] / report['ceiling_tok_s']:.0%})" if report["ceiling_tok_s"] else ""
             lines.append(
                 f"| {row['size']} | {row['cap']} | {row.get('image_tokens', '')} | {tool} | "
-                f"{(r['start_to_first_token_s'] or float('nan')):.2f} | {r.get('ready_s', float('nan')):.2f} | {r['encode_s']:.2f} | "
+                f"{(r['start_to_first_token_s'] or float('nan')):.2f} | {r.get('ready_s', float('nan')):.2f} | "
+                f"{r['encode_s']:.2f} | "
                 f"{r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.2f}{ceiling} | {r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |")
         if row.get("llama-mtmd-cli"):
             a, b = row["caprl-local"], row["llama-mtmd-cli"]
@@ -340,6 +356,9 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also time cold starts (drops the page cache: root)")
     parser.add_argument("--parallel", default="", help="throughput of --batch images at these captions in flight, e.g. 1,2,4,8")
     parser.add_argument("--in-flight", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--callers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrent", dest="callers_list", default="",
+                        help="also the throughput of N threads calling caption() on one Captioner, e.g. 4")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cap", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
@@ -350,11 +369,11 @@ def main() -> None:
     REPACK = args.repack
     if args.one:
         return one_run(args)
-    from caprl_local.engine import _cpu_extra_buffer_types
+    from caprl_local.engine.backend import cpu_extra_buffer_types
 
     # llama-mtmd-cli can only take all of llama.cpp's extra layouts or none; with AMX among
-    # them a K-quant model crashes (see caprl_local.engine._weight_layout), so: none.
-    THEIRS_REPACK = LAYOUTS[args.repack] if args.repack != "auto" else "AMX" not in _cpu_extra_buffer_types()
+    # them a K-quant model crashes (see caprl_local.engine.backend.weight_layout), so: none.
+    THEIRS_REPACK = LAYOUTS[args.repack] if args.repack != "auto" else "AMX" not in cpu_extra_buffer_types()
 
     build = Path("build/models") / (args.shape or "")
     if args.shape:
@@ -397,9 +416,9 @@ def main() -> None:
                 row["image_tokens"] = row["caprl-local"]["image_tokens"]
                 report["runs"].append(row)
                 print(json.dumps(row), flush=True)
-        if args.batch and args.parallel:
+        if args.batch and (args.parallel or args.callers_list):
             report["throughput"] = throughput(args, next(iter(images.values())), Path(tmp))
-        if args.batch and not args.parallel:  # the throughput table has N llama-mtmd-cli runs already
+        if args.batch and not (args.parallel or args.callers_list):  # the throughput table has N llama-mtmd-cli runs already
             batch = [images[s] for s in images][:1] * args.batch
             copies = []
             for i, src in enumerate(batch):

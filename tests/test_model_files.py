@@ -105,7 +105,8 @@ def test_the_files_are_format_true(tiny_model: tuple[Path, Path]) -> None:
     assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.blk.0.ffn_gate.weight"} <= proj.tensors.keys()
     assert model.stat().st_size + mmproj.stat().st_size < 1_000_000
     reader = gguf.GGUFReader(model)
-    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in reader.fields["tokenizer.ggml.tokens"].data]
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
     assert {"<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"} <= set(tokens)
 
 

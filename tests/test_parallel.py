@@ -8,45 +8,66 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from caprl_local import Caption, Captioner, CaptionFailure, engine
-from caprl_local.images import load_ahead
+from caprl_local import Caption, Captioner, CaptionFailure, CaprlError
+from caprl_local.engine import backend
 
 NAMES = ["photo.jpg", "alpha.png", "missing.jpg", "cmyk.jpg", "truncated.jpg", "palette.png", "pixel.png",
          "panorama.png", "deep16.png", "rotated.jpg"]
 
 
-def test_parallel_gives_the_sequential_captions_in_order(captioner: Captioner, images: Path) -> None:
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny_model: tuple[Path, Path]):
+    with Captioner(*tiny_model, threads=2, parallel=1) as cap:
+        yield cap
+
+
+@pytest.fixture(scope="module")
+def three(tiny_model: tuple[Path, Path]):
+    with Captioner(*tiny_model, threads=2, parallel=3) as cap:
+        yield cap
+
+
+def test_in_flight_gives_the_sequential_captions_in_order(one_at_a_time: Captioner, three: Captioner,
+                                                         images: Path) -> None:
     paths = [images / n for n in NAMES]  # 10 images, 2 broken: slots get refilled and fail alone
-    sequential = list(captioner.caption_many(paths, max_tokens=40))
+    sequential = list(one_at_a_time.caption_many(paths, max_tokens=40))
     seen: list[int] = []
-    parallel = list(captioner.caption_many(paths, max_tokens=40, parallel=3, progress=lambda d, t: seen.append(d)))
+    parallel = list(three.caption_many(paths, max_tokens=40, progress=lambda d, t: seen.append(d)))
     assert [type(r) for r in parallel] == [type(r) for r in sequential]
     assert [type(r) for r in parallel].count(CaptionFailure) == 2
-    for a, b in zip(sequential, parallel):
+    for a, b in zip(sequential, parallel, strict=True):
         if isinstance(a, Caption):
+            assert isinstance(b, Caption)
             assert (b.text, b.generated_tokens, b.image_tokens) == (a.text, a.generated_tokens, a.image_tokens)
         else:
-            assert b.error == a.error
+            assert isinstance(b, CaptionFailure) and b.error == a.error
     assert seen == list(range(1, 11))
-    assert captioner.caption(images / "photo.jpg", max_tokens=40).text == sequential[0].text  # still fine alone
+    assert three.caption(images / "photo.jpg", max_tokens=40).text == sequential[0].text  # still fine alone
 
 
-def test_no_cross_talk_between_sequences(captioner: Captioner, images: Path) -> None:
+def test_no_cross_talk_between_sequences(one_at_a_time: Captioner, tiny_model: tuple[Path, Path],
+                                         images: Path) -> None:
     """Each sequence's logits in a batch are far closer to its own solo run than to another's."""
     paths = [images / n for n in ("photo.jpg", "cmyk.jpg", "alpha.png", "panorama.png")]
 
-    def logits(groups: list[list[Path]]) -> dict[tuple[str, int], np.ndarray]:
+    def logits(cap: Captioner, together: bool) -> dict[tuple[str, int], np.ndarray]:
         out: dict[tuple[str, int], np.ndarray] = {}
-        opts = captioner._gen_options(max_tokens=6, repeat_penalty=1.0)
-        for group in groups:  # the batched path, also for a group of one
-            captioner._probe = lambda i, step, l, group=group: out.__setitem__((group[i].name, step), l)
-            loaded = enumerate(load_ahead(group, load=captioner._load_prepared))
-            list(captioner._run_parallel(loaded, opts, len(group)))
-        captioner._probe = None
+        cap._live().probe = lambda request, step, row: out.__setitem__((Path(request.name).name, step), row)
+        try:
+            if together:  # submitted at once: they start together and decode side by side
+                handles = [cap.submit(p, max_tokens=6, repeat_penalty=1.0) for p in paths]
+                for h in handles:
+                    h.result()
+            else:
+                for p in paths:
+                    cap.caption(p, max_tokens=6, repeat_penalty=1.0)
+        finally:
+            cap._live().probe = None
         return out
 
-    together = logits([paths])
-    alone = logits([[p] for p in paths])
+    with Captioner(*tiny_model, threads=2, parallel=4) as four:
+        together = logits(four, together=True)
+    alone = logits(one_at_a_time, together=False)
     for step in range(1, 5):
         for p in paths:
             own = np.abs(together[(p.name, step)] - alone[(p.name, step)]).max()
@@ -55,28 +76,29 @@ def test_no_cross_talk_between_sequences(captioner: Captioner, images: Path) -> 
             assert own < 0.05 * spread < others, (p.name, step, own, others, spread)
 
 
-def test_parallel_must_be_positive(captioner: Captioner, images: Path) -> None:
-    from caprl_local import CaprlError
-
-    with pytest.raises(CaprlError, match="parallel"):
-        list(captioner.caption_many([images / "photo.jpg"], parallel=0))
+def test_parallel_must_be_a_positive_number_or_auto(tiny_model: tuple[Path, Path]) -> None:
+    for bad in (0, -2, "many", 1.5, True):
+        with pytest.raises(CaprlError, match="parallel"):
+            Captioner(*tiny_model, parallel=bad)
 
 
 def test_auto_parallel_fits_memory_and_the_device(captioner: Captioner) -> None:
-    n = captioner.auto_parallel()  # a CPU build here: 4 at most up to 4 threads, 8 above
-    assert 1 <= n <= (4 if captioner.threads <= 4 else 8)
-    assert captioner.auto_parallel(limit=1) == 1
-    assert engine._gpu_free_memory() is None  # no GPU device in a CPU build
+    assert 1 <= captioner.parallel <= (4 if captioner.threads <= 4 else 8)  # auto, on a CPU build
+    kv = 10**6
+    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=kv) <= 4
+    assert backend.auto_parallel(on_gpu=False, threads=16, bytes_per_caption=kv) <= 8
+    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=kv, limit=1) == 1
+    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=10**15) == 1  # memory decides
 
 
 def test_cli_parallel_matches_sequential(tiny_model: tuple[Path, Path], images: Path) -> None:
     model, mmproj = tiny_model
     args = ["caption", str(images / "photo.jpg"), str(images / "cmyk.jpg"), str(images / "alpha.png"),
-            "--model", str(model), "--mmproj", str(mmproj), "--max-tokens", "20", "--format", "jsonl"]
+            "--model", str(model), "--mmproj", str(mmproj), "--max-tokens", "20", "--format", "jsonl",
+            "--threads", "2"]
     one = run_cli(*args, "--parallel", "1")
     auto = run_cli(*args)  # default: auto
     three = run_cli(*args, "--parallel", "3")
     assert one.returncode == auto.returncode == three.returncode == 0, three.stderr
     captions = [[line.split('"caption": ')[1].split('", "')[0] for line in r.stdout.splitlines()] for r in (one, auto, three)]
     assert captions[0] == captions[1] == captions[2]
-    assert run_cli(*args, "--parallel", "zero").returncode == 2

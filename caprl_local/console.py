@@ -1,0 +1,109 @@
+"""Terminal rendering for the CLI: progress bars (tqdm), transient status lines, streamed text.
+
+Everything here writes to stderr except the streamed caption, which is a result (stdout).
+Bars and status lines appear only when a person watches (stderr is a terminal).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import click
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
+
+
+def size(n: int | float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def status(message: str) -> None:
+    """A transient line on stderr while something slow happens, only when a person watches."""
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{message}", nl=False, err=True)
+
+
+class DownloadBar:
+    """Download progress on stderr: a tqdm bar per file for a person, one line per file otherwise."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.bar: Any = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, p: Any) -> None:
+        if p.filename != self.current:
+            self.close()
+            self.current = p.filename
+            if not self.tty:
+                click.echo(f"Downloading {p.filename} ({size(p.total or 0)})", err=True)
+                return
+            self.bar = tqdm(total=p.total, initial=p.downloaded, desc=p.filename, unit="B", unit_scale=True,
+                            unit_divisor=1000, file=sys.stderr, dynamic_ncols=True, leave=True)
+        if self.bar is not None:
+            self.bar.update(p.downloaded - self.bar.n)
+            if p.total and p.downloaded >= p.total:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def results_stream(*, progress: bool) -> TextIO:
+    """Where results for stdout go: with a progress bar showing, through tqdm, which clears
+    the bar before each line and redraws it after."""
+    return DummyTqdmFile(sys.stdout) if progress else sys.stdout
+
+
+class BatchProgress:
+    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr."""
+
+    def __init__(self, total: int, skipped: int, *, show: bool, quiet: bool) -> None:
+        self.total, self.skipped, self.quiet = total, skipped, quiet
+        self.bar = tqdm(total=total, initial=skipped, unit="image", file=sys.stderr, disable=not show,
+                        dynamic_ncols=True, smoothing=0.1, leave=False)
+
+    def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
+        if "error" in record:
+            tqdm.write(f"Error: {record['error']}", file=sys.stderr)
+        self.bar.update(1)
+
+    def finish(self, summary: Any) -> None:
+        self.bar.close()
+        if self.quiet:
+            return
+        if summary is None:
+            click.echo(f"Nothing to do: all {self.total} images already have a result "
+                       "(--overwrite captions them again).", err=True)
+            return
+        ended = "Interrupted after" if summary.interrupted else "Captioned"
+        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed) "
+                   f"in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
+
+
+class Streamer:
+    """Writes caption pieces to stdout as they come, trimmed as the finished caption is."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""  # whitespace held back until more text follows it
+
+    def __call__(self, piece: str) -> None:
+        text = self.pending + piece
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+            if self.started:
+                status("")  # the caption replaces the "Reading the image" line
+        body = text.rstrip()
+        self.pending = text[len(body):]
+        click.echo(body, nl=False)

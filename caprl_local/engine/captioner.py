@@ -1,0 +1,319 @@
+"""The public Captioner: a loaded CapRL model pair, shared by any number of threads.
+
+Every way of asking for a caption (caption, stream, submit, caption_many) is a thin layer
+over the one scheduler: images are read and resized in the caller's thread (or read ahead
+in a background one), then decoded together with whatever else is in flight.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, CaprlError
+from ..families import check_model_files
+from ..hub import ModelFiles, ProgressCallback, download_model
+from ..images import ImageBudget, ImageInput, describe, load_ahead
+from ..options import EngineOptions, GenerationOptions, make
+from ..prompts import resolve_prompt
+from ..registry import DEFAULT_MODEL
+from ..results import Caption, CaptionFailure
+from .scheduler import Request, Scheduler, pieces
+from .session import Session
+
+
+class CaptionHandle:
+    """A caption submitted with :meth:`Captioner.submit`, generating or waiting its turn.
+
+    Iterate over it for the text as it is generated; ``result()`` waits for the Caption.
+    """
+
+    def __init__(self, request: Request, scheduler: Scheduler) -> None:
+        self._request, self._scheduler = request, scheduler
+
+    @property
+    def image(self) -> str:
+        """The input, as named in messages."""
+        return self._request.name
+
+    def result(self, timeout: float | None = None) -> Caption:
+        """The finished caption. Raises what stopped it (Cancelled, EngineError), or
+        TimeoutError if it is not done within `timeout` seconds."""
+        try:
+            return self._request.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"{self.image}: not captioned within {timeout} s") from None
+
+    def done(self) -> bool:
+        return self._request.future.done()
+
+    def cancel(self) -> None:
+        """Stop this caption only; its slot goes to the next request at the next step."""
+        self._scheduler.cancel(self._request)
+
+    def __iter__(self) -> Iterator[str]:
+        """Pieces of text as they are generated; raises at the end if the caption failed."""
+        yield from pieces(self._request)
+        self.result()
+
+
+class Captioner:
+    """A loaded CapRL model pair that captions images.
+
+    One instance may be shared between threads: captions asked for at the same time are
+    decoded together, up to ``parallel`` at once, and the rest wait their turn in order.
+
+        with Captioner("CapRL-3B.Q4_K_M.gguf", "CapRL-3B.mmproj-f16.gguf") as cap:
+            print(cap.caption("photo.jpg").text)
+
+    Options (keyword only, see :class:`~caprl_local.options.EngineOptions`): gpu_layers,
+    threads, n_ctx, parallel, flash_attn, image_min_tokens, image_max_tokens, repack, warmup,
+    verbose; ``prompt`` is the default caption prompt (CapRL's own if not given).
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], *,
+                 prompt: str | None = None, **options: Any) -> None:
+        self._scheduler: Scheduler | None = None
+        self.options = make(EngineOptions, options)
+        self.default_prompt = resolve_prompt(prompt=prompt)
+        model_info, mmproj_info = check_model_files(model_path, mmproj_path)
+        self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
+        self.architecture = model_info.architecture
+        self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=self.architecture)
+        self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
+        meta = mmproj_info.metadata
+        self._budget = ImageBudget.for_tokens(
+            align=int(meta["clip.vision.patch_size"]) * int(meta.get("clip.vision.spatial_merge_size", 2)),
+            min_tokens=self.options.image_min_tokens, max_tokens=self.options.image_max_tokens)
+        self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = DEFAULT_MODEL,
+        *,
+        mmproj: str | os.PathLike[str] | None = None,
+        quant: str | None = None,
+        imatrix: bool = False,
+        mmproj_quant: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        offline: bool = False,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> Captioner:
+        """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
+        downloading and verifying it first if it is not cached (unless offline)."""
+        files = download_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                               cache_dir=cache_dir, offline=offline, progress=progress)
+        options.setdefault("prompt", files.prompt)
+        captioner = cls(files.model, files.mmproj, **options)
+        captioner.files = files
+        return captioner
+
+    # -- what the load decided --
+
+    @property
+    def parallel(self) -> int:
+        """How many captions are decoded together."""
+        return self._session.slots
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens of context per caption."""
+        return self._session.n_ctx
+
+    @property
+    def threads(self) -> int:
+        return self._session.threads
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self._session.n_gpu_layers
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._session.on_gpu
+
+    @property
+    def weight_layout(self) -> str:
+        return self._session.weight_layout
+
+    @property
+    def chat_format(self) -> str:
+        return self._session.chat_format
+
+    @property
+    def load_seconds(self) -> float:
+        return self._session.load_seconds
+
+    # -- captions --
+
+    def caption(self, image: ImageInput, *, on_text: Callable[[str], None] | None = None, **options: Any) -> Caption:
+        """Caption one image (a path, bytes, PIL image or numpy array).
+
+        Options (see :class:`~caprl_local.options.GenerationOptions`): prompt, preset,
+        max_tokens, temperature, top_p, seed, repeat_penalty, ignore_eos. ``on_text``, if
+        given, receives each piece of text as it is generated, in this thread.
+        """
+        handle = self.submit(image, **options)
+        try:
+            if on_text is not None:
+                for piece in pieces(handle._request):
+                    on_text(piece)
+            return handle.result()
+        except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
+            handle.cancel()
+            raise
+
+    def stream(self, image: ImageInput, **options: Any) -> Iterator[str]:
+        """Caption one image, yielding pieces of text as they are generated (options as for caption)."""
+        return _cancel_on_close(self.submit(image, **options))
+
+    def submit(self, image: ImageInput, **options: Any) -> CaptionHandle:
+        """Start captioning one image and return at once with its handle (options as for caption).
+
+        The image is read here, in the calling thread: an unreadable one raises ImageError.
+        """
+        opts, epoch = self._options(options), self._live().epoch
+        t0 = time.perf_counter()
+        rgb = self._budget.prepare(image)
+        return self._submit(Request(rgb, describe(image), opts, load_s=time.perf_counter() - t0, epoch=epoch))
+
+    def caption_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        progress: Callable[[int, int | None], None] | None = None,
+        prefetch: int = 2,
+        **options: Any,
+    ) -> Iterator[Caption | CaptionFailure]:
+        """Caption many images, yielding one result per image in input order (options as for caption).
+
+        An image that cannot be read or captioned yields a CaptionFailure instead of raising.
+        Up to ``parallel`` captions are in flight at once, a finished one's slot taking the next
+        image, while the next ``prefetch`` images are read and resized in a background thread.
+        ``progress(done, total)`` follows each result (total is None when ``images`` has no length).
+        Cancelled (from :meth:`cancel`) ends the run.
+        """
+        opts, epoch = self._options(options), self._live().epoch
+        total = len(images) if isinstance(images, Sized) else None
+        window = self.parallel + 1  # one more than the slots: the next is ready when a slot frees
+        ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+        running: dict[int, Request] = {}
+        results: dict[int, Caption | CaptionFailure] = {}
+        done = 0
+
+        def collect(*, block: bool) -> None:
+            while running:
+                try:
+                    i = ended.get(block=block)
+                except queue.Empty:
+                    return
+                results[i] = _outcome(running.pop(i))  # Cancelled propagates: the run ends
+                block = False
+
+        def in_order() -> Iterator[Caption | CaptionFailure]:
+            nonlocal done
+            while done in results:
+                yield results.pop(done)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+        try:
+            for index, (source, item) in enumerate(load_ahead(images, load=self._budget.prepare,
+                                                              ahead=max(prefetch, window))):
+                if isinstance(item, BaseException):
+                    results[index] = _failure(describe(source), item)
+                else:
+                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch)
+                    request.future.add_done_callback(functools.partial(_put_index, ended, index))
+                    running[index] = request
+                    self._submit(request)
+                collect(block=len(running) >= window)
+                yield from in_order()
+            while running:
+                collect(block=True)
+                yield from in_order()
+            yield from in_order()
+        finally:
+            for request in running.values():  # stopped early (Cancelled, Ctrl-C, the caller broke off)
+                self._live().cancel(request)
+
+    def cancel(self) -> None:
+        """Stop every caption in progress or waiting, at the next token; their calls raise Cancelled.
+
+        Safe to call from any thread or a signal handler. Later calls work as usual.
+        """
+        if self._scheduler is not None:
+            self._scheduler.cancel_all()
+
+    def close(self) -> None:
+        """Stop the captions in flight and free the model. Safe to call twice."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if getattr(self, "_session", None) is not None:
+            self._session.close()
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may already be gone
+            pass
+
+    # -- internals --
+
+    def _live(self) -> Scheduler:
+        assert self._scheduler is not None
+        return self._scheduler
+
+    def _options(self, options: dict[str, Any]) -> GenerationOptions:
+        opts = make(GenerationOptions, options)
+        prompt = resolve_prompt(prompt=opts.prompt, preset=opts.preset, default=self.default_prompt)
+        return dataclasses.replace(opts, prompt=prompt, preset=None)
+
+    def _submit(self, request: Request) -> CaptionHandle:
+        scheduler = self._live()
+        scheduler.submit(request)
+        return CaptionHandle(request, scheduler)
+
+
+def _cancel_on_close(handle: CaptionHandle) -> Iterator[str]:
+    """The handle's text; a caller that stops reading early no longer wants the caption."""
+    try:
+        yield from handle
+    finally:
+        if not handle.done():
+            handle.cancel()
+
+
+def _put_index(ended: queue.SimpleQueue[int], index: int, _future: object) -> None:
+    ended.put(index)
+
+
+def _outcome(request: Request) -> Caption | CaptionFailure:
+    try:
+        return request.future.result()
+    except Cancelled:
+        raise
+    except CaprlError as exc:
+        return _failure(request.name, exc)
+
+
+def _failure(name: str, exc: BaseException) -> CaptionFailure:
+    message = str(exc) if isinstance(exc, CaprlError) else f"{name}: cannot read the image ({type(exc).__name__}: {exc})"
+    kind = type(exc).__name__ if isinstance(exc, CaprlError) else "ImageError"
+    return CaptionFailure(image=name, error=message, kind=kind)

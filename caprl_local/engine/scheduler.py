@@ -1,0 +1,269 @@
+"""The one token loop: every caption, from any thread, is a request decoded here.
+
+A scheduler owns the sequences of one Session and runs in a thread of its own. Each turn of
+its loop admits waiting requests into free sequences (the image encoded and the prompt
+evaluated), then advances every active caption by one token in a single decode step (the
+weights are read once for all of them), streams each request's new text to it, and frees the
+sequences of captions that ended. Requests that arrive while others generate join at the next
+turn (continuous batching); beyond the free sequences they wait in order.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import Cancelled, CaprlError, EngineError
+from ..options import GenerationOptions
+from ..results import Caption, Timings
+from .backend import LOG
+from .session import Session
+
+log = logging.getLogger("caprl_local")
+
+_END = None  # closes a request's stream of text pieces
+
+
+@dataclass(eq=False)
+class Request:
+    """One caption asked for: a prepared image, its options, and where its text and result go."""
+
+    image: Image.Image
+    name: str  # the input, as named in messages
+    options: GenerationOptions  # prompt already resolved
+    load_s: float = 0.0  # seconds spent reading and resizing the image, before submission
+    epoch: int = 0  # the scheduler's cancel epoch when the caller started: a later cancel() covers it
+    future: Future[Caption] = field(default_factory=Future)
+    pieces: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+
+    def finish(self, outcome: Caption | BaseException) -> None:
+        if self.future.done():
+            return
+        self.pieces.put(_END)
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+class _Slot:
+    """A request being generated in one sequence: its sampler, position and text so far."""
+
+    def __init__(self, request: Request, seq: int, sampler: Any, n_past: int, t_start: float) -> None:
+        self.request, self.seq, self.sampler, self.n_past, self.t_start = request, seq, sampler, n_past, t_start
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text: list[str] = []
+        self.pending = 0  # the token sampled but not yet taken into the caption
+        self.n_gen = 0
+        self.finish = "length"
+        self.image_tokens = self.prompt_tokens = 0
+        self.encode_s = 0.0
+        self.t_prompt = t_start
+
+    def emit(self, piece: str) -> None:
+        if piece:
+            self.text.append(piece)
+            self.request.pieces.put(piece)
+
+    def caption(self) -> Caption:
+        self.emit(self.decoder.decode(b"", final=True))
+        t_end = time.perf_counter()
+        prompt_s = self.t_prompt - self.t_start - self.encode_s
+        gen_s = t_end - self.t_prompt
+        return Caption(
+            text="".join(self.text).strip(), image_tokens=self.image_tokens, prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.n_gen, finish_reason=self.finish,  # type: ignore[arg-type]
+            timings=Timings(
+                image_load_s=self.request.load_s, image_encode_s=self.encode_s, prompt_eval_s=prompt_s,
+                generation_s=gen_s, total_s=t_end - self.t_start + self.request.load_s,
+                prompt_tokens_per_s=self.prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
+                generation_tokens_per_s=self.n_gen / gen_s if gen_s > 0 else 0.0,
+            ),
+        )
+
+
+class Scheduler:
+    """Runs the token loop over one Session; see the module docstring. Thread-safe."""
+
+    def __init__(self, session: Session, *, verbose: bool = False) -> None:
+        self.session = session
+        self._verbose = verbose
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._admitting: list[Request] = []  # taken from _waiting, their prompts not yet evaluated
+        self._active: list[_Slot] = []
+        self._free = list(range(session.slots - 1, -1, -1))
+        self._thread: threading.Thread | None = None
+        self._closed: str | None = None  # why no more requests are taken
+        self.epoch = 0
+        #: Called with (request, tokens generated so far, logits) after every decode step (tests).
+        self.probe: Callable[[Request, int, np.ndarray], None] | None = None
+
+    # -- from any thread ------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineError(self._closed)
+            if request.epoch != self.epoch:  # cancel() came between the caller's start and now
+                request.finish(Cancelled(f"{request.name}: cancelled"))
+                return
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="caprl-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Cancel one request: at once if it still waits, else at the next step."""
+        with self._cond:
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                request.finish(Cancelled(f"{request.name}: cancelled"))
+            self._cond.notify()
+
+    def cancel_all(self) -> None:
+        """Cancel every request submitted so far (and those whose callers started before now)."""
+        with self._cond:
+            self.epoch += 1
+            for request in [*self._waiting, *self._admitting, *(slot.request for slot in self._active)]:
+                request.cancelled = True
+            while self._waiting:
+                request = self._waiting.popleft()
+                request.finish(Cancelled(f"{request.name}: cancelled"))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Cancel everything, stop the loop and wait for it. The session stays the caller's to free."""
+        with self._cond:
+            self._closed = self._closed or "this Captioner is closed; create a new one"
+            self.cancel_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # -- the loop, in its own thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        LOG.attach(verbose=self._verbose)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._active):
+                        self._cond.wait()
+                    if self._closed and not self._active:
+                        return
+                    self._admitting = [self._waiting.popleft()
+                                       for _ in range(min(len(self._free), len(self._waiting)))]
+                for request in self._admitting:  # outside the lock: an encode is slow, others may submit meanwhile
+                    self._admit(request)
+                self._admitting = []
+                self._step()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave callers waiting forever
+            log.exception("the caption scheduler stopped")
+            failure = EngineError(f"the caption engine stopped ({type(exc).__name__}: {exc}); create a new Captioner")
+            with self._cond:
+                self._closed = str(failure)
+                for request in [*self._waiting, *self._admitting, *(slot.request for slot in self._active)]:
+                    request.finish(failure)
+                self._waiting.clear()
+        finally:
+            for slot in self._active:
+                self.session.free_sampler(slot.sampler)
+                slot.request.finish(Cancelled(f"{slot.request.name}: cancelled"))
+            self._active.clear()
+
+    def _admit(self, request: Request) -> None:
+        """Evaluate the request's prompt into a free sequence and sample its first token."""
+        if request.cancelled:
+            request.finish(Cancelled(f"{request.name}: cancelled"))
+            return
+        seq = self._free.pop()
+        t_start = time.perf_counter()
+        LOG.clear()
+        sampler = None
+        try:
+            prompted = self.session.prompt(seq, request.image, request.options.prompt or "", request.name)
+            sampler = self.session.sampler(request.options)
+            slot = _Slot(request, seq, sampler, prompted.n_past, t_start)
+            slot.image_tokens, slot.prompt_tokens, slot.encode_s = \
+                prompted.image_tokens, prompted.prompt_tokens, prompted.encode_s
+            slot.pending = self.session.sample(sampler, -1)
+            slot.t_prompt = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - any failure here is this image's alone
+            if sampler is not None:
+                self.session.free_sampler(sampler)
+            self.session.forget(seq)
+            self._free.append(seq)
+            request.finish(_engine_error(request.name, exc))
+            return
+        self._active.append(slot)
+
+    def _step(self) -> None:
+        """Take every active caption's pending token, then decode the next one for all still going."""
+        going: list[_Slot] = []
+        for slot in list(self._active):
+            if slot.request.cancelled:
+                self._end(slot, Cancelled(f"{slot.request.name}: cancelled"))
+            elif self._take(slot):
+                self._end(slot, slot.caption())
+            else:
+                going.append(slot)
+        if not going:
+            return
+        LOG.clear()
+        try:
+            self.session.decode([(slot.pending, slot.n_past, slot.seq) for slot in going])
+        except EngineError as exc:
+            for slot in going:
+                self._end(slot, EngineError(f"{slot.request.name}: {exc}"))
+            return
+        for row, slot in enumerate(going):
+            slot.n_past += 1
+            if self.probe is not None:
+                self.probe(slot.request, slot.n_gen, self.session.logits(row))
+            slot.pending = self.session.sample(slot.sampler, row)
+
+    def _take(self, slot: _Slot) -> bool:
+        """Take the pending token into the caption; True when the caption is complete."""
+        opts = slot.request.options
+        if not opts.ignore_eos and self.session.is_end(slot.pending):
+            slot.finish = "stop"
+            return True
+        slot.n_gen += 1
+        slot.emit(slot.decoder.decode(self.session.token_bytes(slot.pending)))
+        return slot.n_gen >= opts.max_tokens or slot.n_past >= self.session.n_ctx
+
+    def _end(self, slot: _Slot, outcome: Caption | BaseException) -> None:
+        self._active.remove(slot)
+        self.session.free_sampler(slot.sampler)
+        self.session.forget(slot.seq)
+        self._free.append(slot.seq)
+        slot.request.finish(outcome)
+
+
+def _engine_error(name: str, exc: Exception) -> CaprlError:
+    if isinstance(exc, CaprlError):
+        return exc
+    error = EngineError(f"{name}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def pieces(request: Request) -> Iterator[str]:
+    """The request's text as it is generated, until its end."""
+    while (piece := request.pieces.get()) is not _END:
+        yield piece

@@ -1,0 +1,279 @@
+"""One loaded model pair and every llama.cpp handle it owns.
+
+A Session holds the text model, one context with a sequence per caption in flight (one shared
+KV pool), the vision projector's mtmd context and a token batch. It evaluates a prompt into a
+sequence, decodes a step, samples and frees; it knows nothing of requests or threads (the
+scheduler is its only user once loaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import mtmd_cpp as mtmd
+from PIL import Image
+
+from ..errors import EngineError, ModelFileError
+from ..families import kv_bytes_per_token
+from ..ggufmeta import GGUFInfo
+from ..options import EngineOptions, GenerationOptions
+from ..prompts import CHATML, CONTENT, chat_prompt
+from . import backend
+from .backend import LOG
+
+log = logging.getLogger("caprl_local")
+
+_N_BATCH = 2048  # logical batch, as llama-mtmd-cli uses
+_N_UBATCH = 512
+_REPEAT_LAST_N = 256
+_NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """A prompt evaluated into a sequence."""
+
+    n_past: int  # tokens in the sequence
+    image_tokens: int
+    prompt_tokens: int
+    encode_s: float  # of which the vision encoder
+
+
+class Session:
+    """The llama.cpp handles of one model pair; see the module docstring."""
+
+    def __init__(self, model_path: Path, mmproj_path: Path, model_info: GGUFInfo, options: EngineOptions) -> None:
+        self.model_path, self.mmproj_path = model_path, mmproj_path
+        self._model: Any = None
+        self._ctx: Any = None
+        self._mctx: Any = None
+        self._batch: Any = None
+        t0 = time.perf_counter()
+        backend.init_backend(verbose=options.verbose)
+        try:
+            self._load(model_info, options)
+        except BaseException:
+            self.close()
+            raise
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s + %s in %.2fs (gpu_layers=%d, threads=%d, %d x %d tokens, weights %s)",
+                 model_path.name, mmproj_path.name, self.load_seconds, self.n_gpu_layers, self.threads,
+                 self.slots, self.n_ctx, self.weight_layout)
+
+    def _load(self, model_info: GGUFInfo, opts: EngineOptions) -> None:
+        self.n_gpu_layers = n_gpu = backend.resolve_gpu_layers(opts.gpu_layers)
+        self.threads = opts.threads or backend.default_threads()
+        self.on_gpu = n_gpu != 0 and backend.gpu_offload()
+        layout = backend.weight_layout(model_info, repack=opts.repack, wide=opts.parallel != 1, n_gpu=n_gpu)
+        self.weight_layout = layout.description
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu
+        mparams.use_extra_bufts = layout.extra_buffers
+        if layout.overrides is not None:
+            mparams.tensor_buft_overrides = ctypes.cast(layout.overrides, ctypes.c_void_p)
+        self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
+        if not self._model:
+            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {LOG.first_error()}")
+
+        # Sized after the weights are in place: on a GPU, the memory left is what counts.
+        per_caption = opts.n_ctx * kv_bytes_per_token(model_info)
+        self.slots = opts.parallel if opts.parallel != "auto" else \
+            backend.auto_parallel(on_gpu=self.on_gpu, threads=self.threads, bytes_per_caption=per_caption)
+        self._make_context(opts)
+
+        mp = mtmd.mtmd_context_params_default()
+        mp.use_gpu = self.on_gpu
+        mp.n_threads = self.threads
+        mp.print_timings = False
+        mp.warmup = opts.warmup
+        mp.flash_attn_type = backend.FLASH_ATTN[opts.flash_attn]
+        mp.image_min_tokens = opts.image_min_tokens or -1
+        mp.image_max_tokens = opts.image_max_tokens or -1
+        self._mctx = mtmd.mtmd_init_from_file(os.fsencode(self.mmproj_path), self._model, mp)
+        if not self._mctx:
+            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {LOG.first_error()}")
+        if not mtmd.mtmd_support_vision(self._mctx):
+            raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
+
+        self._marker = mtmd.mtmd_default_marker().decode()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.chat_format = self._chat_format()
+
+    def _make_context(self, opts: EngineOptions) -> None:
+        """A context with room for `slots` captions of n_ctx tokens each."""
+        n_seq = self.slots
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx * n_seq
+        cparams.n_seq_max = n_seq
+        # One KV pool for all captions in flight, as llama-server's parallel slots use. With a
+        # stream per sequence, llama.cpp computes a step in one pass only for runs of
+        # consecutive sequence ids, so refilled slots (3, 2, 1, 0) would cost a pass each.
+        cparams.kv_unified = n_seq > 1
+        cparams.n_batch = self._n_batch = min(_N_BATCH, opts.n_ctx)
+        cparams.n_ubatch = min(_N_UBATCH, opts.n_ctx)
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.flash_attn_type = backend.FLASH_ATTN[opts.flash_attn]
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise EngineError(
+                f"model {self.model_path}: could not create a llama.cpp context of {n_seq} x {opts.n_ctx} tokens "
+                f"(out of memory? lower parallel or n_ctx): {LOG.first_error()}"
+            )
+        self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx) // n_seq
+
+    def _chat_format(self) -> str:
+        """One user turn and the assistant's opening in the model's own chat format: its GGUF's
+        chat template as llama.cpp renders it (no system turn), with CONTENT for the prompt."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        if template:
+            turn = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(b"user", CONTENT.encode()))
+            buf = ctypes.create_string_buffer(4096)
+            n = llama_cpp.llama_chat_apply_template(template, turn, 1, True, buf, len(buf))
+            rendered = buf.raw[:n].decode(errors="replace") if 0 < n <= len(buf) else ""
+            if rendered.count(CONTENT) == 1:
+                return rendered
+            log.warning("%s: llama.cpp does not know this model's chat template; using ChatML", self.model_path.name)
+        return CHATML
+
+    # -- one sequence ---------------------------------------------------------------------
+
+    def prompt(self, seq: int, rgb: Image.Image, text: str, name: str) -> Prompted:
+        """Evaluate the chat prompt with the image into sequence `seq` (which must be empty)."""
+        chunks = self._tokenize(rgb, text, name)
+        try:
+            return self._eval_chunks(chunks, name, seq)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _tokenize(self, rgb: Image.Image, prompt: str, name: str) -> Any:
+        data = rgb.tobytes()
+        bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
+        if not bitmap:
+            raise EngineError(f"{name}: llama.cpp could not take the image: {LOG.first_error()}")
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            encoded = chat_prompt(self.chat_format, prompt, media_marker=self._marker).encode()
+            itext = mtmd.mtmd_input_text(encoded, len(encoded), True, True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            ret = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        if ret != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            why = "the prompt's image placeholders do not match" if ret == 1 else LOG.first_error()
+            raise EngineError(f"{name}: could not prepare the image for the model: {why}")
+        return chunks
+
+    def _eval_chunks(self, chunks: Any, name: str, seq: int) -> Prompted:
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        total = mtmd.mtmd_helper_get_n_tokens(chunks)
+        if total + 1 > self.n_ctx:
+            raise EngineError(
+                f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
+                "lower --max-image-tokens or raise the context size"
+            )
+        n_past, image_tokens, encode_s = 0, 0, 0.0
+        new_past = llama_cpp.llama_pos(0)
+        for i in range(n_chunks):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            new_past.value = n_past
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                image_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                t0 = time.perf_counter()
+                if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                    raise EngineError(f"{name}: the vision encoder failed: {LOG.first_error()}")
+                encode_s += time.perf_counter() - t0
+                embd = mtmd.mtmd_get_output_embd(self._mctx)
+                ret = mtmd.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, chunk, embd, n_past, seq,
+                                                          self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None)
+            else:
+                ret = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, n_past, seq, self._n_batch,
+                                                         i == n_chunks - 1, ctypes.byref(new_past))
+            if ret != 0:
+                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {LOG.first_error()}")
+            n_past = new_past.value
+        return Prompted(n_past, image_tokens, total, encode_s)
+
+    def forget(self, seq: int) -> None:
+        """Drop a sequence's tokens from the KV cache, so that another caption can use it."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, -1, -1)
+
+    # -- sampling and decoding ------------------------------------------------------------
+
+    def sampler(self, opts: GenerationOptions) -> Any:
+        """A sampler chain for one caption; free it with free_sampler."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        if opts.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, _REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0))
+        if opts.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(opts.temperature))
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if opts.seed is None else opts.seed & 0xFFFFFFFF
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    @staticmethod
+    def free_sampler(sampler: Any) -> None:
+        llama_cpp.llama_sampler_free(sampler)
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """Sample from the logits of batch row `index` (-1: the last row evaluated)."""
+        return int(llama_cpp.llama_sampler_sample(sampler, self._ctx, index))
+
+    def logits(self, index: int) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), (self.n_vocab,)).copy()
+
+    def decode(self, tokens: list[tuple[int, int, int]]) -> None:
+        """One decode step: each (token, position, sequence) in a row of its own, all with logits."""
+        batch = self._batch
+        for i, (token, pos, seq) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, 1
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+            raise EngineError(f"llama.cpp failed while generating {len(tokens)} caption(s): {LOG.first_error()}")
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # a piece longer than the buffer: -n is the size it needs
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every handle. Safe to call twice."""
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._mctx:
+            mtmd.mtmd_free(self._mctx)
+            self._mctx = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,136 @@
+"""Which text models and vision projectors fit together, read from their GGUF headers.
+
+Pure: no llama.cpp. Files that llama.cpp would abort the process on (a missing tensor its
+vision graph uses unchecked, mismatched embedding widths) are refused here with a one-line
+error naming the file, before llama.cpp ever sees them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ModelFileError
+from .ggufmeta import GGUFInfo, read_gguf
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the engine knows about one family of vision-language GGUFs."""
+
+    name: str
+    projectors: frozenset[str]  # clip.projector_type values of its vision projectors
+    # Projector tensors llama.cpp's vision graph uses without checking that they exist (a
+    # file lacking one would crash the process instead of failing to load): overall, per block.
+    tensors: tuple[str, ...]
+    block_tensors: tuple[str, ...]
+    f32_tensors: tuple[str, ...] = ()  # ... and those it asserts are f32
+
+
+_MERGER = ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
+_PATCH = ("v.patch_embd.weight", "v.patch_embd.weight.1")
+_BLOCK = ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_down.weight")
+
+#: Text model architecture (general.architecture) -> its family.
+FAMILIES = {
+    "qwen2vl": Family(
+        "Qwen2-VL / Qwen2.5-VL", frozenset({"qwen2vl_merger", "qwen2.5vl_merger"}), _PATCH + _MERGER,
+        tuple(f"{n}.{k}" for n in ("attn_q", "attn_k", "attn_v") for k in ("weight", "bias")) + _BLOCK,
+    ),
+    "qwen3vl": Family(
+        "Qwen3-VL", frozenset({"qwen3vl_merger"}), (*_PATCH, "v.patch_embd.bias", "v.position_embd.weight", *_MERGER),
+        ("attn_qkv.weight", "attn_qkv.bias", *_BLOCK), f32_tensors=("v.position_embd.weight",),
+    ),
+}
+SUPPORTED_ARCHITECTURES = frozenset(FAMILIES)
+_PROJECTOR_FAMILY = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL", "qwen3vl_merger": "Qwen3-VL"}
+
+
+def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str]) -> tuple[GGUFInfo, GGUFInfo]:
+    """Check that the pair is a supported text model and its matching vision projector."""
+    model = read_gguf(model_path, role="model")
+    mmproj = read_gguf(mmproj_path, role="projector")
+    if model.is_projector:
+        raise ModelFileError(
+            f"model {model.path}: is a vision projector (mmproj), not a text model; "
+            "pass it as --mmproj and the main .gguf as --model"
+        )
+    if not mmproj.is_projector:
+        raise ModelFileError(
+            f"projector {mmproj.path}: is a text model ({mmproj.architecture or 'unknown'}), "
+            "not a vision projector; pass the *mmproj*.gguf file as --mmproj"
+        )
+    arch = model.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFileError(
+            f"model {model.path}: architecture {arch or 'unknown'!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}); use a CapRL GGUF"
+        )
+    if not mmproj.metadata.get("clip.has_vision_encoder", False):
+        raise ModelFileError(f"projector {mmproj.path}: has no vision encoder; use the model's image mmproj")
+    proj_type = str(mmproj.metadata.get("clip.projector_type", mmproj.metadata.get("clip.vision.projector_type", "")))
+    family = FAMILIES[arch]
+    if proj_type not in family.projectors:
+        kind = f"a {_PROJECTOR_FAMILY[proj_type]} projector" if proj_type in _PROJECTOR_FAMILY else \
+            f"a projector of type {proj_type or 'unknown'!r}"
+        raise ModelFileError(
+            f"projector {mmproj.path}: is {kind}, but {model.path.name} is a {family.name} text model; "
+            "use the mmproj published with this model"
+        )
+    _check_vision_tensors(mmproj, family)
+    # llama.cpp feeds the text model embeddings of n_embd x (1 + deepstack layers); the projector
+    # yields its merger's width x (1 + its deepstack mergers): both must agree.
+    n_deepstack = _int(model.metadata.get(f"{arch}.n_deepstack_layers", 0))
+    if n_deepstack >= _int(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
+        raise ModelFileError(f"model {model.path}: invalid deepstack layer count {n_deepstack}; download it again")
+    text_width = _int(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
+    merger = mmproj.tensors["mm.2.bias"][1][0]
+    deepstack = [dims for name, (_t, dims) in mmproj.tensors.items()
+                 if name.startswith("v.deepstack.") and name.endswith(".fc2.weight")]
+    proj_width = merger * (1 + len(deepstack))
+    if text_width != proj_width or any(dims[1] != merger for dims in deepstack):
+        raise ModelFileError(
+            f"projector {mmproj.path}: produces {proj_width}-wide embeddings but {model.path.name} expects "
+            f"{text_width}; use the mmproj published with this model"
+        )
+    return model, mmproj
+
+
+def kv_bytes_per_token(model: GGUFInfo) -> int:
+    """Bytes of KV cache one token of context takes: K and V in f16, every layer."""
+    meta, arch = model.metadata, model.architecture
+    head_dim = _int(meta.get(f"{arch}.attention.key_length")) or \
+        _int(meta.get(f"{arch}.embedding_length")) // max(1, _int(meta.get(f"{arch}.attention.head_count")))
+    return 2 * 2 * _int(meta.get(f"{arch}.block_count")) * _int(meta.get(f"{arch}.attention.head_count_kv")) * head_dim
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _check_vision_tensors(mmproj: GGUFInfo, family: Family) -> None:
+    meta = mmproj.metadata
+    sizes = {key: meta.get(f"clip.vision.{key}") for key in ("block_count", "patch_size", "embedding_length")}
+    heads = meta.get("clip.vision.attention.head_count")
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or not isinstance(heads, int) or heads < 1 \
+            or sizes["embedding_length"] % heads:  # type: ignore[operator]
+        raise ModelFileError(f"projector {mmproj.path}: invalid vision encoder sizes {sizes}; download the published mmproj")
+    wanted = list(family.tensors) + [
+        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in family.block_tensors  # type: ignore[arg-type]
+    ]
+    # A deepstack merger is used when its fc1 exists, and then needs its fc2.
+    wanted += [name.replace(".fc1.", ".fc2.") for name in mmproj.tensors if name.startswith("v.deepstack.")
+               and name.endswith(".fc1.weight")]
+    missing = [t for t in wanted if t not in mmproj.tensors]
+    if missing:
+        raise ModelFileError(
+            f"projector {mmproj.path}: tensor {missing[0]} is missing ({len(missing)} in all); the file is "
+            "incomplete or from an incompatible converter; download the published mmproj"
+        )
+    for name in family.f32_tensors:
+        if mmproj.tensors[name][0] != 0:  # GGML_TYPE_F32
+            raise ModelFileError(
+                f"projector {mmproj.path}: tensor {name} must be f32 for llama.cpp; the file is from an "
+                "incompatible converter; download the published mmproj"
+            )

@@ -1,0 +1,98 @@
+"""The options of a caption and of a loaded model: each defined once, with its default and check.
+
+Pure values, free of llama.cpp: the engine, the batch runner and the CLI all read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar
+
+from .errors import CaprlError
+
+GpuLayers = int | Literal["auto"]
+Parallel = int | Literal["auto"]
+
+#: Default cap on image tokens. llama.cpp allows Qwen2.5-VL 4096 (a 12-MP photo then needs
+#: tens of GB for the vision encoder); 1024 tokens is about a megapixel, ample for captions.
+DEFAULT_MAX_IMAGE_TOKENS = 1024
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_N_CTX = 4096
+MIN_N_CTX = 256
+
+
+def positive(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
+    """Raise CaprlError unless `value` is a whole number >= minimum (or None, when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CaprlError(f"{name} must be a whole number of at least {minimum}, not {value!r}")
+
+
+def auto_or_positive(name: str, value: Any, *, minimum: int = 1) -> None:
+    if value != "auto":
+        positive(name, value, minimum=minimum)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """How one caption is generated. ``prompt`` None means the model's own caption prompt."""
+
+    prompt: str | None = None
+    preset: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0  # greedy, like Qwen2.5-VL's generation config (top_k=1)
+    top_p: float = 0.95
+    seed: int | None = None
+    repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
+    ignore_eos: bool = False  # always generate max_tokens (for benchmarks)
+
+    def __post_init__(self) -> None:
+        positive("max_tokens", self.max_tokens)
+        if self.prompt is not None and self.preset is not None:
+            raise CaprlError("give either a prompt or a preset, not both")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or not self.repeat_penalty > 0:
+            raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise CaprlError(f"seed must be a whole number, not {self.seed!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """How a model is loaded; fixed for the life of a Captioner."""
+
+    gpu_layers: GpuLayers = "auto"  # auto: every layer, if llama.cpp was built with GPU offload
+    threads: int | None = None  # None: every CPU this process may use
+    n_ctx: int = DEFAULT_N_CTX  # tokens per caption: prompt, image and caption
+    parallel: Parallel = "auto"  # captions decoded together; auto: as the device and memory allow
+    flash_attn: bool | None = None  # None: let llama.cpp decide
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
+    repack: bool | None = None  # llama.cpp's repacked weight layouts; None: the engine's choice
+    warmup: bool = True
+    verbose: bool = False  # llama.cpp's log lines at their own level instead of DEBUG
+
+    def __post_init__(self) -> None:
+        auto_or_positive("gpu_layers", self.gpu_layers, minimum=-1)
+        auto_or_positive("parallel", self.parallel)
+        positive("threads", self.threads, allow_none=True)
+        positive("image_min_tokens", self.image_min_tokens, allow_none=True)
+        positive("image_max_tokens", self.image_max_tokens, allow_none=True)
+        positive("n_ctx", self.n_ctx, minimum=MIN_N_CTX)
+
+
+Options = TypeVar("Options", GenerationOptions, EngineOptions)
+
+
+def make(cls: type[Options], options: dict[str, Any]) -> Options:
+    """``cls(**options)`` with an unknown name as a CaprlError listing the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CaprlError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    return cls(**options)
+
+
+def default(cls: type[Any], name: str) -> Any:
+    """The default of one option, for help texts that show it."""
+    return next(f.default for f in fields(cls) if f.name == name)
