@@ -28,6 +28,10 @@ class DownloadError(CaprlError):
     """Fetching a model file failed."""
 
 
+class HubUnreachableError(DownloadError):
+    """The Hub (or HF_ENDPOINT) could not be reached at all."""
+
+
 class OfflineError(CaprlError):
     """A needed file is not cached and the network may not be used."""
 

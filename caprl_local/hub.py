@@ -1,33 +1,44 @@
-"""Model files from the Hugging Face Hub: resolve, download, verify, cache.
+"""Model files from the Hugging Face Hub: resolve what to fetch, keep it in the cache, list and remove it.
 
-The only module that imports huggingface_hub. A file is downloaded into a hidden
-``.<name>.part`` (where an interrupted download resumes), checked against the sha256
-the Hub publishes, and only then renamed to ``<cache>/models/<owner>/<repo>/<name>``.
-Every visible file there is complete and verified, and is used without any network call.
+Cached files live at ``<cache>/models/<owner>/<repo>/<name>``; every visible file there is complete
+and verified (transfer.py puts it there only then) and is used without any network call. Which
+files a model needs is read from the Hub's real file listings, so any publisher's naming works.
+The bytes themselves, and all HTTP, are transfer.py's; this module never imports huggingface_hub.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
-import hashlib
-import http.client
 import json
 import logging
 import os
 import re
-import shutil
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CaprlError, DownloadError, OfflineError, UnknownModelError
+from .errors import CaprlError, DownloadError, HubUnreachableError, OfflineError, UnknownModelError
 from .registry import DEFAULT_MODEL, ModelSpec, get_model, is_repo_id
+from .transfer import (
+    DownloadProgress,
+    ProgressCallback,
+    endpoint_url,
+    fetch,
+    human_size,
+    lock_path,
+    open_url,
+    part_path,
+    partial_downloads,
+    translate_error,
+)
+
+# DownloadProgress and ProgressCallback are defined in transfer but are part of this module's API
+# (download_model's progress callback): callers import them from here.
+__all__ = [
+    "CachedFile", "DownloadProgress", "ModelFiles", "ModelListing", "ProgressCallback", "RemoteFile",
+    "cache_root", "download_model", "list_cached", "list_models", "list_repo_files", "parse_quant",
+    "remove_model", "resolve", "spec_for",
+]
 
 log = logging.getLogger("caprl_local")
 
@@ -35,8 +46,6 @@ log = logging.getLogger("caprl_local")
 _QUANT = r"(?:I?Q[1-8](?:_[0-9A-Z]+)*|[BF]F?16|F32|TQ[12]_0|MXFP4)"
 _QUANT_IN_NAME = re.compile(rf"(?:^|[.\-_])(i1-)?({_QUANT})\.gguf$", re.IGNORECASE)
 _PROJECTOR_NAME = re.compile(r"mmproj|vision|projector", re.IGNORECASE)
-_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much free beyond the file itself
-_RETRIES = 3  # brief network failures retried (with resume) before a pull gives up
 
 
 @dataclass(frozen=True)
@@ -66,15 +75,6 @@ class ModelFiles:
 
 
 @dataclass(frozen=True)
-class DownloadProgress:
-    """Progress of one file's download, reported as data to a callback."""
-
-    filename: str
-    downloaded: int
-    total: int | None
-
-
-@dataclass(frozen=True)
 class CachedFile:
     """A verified file in the cache."""
 
@@ -85,9 +85,6 @@ class CachedFile:
     quant: str | None
     projector: bool
     imatrix: bool
-
-
-ProgressCallback = Callable[[DownloadProgress], None]
 
 
 # --- paths -------------------------------------------------------------------------------
@@ -110,30 +107,6 @@ def _final_path(root: Path, repo: str, filename: str) -> Path:
 
 def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _endpoint() -> str | None:
-    # Read at call time: huggingface_hub reads HF_ENDPOINT once, at import.
-    return os.environ.get("HF_ENDPOINT") or None
-
-
-def _endpoint_url() -> str:
-    return (_endpoint() or "https://huggingface.co").rstrip("/")
-
-
-@functools.cache
-def _hf() -> Any:
-    """huggingface_hub, imported on first use, with its own stderr log handler removed:
-    the library never prints; its records still reach logging's root for apps to show."""
-    import huggingface_hub
-    import huggingface_hub.utils
-
-    hf_log = logging.getLogger("huggingface_hub")
-    for handler in list(hf_log.handlers):
-        if type(handler) is logging.StreamHandler:
-            hf_log.removeHandler(handler)
-    hf_log.propagate = True
-    return huggingface_hub
 
 
 # --- file names ----------------------------------------------------------------------------
@@ -173,15 +146,15 @@ def list_repo_files(repo: str, *, token: str | None = None) -> list[RemoteFile]:
     Asked directly rather than through HfApi, whose retries keep a user waiting
     for half a minute when the network is down.
     """
-    url: str | None = f"{_endpoint_url()}/api/models/{repo}/tree/main?recursive=true"
+    url: str | None = f"{endpoint_url()}/api/models/{repo}/tree/main?recursive=true"
     entries: list[dict[str, Any]] = []
     try:
         while url:
-            with _open(url, token=token, timeout=20) as response:
+            with open_url(url, token=token, timeout=20) as response:
                 entries += json.load(response)
                 url = _next_page(response.headers.get("Link"))
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one typed error
-        raise _translate(exc, f"listing {repo}") from exc
+        raise translate_error(exc, f"listing {repo}") from exc
     files = []
     for entry in entries:
         if entry.get("type") != "file":
@@ -191,13 +164,6 @@ def list_repo_files(repo: str, *, token: str | None = None) -> list[RemoteFile]:
         if remote is not None:
             files.append(remote)
     return files
-
-
-def _open(url: str, *, token: str | None, timeout: float, headers: dict[str, str] | None = None) -> Any:
-    """An HTTP request with the Hub's headers (token, user agent); redirects elsewhere drop the token."""
-    hub_headers = _hf().utils.build_hf_headers(token=token, library_name="caprl-local")
-    request = urllib.request.Request(url, headers={**hub_headers, **(headers or {})})
-    return urllib.request.build_opener(_DropAuthOnRedirect()).open(request, timeout=timeout)
 
 
 def _next_page(link: str | None) -> str | None:
@@ -213,7 +179,7 @@ def list_cached(root: Path | None = None) -> list[CachedFile]:
         rel = path.relative_to(models).parts
         repo, filename = "/".join(rel[:2]), "/".join(rel[2:])
         if filename.startswith(".") or path.name.startswith("."):
-            continue  # a temporary file of a download in progress
+            continue  # a hidden file of a download in progress (transfer.part_path), not yet verified
         kind = _classify(repo, filename, path.stat().st_size, None)  # named as on the Hub, read the same way
         if kind is not None:
             out.append(CachedFile(repo, filename, path, kind.size, kind.quant, kind.projector, kind.imatrix))
@@ -239,7 +205,7 @@ def _pick(files: Iterable[RemoteFile], quant: str, *, imatrix: bool, what: str, 
     matches = sorted((f for f in candidates if _same_quant(f.quant, quant)), key=lambda f: f.imatrix != imatrix)
     if matches:
         return matches[0]
-    available = ", ".join(f"{f.quant} ({_human(f.size)})" for f in sorted(candidates, key=lambda f: f.size))
+    available = ", ".join(f"{f.quant} ({human_size(f.size)})" for f in sorted(candidates, key=lambda f: f.size))
     raise UnknownModelError(
         f"{what}: no {'imatrix ' if imatrix else ''}quant {quant} in {where}; "
         + (f"available: {available}" if available else "it has no GGUF quants")
@@ -249,7 +215,8 @@ def _pick(files: Iterable[RemoteFile], quant: str, *, imatrix: bool, what: str, 
 def _pick_projector(files: Iterable[RemoteFile], quant: str) -> RemoteFile | None:
     projectors = [f for f in files if f.projector]
     exact = [f for f in projectors if _same_quant(f.quant, quant)]
-    return (exact or sorted(projectors, key=lambda f: -f.size) or [None])[0]
+    ranked = exact or sorted(projectors, key=lambda f: -f.size)  # else the largest: the most precise
+    return ranked[0] if ranked else None
 
 
 def _model_repo(spec: ModelSpec, imatrix: bool) -> str:
@@ -297,7 +264,8 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
     models = [c for c in cached if c.repo == repo and not c.projector and c.quant and (imatrix or not c.imatrix)]
     model = next((c for c in models if _same_quant(c.quant or "", quant)), None)
     projectors = [c for c in cached if c.projector]
-    mmproj = next((c for c in projectors if _same_quant(c.quant or "", mmproj_quant)), projectors[0] if projectors else None)
+    mmproj = next((c for c in projectors if _same_quant(c.quant or "", mmproj_quant)),
+                  projectors[0] if projectors else None)
     if model is None or mmproj is None:
         have = ", ".join(sorted({c.quant for c in models if c.quant})) or "nothing"
         pull = f"caprl-local pull {spec.name}" + (f" --quant {quant}" if quant != spec.default_quant else "") \
@@ -307,160 +275,6 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
             f"network may not be used; run `{pull}` while online"
         )
     return model, mmproj
-
-
-# --- download ------------------------------------------------------------------------------
-
-
-def fetch(remote: RemoteFile, *, root: Path, token: str | None = None,
-          progress: ProgressCallback | None = None) -> Path:
-    """Download one file (resuming a partial one), verify it, and move it into the cache.
-
-    huggingface_hub's own downloader discards partial files when a transfer fails, so a cut
-    connection would restart a 2 GB file from zero; this one keeps ``.<name>.part`` beside the
-    final file and continues it with an HTTP Range request. A file lock serialises processes
-    pulling the same file: the second one waits, then finds the file in place.
-    """
-    WeakFileLock = _hf().utils.WeakFileLock
-    final = _final_path(root, remote.repo, remote.filename)
-    if _is_complete(final, remote):
-        return final
-    part = final.with_name(f".{final.name}.part")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(final.with_name(f".{final.name}.lock")):
-            if _is_complete(final, remote):  # another process finished it while we waited
-                return final
-            _check_space(part, remote)
-            _download(remote, part, token=token, progress=progress)
-            _verify(part, remote)
-            os.replace(part, final)
-    except CaprlError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - network and disk failures become one typed error
-        raise _translate(exc, f"downloading {remote.repo}/{remote.filename}", final.parent) from exc
-    log.info("verified %s (%s)", final, _human(remote.size))
-    return final
-
-
-def _is_complete(final: Path, remote: RemoteFile) -> bool:
-    return final.is_file() and final.stat().st_size == remote.size
-
-
-def _download(remote: RemoteFile, part: Path, *, token: str | None, progress: ProgressCallback | None) -> None:
-    """Fetch the file's bytes into `part`, continuing what is already there; retry brief failures."""
-    import urllib.request
-    from urllib.parse import quote
-
-    url = f"{_endpoint_url()}/{remote.repo}/resolve/main/{quote(remote.filename)}"
-    attempts = 0
-    while True:
-        have = part.stat().st_size if part.exists() else 0
-        if have == remote.size:
-            return
-        try:
-            ranged = {"Range": f"bytes={have}-"} if have else {}
-            with _open(url, token=token, timeout=30, headers=ranged) as response, \
-                    open(part, "ab" if have else "wb") as out:
-                if have and response.status != 206:  # the server ignored the range: start over
-                    out.truncate(0)
-                    have = 0
-                done = have
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    attempts = 0  # progress was made: brief failures may be retried again
-                    if progress is not None:
-                        progress(DownloadProgress(remote.filename, done, remote.size))
-                out.flush()
-                os.fsync(out.fileno())
-            if done < remote.size:
-                raise ConnectionError(f"connection closed after {done:,} of {remote.size:,} bytes")
-            return
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416:  # the partial file is longer than the real one: start over
-                part.unlink(missing_ok=True)
-                continue
-            raise
-        except (ConnectionError, TimeoutError, http.client.HTTPException, urllib.error.URLError) as exc:
-            attempts += 1
-            if attempts > _RETRIES or isinstance(exc, urllib.error.URLError) and have == 0 and attempts > 1:
-                raise
-            log.warning("download of %s interrupted (%s); resuming", remote.filename, exc)
-            time.sleep(0.5 * attempts)
-
-
-class _DropAuthOnRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow the Hub's redirects to its file storage without sending the token there."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.headers = {k: v for k, v in new.headers.items() if k.lower() != "authorization"}
-            new.unredirected_hdrs = {k: v for k, v in new.unredirected_hdrs.items() if k.lower() != "authorization"}
-        return new
-
-
-def _verify(part: Path, remote: RemoteFile) -> None:
-    digest = _sha256(part)
-    if remote.sha256 and digest != remote.sha256.lower():
-        part.unlink(missing_ok=True)  # never resume from bad bytes
-        raise DownloadError(
-            f"{remote.repo}/{remote.filename}: checksum mismatch (got sha256 {digest[:12]}..., "
-            f"expected {remote.sha256[:12]}...); the corrupt download was deleted, pull again"
-        )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(functools.partial(fh.read, 1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_space(part: Path, remote: RemoteFile) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    needed = remote.size - have + _SPACE_MARGIN
-    free = shutil.disk_usage(part.parent).free
-    if free < needed:
-        raise DownloadError(
-            f"{remote.filename}: needs {_human(needed)} of disk space but {part.parent} has {_human(free)} free; "
-            "free some space or use --cache-dir on a larger disk"
-        )
-
-
-def _translate(exc: Exception, doing: str, folder: Path | None = None) -> CaprlError:
-    """One place where network and disk exceptions become ours."""
-    if isinstance(exc, CaprlError):
-        return exc
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return DownloadError(f"{doing}: the disk is full ({folder}); free some space and pull again to resume")
-    if isinstance(exc, urllib.error.HTTPError):
-        if exc.code in (401, 403):
-            return DownloadError(f"{doing}: access denied (HTTP {exc.code}); set HF_TOKEN to a token that can read it")
-        if exc.code == 404:
-            return DownloadError(f"{doing}: not found on {_endpoint_url()} (HTTP 404); check the name")
-        return DownloadError(f"{doing}: the Hub answered HTTP {exc.code}; try again later")
-    if isinstance(exc, ConnectionError) and "connection closed" in str(exc):
-        return DownloadError(f"{doing}: {exc}; run the same command again to resume where it stopped")
-    if isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)):
-        reason = getattr(exc, "reason", None) or exc
-        return DownloadError(
-            f"{doing}: cannot reach {_endpoint_url()} ({reason}); check the network, "
-            "or use --offline with files already cached"
-        )
-    raise exc  # a bug of ours: let it surface as one
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover
-
 
 # --- the public entry points ---------------------------------------------------------------
 
@@ -499,8 +313,9 @@ def download_model(
         if offline or _offline_env():
             raise
     model_r, mmproj_r = resolve(spec, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, token=token)
-    mmproj_path = fetch(mmproj_r, root=root, token=token, progress=progress)
-    model_path = fetch(model_r, root=root, token=token, progress=progress)
+    # The projector first: it is small, so a bad token or a full disk shows before the big download.
+    mmproj_path = fetch(mmproj_r, _final_path(root, mmproj_r.repo, mmproj_r.filename), token=token, progress=progress)
+    model_path = fetch(model_r, _final_path(root, model_r.repo, model_r.filename), token=token, progress=progress)
     return ModelFiles(model_path, mmproj_path, spec.name, model_r.quant, mmproj_r.quant,
                       spec.architecture or None, spec.prompt)
 
@@ -542,14 +357,16 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: boo
         if online:
             try:
                 available = tuple(f for repo in dict.fromkeys(repos) for f in list_repo_files(repo))
+            except HubUnreachableError as exc:
+                error, online = str(exc), False  # the Hub is down: do not wait on it again for the next models
             except (DownloadError, OfflineError) as exc:
-                error = str(exc)
-                online = "cannot reach" not in error  # the Hub is down: do not wait on it again
+                error = str(exc)  # this repo only (missing, private): the next models are still asked
         out.append(ModelListing(spec, available, tuple(c for c in cached if c.repo in repos), error))
     return out
 
 
-def remove_model(name: str, *, quant: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> list[CachedFile]:
+def remove_model(name: str, *, quant: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> list[CachedFile]:
     """Delete a model's cached files (one quant, or all with its projector); returns what was removed."""
     spec = spec_for(name)
     root = cache_root(cache_dir)
@@ -559,10 +376,10 @@ def remove_model(name: str, *, quant: str | None = None, cache_dir: str | os.Pat
         mine = [c for c in mine if not c.projector and c.quant and _same_quant(c.quant, quant)]
     for c in mine:
         c.path.unlink(missing_ok=True)
-        for leftover in (f".{c.path.name}.part", f".{c.path.name}.lock"):
-            c.path.with_name(leftover).unlink(missing_ok=True)
+        for leftover in (part_path(c.path), lock_path(c.path)):
+            leftover.unlink(missing_ok=True)
     if quant is None:  # partial downloads of files that never completed, too
         for repo in repos:
-            for leftover in (root / "models" / repo).glob(".*.part"):
+            for leftover in partial_downloads(root / "models" / repo):
                 leftover.unlink(missing_ok=True)
     return mine

@@ -72,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         self.hub.requests.append((self.command, path, self.headers.get("Range")))
         for repo, token in self.hub.tokens.items():
-            if path.startswith((f"/{repo}/", f"/api/models/{repo}/")) and self.headers.get("Authorization") != f"Bearer {token}":
+            mine = path.startswith((f"/{repo}/", f"/api/models/{repo}/"))
+            if mine and self.headers.get("Authorization") != f"Bearer {token}":
                 return self._json(401, {"error": "Invalid credentials"}, True, {"X-Error-Code": "RepoNotFound"})
         tree = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?$", path)
         if tree:

@@ -118,10 +118,12 @@ def test_bad_model_files_fail_with_one_line(tiny_model: tuple[Path, Path], image
         ["frobnicate"],
     ],
 )
-def test_usage_errors_exit_2(args: list[str]) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
+def test_usage_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from caprl_local import cli
+
+    assert cli.main(args) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Usage" in err and out == ""
 
 
 def test_info_works_without_a_gpu() -> None:
@@ -146,12 +148,40 @@ def test_version_and_help() -> None:
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                               model_args: list[str], images: Path) -> None:
-    from caprl_local import cli, engine
+    from caprl_local import cli
+    from caprl_local.engine import Captioner
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine.Captioner, "caption", interrupted)
+    monkeypatch.setattr(Captioner, "caption", interrupted)
     assert cli.main(["caption", str(images / "photo.jpg"), *model_args]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "Interrupted." and "Traceback" not in err
+
+
+def test_error_table_puts_subclasses_before_their_bases() -> None:
+    """The first matching row wins: Cancelled (a CaprlError) must come before CaprlError."""
+    from caprl_local.cli import ERROR_TABLE, EXIT_INTERRUPTED
+
+    types = [row[0] for row in ERROR_TABLE]
+    for i, earlier in enumerate(types):
+        for later in types[i + 1:]:
+            assert not issubclass(later, earlier), f"{later.__name__} is shadowed by {earlier.__name__}"
+    codes = {row[0]: row[1] for row in ERROR_TABLE}
+    from caprl_local import Cancelled
+
+    assert codes[Cancelled] == codes[KeyboardInterrupt] == EXIT_INTERRUPTED
+
+
+def test_caprl_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from caprl_local import cli
+
+    args = ["caption", str(tmp_path / "x.jpg"), "--model", str(tmp_path / "m.gguf"), "--mmproj", str(tmp_path / "p.gguf")]
+    assert cli.main(args) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("CAPRL_DEBUG", "1")
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "Traceback" in err and "caprl_local.llama" not in err

@@ -15,7 +15,10 @@ from fake_hub import FakeHub
 from helpers import load_script
 
 from caprl_local import Captioner, DownloadError, OfflineError, UnknownModelError
-from caprl_local.hub import _translate, download_model, list_cached, parse_quant
+from caprl_local import hub as hub_module
+from caprl_local.errors import HubUnreachableError
+from caprl_local.hub import download_model, list_cached, list_models, parse_quant
+from caprl_local.transfer import translate_error
 
 STATIC, IMATRIX = "mradermacher/CapRL-3B-GGUF", "mradermacher/CapRL-3B-i1-GGUF"
 BIG = "CapRL-3B.Q6_K.gguf"  # padded past the downloader's chunk size, so a cut leaves a partial file
@@ -214,11 +217,46 @@ def test_not_enough_disk_space_is_checked_first(hub: FakeHub, monkeypatch: pytes
 
 
 def test_full_disk_and_unreachable_hub_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    full = _translate(OSError(errno.ENOSPC, "No space left on device"), "downloading x", Path("/cache"))
-    assert "disk is full" in str(full) and "resume" in str(full)
+    full = translate_error(OSError(errno.ENOSPC, "No space left on device"), "downloading x", Path("/cache"))
+    assert "disk is full" in str(full) and "resume" in str(full) and not isinstance(full, HubUnreachableError)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(DownloadError, match="cannot reach"):
+    with pytest.raises(HubUnreachableError, match="cannot reach"):
         download_model("caprl-3b")
+
+
+def count_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The repos list_models asks the Hub for, in order (the real listing still runs)."""
+    asked: list[str] = []
+    real = hub_module.list_repo_files
+
+    def counting(repo: str, **kwargs: str | None) -> list[hub_module.RemoteFile]:
+        asked.append(repo)
+        return real(repo, **kwargs)
+
+    monkeypatch.setattr(hub_module, "list_repo_files", counting)
+    return asked
+
+
+def test_models_stop_asking_a_hub_that_cannot_be_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once
+    asked = count_listings(monkeypatch)
+    listings = list_models()
+    assert len(listings) >= 3 and all(item.available is None for item in listings)
+    assert asked == [listings[0].spec.repo]  # the first refusal is typed, so no other repo is tried
+    assert "cannot reach http://127.0.0.1:9" in (listings[0].error or "")
+    assert [item.error for item in listings[1:]] == ["offline"] * (len(listings) - 1)
+    with pytest.raises(HubUnreachableError):
+        hub_module.list_repo_files(listings[1].spec.repo)
+
+
+def test_models_keep_asking_after_a_repo_the_hub_does_not_have(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = count_listings(monkeypatch)
+    listings = list_models()  # only the CapRL-3B repos exist on this Hub: the others answer 404
+    assert listings[0].available and listings[0].error is None
+    missing = [item for item in listings if item.available is None]
+    assert missing and all("HTTP 404" in (item.error or "") for item in missing)
+    every_repo = {r for item in listings for r in (item.spec.repo, item.spec.imatrix_repo, item.spec.mmproj_repo) if r}
+    assert set(asked) == every_repo  # a missing repo is that model's error, not a reason to stop asking
 
 
 def test_local_paths_find_the_projector_beside_the_model(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:

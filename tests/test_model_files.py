@@ -128,3 +128,27 @@ def test_a_q8_0_projector_loads(tmp_path: Path, images: Path) -> None:
     assert mmproj.name == "CapRL-3B.mmproj-Q8_0.gguf" and read_gguf(mmproj).metadata["general.file_type"] == 7
     with Captioner(model, mmproj, threads=1) as cap:
         assert cap.caption(images / "photo.jpg", max_tokens=4).text
+
+
+def test_llama_cpp_errors_stay_with_the_thread_that_caused_them() -> None:
+    """Two Captioners in one process: one's llama.cpp error never explains the other's failure."""
+    import threading
+
+    from caprl_local.engine.backend import LOG
+
+    seen: dict[str, str] = {}
+    ready = threading.Barrier(2)
+
+    def work(name: str) -> None:
+        LOG.attach(verbose=False)
+        ready.wait()
+        LOG._on_log(4, f"llama_model_load: error for {name}\n".encode(), None)
+        ready.wait()
+        seen[name] = LOG.first_error()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": "error for a", "b": "error for b"}

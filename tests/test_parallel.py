@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from caprl_local import Caption, Captioner, CaptionFailure, CaprlError
+from caprl_local import CaprlError, Caption, Captioner, CaptionFailure
 from caprl_local.engine import backend
 
 NAMES = ["photo.jpg", "alpha.png", "missing.jpg", "cmyk.jpg", "truncated.jpg", "palette.png", "pixel.png",

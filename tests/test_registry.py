@@ -22,11 +22,6 @@ def test_shipped_registry(tmp_path: Path) -> None:
         assert models[name].repo == repo and models[name].architecture == "qwen3vl"
 
 
-def test_the_repo_root_file_is_the_shipped_one() -> None:
-    root = Path(__file__).resolve().parent.parent
-    assert (root / "models.toml").read_text() == (root / "caprl_local" / "models.toml").read_text()
-
-
 def test_user_file_adds_and_overrides(tmp_path: Path) -> None:
     user = tmp_path / "models.toml"
     user.write_text(
