@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import os
 import queue
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 from ..errors import Cancelled, CaprlError
 from ..families import check_model_files
-from ..hub import ModelFiles, ProgressCallback, download_model
+from ..hub import ModelFiles, download_model
 from ..images import ImageBudget, ImageInput, describe, load_ahead
 from ..options import EngineOptions, GenerationOptions, make
 from ..prompts import resolve_prompt
@@ -27,6 +28,8 @@ from ..registry import DEFAULT_MODEL
 from ..results import Caption, CaptionFailure
 from .scheduler import Request, Scheduler, pieces
 from .session import Session
+
+_DOWNLOAD_OPTIONS = frozenset(inspect.signature(download_model).parameters) - {"name"}
 
 
 class CaptionHandle:
@@ -95,23 +98,15 @@ class Captioner:
         self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name: str = DEFAULT_MODEL,
-        *,
-        mmproj: str | os.PathLike[str] | None = None,
-        quant: str | None = None,
-        imatrix: bool = False,
-        mmproj_quant: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        offline: bool = False,
-        progress: ProgressCallback | None = None,
-        **options: Any,
-    ) -> Captioner:
+    def from_pretrained(cls, name: str = DEFAULT_MODEL, **options: Any) -> Captioner:
         """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
-        downloading and verifying it first if it is not cached (unless offline)."""
-        files = download_model(name, mmproj=mmproj, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                               cache_dir=cache_dir, offline=offline, progress=progress)
+        downloading and verifying it first if it is not cached (unless offline).
+
+        Options of :func:`~caprl_local.download_model` (mmproj, quant, imatrix, mmproj_quant,
+        cache_dir, offline, progress, token) choose and fetch the files; the rest load them.
+        """
+        fetch = {key: options.pop(key) for key in _DOWNLOAD_OPTIONS & options.keys()}
+        files = download_model(name, **fetch)
         options.setdefault("prompt", files.prompt)
         captioner = cls(files.model, files.mmproj, **options)
         captioner.files = files
