@@ -83,7 +83,8 @@ def test_parallel_must_be_a_positive_number_or_auto(tiny_model: tuple[Path, Path
 
 
 def test_auto_parallel_fits_memory_and_the_device(captioner: Captioner) -> None:
-    assert 1 <= captioner.parallel <= (4 if captioner.threads <= 4 else 8)  # auto, on a CPU build
+    limit = 16 if captioner.on_gpu else 4 if captioner.threads <= 4 else 8  # auto follows the device
+    assert 1 <= captioner.parallel <= limit
     kv = 10**6
     assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=kv) <= 4
     assert backend.auto_parallel(on_gpu=False, threads=16, bytes_per_caption=kv) <= 8

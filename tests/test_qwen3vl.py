@@ -61,10 +61,12 @@ def test_one_token_covers_32_by_32_pixels(cap: Captioner, qwen3: tuple[Path, Pat
         assert small.caption(images / "panorama.png", max_tokens=1).image_tokens <= 48  # 6000 x 40
 
 
-def test_captions_in_flight_equal_sequential_ones(cap: Captioner, images: Path) -> None:
+def test_captions_in_flight_equal_sequential_ones(qwen3: tuple[Path, Path], images: Path) -> None:
     names = [images / n for n in ("photo.jpg", "missing.jpg", "rotated.jpg", "alpha.png", "palette.png")]
-    sequential = [getattr(r, "text", None) for r in cap.caption_many(names, max_tokens=10)]
-    parallel = [getattr(r, "text", None) for r in cap.caption_many(names, parallel=3, max_tokens=10)]
+    with Captioner(*qwen3, threads=2, parallel=1) as one:
+        sequential = [getattr(r, "text", None) for r in one.caption_many(names, max_tokens=10)]
+    with Captioner(*qwen3, threads=2, parallel=3) as three:
+        parallel = [getattr(r, "text", None) for r in three.caption_many(names, max_tokens=10)]
     assert parallel == sequential and sequential[1] is None and all(sequential[i] for i in (0, 2, 3, 4))
 
 

@@ -204,6 +204,7 @@ class Captioner:
         running: dict[int, Request] = {}
         results: dict[int, Caption | CaptionFailure] = {}
         done = 0
+        cancelled: list[Cancelled] = []
 
         def collect(*, block: bool) -> None:
             while running:
@@ -211,7 +212,14 @@ class Captioner:
                     i = ended.get(block=block)
                 except queue.Empty:
                     return
-                results[i] = _outcome(running.pop(i))  # Cancelled propagates: the run ends
+                try:
+                    results[i] = _outcome(running.pop(i))
+                except Cancelled as exc:  # the run ends, once the results finished before it are out
+                    cancelled.append(exc)
+                    for request in running.values():
+                        self._live().cancel(request)
+                    block = True
+                    continue
                 block = False
 
         def in_order() -> Iterator[Caption | CaptionFailure]:
@@ -234,9 +242,13 @@ class Captioner:
                     self._submit(request)
                 collect(block=len(running) >= window)
                 yield from in_order()
+                if cancelled:
+                    raise cancelled[0]
             while running:
                 collect(block=True)
                 yield from in_order()
+            if cancelled:
+                raise cancelled[0]
             yield from in_order()
         finally:
             for request in running.values():  # stopped early (Cancelled, Ctrl-C, the caller broke off)
