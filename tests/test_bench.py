@@ -32,14 +32,16 @@ def test_bench_throughput_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(model), "--mmproj", str(mmproj),
-         "--sizes", "448", "--caps", "64", "--new-tokens", "3", "--batch", "2", "--threads", "2",
-         "--parallel", "1,2", "--out", str(out)],
+         "--sizes", "448", "--caps", "64", "--new-tokens", "32", "--batch", "2", "--threads", "2",
+         "--parallel", "1,2", "--concurrent", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    one, two = json.loads((out / "bench.json").read_text())["throughput"]
-    assert (one["in_flight"], two["in_flight"], two["images"], two["generated"]) == (1, 2, 2, 6)
-    assert one["step_s"] > 0 and two["step_s"] > 0  # decode steps 1 and 2 captions wide were timed
+    one, two, threads = json.loads((out / "bench.json").read_text())["throughput"]
+    assert (one["in_flight"], two["in_flight"], two["images"], two["generated"]) == (1, 2, 2, 64)
+    assert threads["in_flight"] == "2 threads calling caption()" and threads["generated"] == 64
+    # Decode steps 1 and 2 captions wide were timed (the second caption joins while the first has 31 tokens to go).
+    assert one["step_s"] > 0 and two["step_s"] > 0
     assert "| full-width step s |" in (out / "bench.md").read_text()
 
 
