@@ -1,4 +1,4 @@
-"""Caption many images: gather inputs, choose outputs, skip what is done, write results as they come.
+"""Caption many images: choose outputs, skip what is done, write results as they come.
 
 Knows nothing of llama.cpp or the Hub: it drives ``Captioner.caption_many`` and writes
 each result at once (JSONL lines, sidecar files), so an interrupted run loses only the
@@ -7,41 +7,22 @@ images in progress and the same command, run again, finishes the rest.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
 from .errors import Cancelled, CaprlError
+from .inputs import BatchItem
 from .options import Parallel
 from .results import Caption, CaptionFailure
-
-#: File name extensions taken from folders (files named explicitly are tried whatever their name).
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-    ".tga", ".ppm", ".pgm", ".pbm", ".ico", ".avif", ".jp2",
-})
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One image to caption, with the other fields of its JSONL input line, if any."""
-
-    path: str
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """The image's identity for resuming, whatever the working directory."""
-        return os.path.abspath(self.path)
 
 
 @dataclass
@@ -56,71 +37,6 @@ class BatchSummary:
     @property
     def images_per_minute(self) -> float:
         return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
-
-
-# --- inputs --------------------------------------------------------------------------------
-
-
-def collect_inputs(
-    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None
-) -> list[BatchItem]:
-    """Expand files, folders and glob patterns, then the lines of a list file, into items.
-
-    A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
-    layout), whose other fields are kept; relative paths are taken from the list's folder.
-    The same image named twice is captioned once.
-    """
-    items: list[BatchItem] = []
-    for arg in args:
-        items += _expand(arg, recursive)
-    if list_file is not None:
-        if list_file == "-":
-            items += read_list(stdin.read() if stdin is not None else "", Path.cwd(), "<stdin>")
-        else:
-            try:
-                text = Path(list_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
-            items += read_list(text, Path(list_file).parent, list_file)
-    unique: dict[str, BatchItem] = {}
-    for item in items:
-        unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
-    return list(unique.values())
-
-
-def _expand(arg: str, recursive: bool) -> list[BatchItem]:
-    path = Path(arg)
-    if path.is_dir():
-        found = path.rglob("*") if recursive else path.iterdir()
-        files = sorted(
-            p for p in found
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        return [BatchItem(str(p)) for p in files]
-    if not path.exists() and glob.has_magic(arg):
-        return [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
-    return [BatchItem(arg)]  # a missing file becomes a failed image, reported with the rest
-
-
-def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
-    items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        extra: dict[str, Any] = {}
-        if line.startswith("{"):
-            try:
-                extra = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(extra.get("image"), str):
-                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
-            line = extra["image"]
-        path = Path(line).expanduser()
-        items.append(BatchItem(str(path if path.is_absolute() else base / path), extra))
-    return items
 
 
 # --- outputs -------------------------------------------------------------------------------

@@ -141,9 +141,10 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
         raise click.UsageError("use either --prompt or --preset, not both")
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
-    from .batch import OutputOptions, caption_batch, collect_inputs
+    from .batch import OutputOptions, caption_batch
     from .engine import Captioner  # imported here so that --help stays instant
     from .hub import download_model
+    from .inputs import collect_inputs
     from .prompts import DEFAULT_PROMPT, resolve_prompt
 
     engine = {k: options.pop(k) for k in ("gpu_layers", "threads", "image_max_tokens", "verbose")}
@@ -265,27 +266,9 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
 
     listings = list_models(cache_dir=cache_dir, offline=offline)
     if as_json:
-        click.echo(json.dumps([_listing_json(item) for item in listings], indent=2))
+        click.echo(json.dumps([console.listing_json(item, default=DEFAULT_MODEL) for item in listings], indent=2))
         return
-    for item in listings:
-        spec = item.spec
-        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
-        click.echo(f"{spec.name}{mark}  [{spec.architecture}]  {spec.description}")
-        click.echo(f"  repo: {spec.repo}" + (f"   imatrix: {spec.imatrix_repo}" if spec.imatrix_repo else ""))
-        cached = {(c.repo, c.filename) for c in item.cached}
-        if item.available is not None:
-            quants = [f for f in item.available if not f.projector]
-            shown = ", ".join(
-                f"{'i1-' if f.imatrix else ''}{f.quant} {console.size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
-                for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
-            )
-            click.echo(f"  quants: {shown or 'none published yet'}")
-        elif item.error != "offline":
-            click.echo(f"  quants: not listed ({item.error})")
-        for c in item.cached:
-            click.echo(f"  cached: {c.filename}  {console.size(c.size)}")
-        if not item.cached:
-            click.echo("  cached: nothing")
+    console.print_models(listings, default=DEFAULT_MODEL)
     click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
     click.echo(f"Your own models go in {user_models_path()}", err=True)
 
@@ -317,19 +300,6 @@ def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
     for c in removed:
         click.echo(c.path)
     click.echo(f"Removed {len(removed)} file(s), freed {console.size(sum(c.size for c in removed))}.", err=True)
-
-
-def _listing_json(item: Any) -> dict[str, Any]:
-    cached = {(c.repo, c.filename): c for c in item.cached}
-    return {
-        **asdict(item.spec),
-        "default": item.spec.name == DEFAULT_MODEL,
-        "available": None if item.available is None else [
-            {**asdict(f), "cached": (f.repo, f.filename) in cached} for f in item.available
-        ],
-        "cached": [{**asdict(c), "path": str(c.path)} for c in item.cached],
-        "cached_bytes": sum(c.size for c in item.cached),
-    }
 
 
 @cli.command()

@@ -7,6 +7,7 @@ Bars and status lines appear only when a person watches (stderr is a terminal).
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from typing import Any, TextIO
 
 import click
@@ -107,3 +108,40 @@ class Streamer:
         body = text.rstrip()
         self.pending = text[len(body):]
         click.echo(body, nl=False)
+
+
+def print_models(listings: list[Any], *, default: str) -> None:
+    """`caprl-local models` as text: each model, its published quants (* cached) and cached files."""
+    for item in listings:
+        spec = item.spec
+        mark = " (default)" if spec.name == default else ""
+        click.echo(f"{spec.name}{mark}  [{spec.architecture}]  {spec.description}")
+        click.echo(f"  repo: {spec.repo}" + (f"   imatrix: {spec.imatrix_repo}" if spec.imatrix_repo else ""))
+        cached = {(c.repo, c.filename) for c in item.cached}
+        if item.available is not None:
+            quants = [f for f in item.available if not f.projector]
+            shown = ", ".join(
+                f"{'i1-' if f.imatrix else ''}{f.quant} {size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
+                for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
+            )
+            click.echo(f"  quants: {shown or 'none published yet'}")
+        elif item.error != "offline":
+            click.echo(f"  quants: not listed ({item.error})")
+        for c in item.cached:
+            click.echo(f"  cached: {c.filename}  {size(c.size)}")
+        if not item.cached:
+            click.echo("  cached: nothing")
+
+
+def listing_json(item: Any, *, default: str) -> dict[str, Any]:
+    """`caprl-local models --json`: one model as a JSON object."""
+    cached = {(c.repo, c.filename): c for c in item.cached}
+    return {
+        **asdict(item.spec),
+        "default": item.spec.name == default,
+        "available": None if item.available is None else [
+            {**asdict(f), "cached": (f.repo, f.filename) in cached} for f in item.available
+        ],
+        "cached": [{**asdict(c), "path": str(c.path)} for c in item.cached],
+        "cached_bytes": sum(c.size for c in item.cached),
+    }

@@ -1,0 +1,98 @@
+"""What to caption: files, folders, glob patterns and list files (one path or JSON object a line) as items.
+
+Pure: reads the file system and list files, touches nothing else. A missing file stays an item,
+to be reported with the results, so that one typo does not stop a batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import CaprlError
+
+#: File name extensions taken from folders (files named explicitly are tried whatever their name).
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+    ".tga", ".ppm", ".pgm", ".pbm", ".ico", ".avif", ".jp2",
+})
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One image to caption, with the other fields of its JSONL input line, if any."""
+
+    path: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The image's identity for resuming, whatever the working directory."""
+        return os.path.abspath(self.path)
+
+
+def collect_inputs(
+    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None
+) -> list[BatchItem]:
+    """Expand files, folders and glob patterns, then the lines of a list file, into items.
+
+    A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
+    layout), whose other fields are kept; relative paths are taken from the list's folder.
+    The same image named twice is captioned once.
+    """
+    items: list[BatchItem] = []
+    for arg in args:
+        items += _expand(arg, recursive)
+    if list_file is not None:
+        if list_file == "-":
+            items += read_list(stdin.read() if stdin is not None else "", Path.cwd(), "<stdin>")
+        else:
+            try:
+                text = Path(list_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
+            items += read_list(text, Path(list_file).parent, list_file)
+    unique: dict[str, BatchItem] = {}
+    for item in items:
+        unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
+    return list(unique.values())
+
+
+def _expand(arg: str, recursive: bool) -> list[BatchItem]:
+    path = Path(arg)
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(
+            p for p in found
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        return [BatchItem(str(p)) for p in files]
+    if not path.exists() and glob.has_magic(arg):
+        return [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
+    return [BatchItem(arg)]  # a missing file becomes a failed image, reported with the rest
+
+
+def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        extra: dict[str, Any] = {}
+        if line.startswith("{"):
+            try:
+                extra = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(extra.get("image"), str):
+                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
+            line = extra["image"]
+        path = Path(line).expanduser()
+        items.append(BatchItem(str(path if path.is_absolute() else base / path), extra))
+    return items
