@@ -116,3 +116,16 @@ def test_close_cancels_what_is_in_flight(tiny_model: tuple[Path, Path], images: 
         handle.result(timeout=120)
     with pytest.raises(EngineError, match="closed"):
         cap.submit(images / "photo.jpg")
+
+
+def test_a_half_read_stream_blocks_no_other_call(tiny_model: tuple[Path, Path], images: Path) -> None:
+    """One slot, a stream read to its first piece and left: other calls still finish, and close() ends it."""
+    with Captioner(*tiny_model, threads=2, parallel=1) as one:
+        stream = one.stream(images / "photo.jpg", max_tokens=200)
+        next(stream)
+        assert one.caption(images / "alpha.png", max_tokens=6).text  # the stream's caption ran on meanwhile
+        other = one.stream(images / "cmyk.jpg", max_tokens=4000, ignore_eos=True)
+        next(other)
+    # Left the block with `other` unread: close() cancelled it instead of waiting for it.
+    with pytest.raises(Cancelled):
+        list(other)
