@@ -7,6 +7,7 @@ This is the only module that decodes images. Every failure becomes an
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 import warnings
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+
+log = logging.getLogger("caprl_local")
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -183,7 +186,8 @@ def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
 
 def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fh)
             _check_size(img, name, max_pixels)
@@ -191,6 +195,8 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) 
                 scale = (draft_pixels / (img.width * img.height)) ** 0.5
                 img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
             img.load()  # decode now, while the file is open, so truncation is caught here
+        for warning in caught:  # Pillow's warnings about odd files are log lines, not output
+            log.info("%s: %s", name, warning.message)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -200,7 +206,17 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) 
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
         raise ImageError(f"{name}: corrupt or truncated image data ({exc}); re-export or re-download it") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever else hostile input makes Pillow raise is this image's failure
+        raise _unreadable(name, exc) from exc
     return _normalise(img, name, max_pixels)
+
+
+def _unreadable(name: str, exc: Exception) -> ImageError:
+    """The error for an image Pillow fails on in a way of its own (NotImplementedError for a
+    format it lacks, MemoryError, OverflowError...), as its own fuzz tests expect of hostile files."""
+    if isinstance(exc, MemoryError):
+        return ImageError(f"{name}: not enough memory to decode this image; downscale it first")
+    return ImageError(f"{name}: cannot decode this image ({type(exc).__name__}: {exc}); convert it to PNG or JPEG")
 
 
 def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
@@ -222,6 +238,8 @@ def _normalise(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
         return _to_rgb(img)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt image data ({exc}); re-export or re-download it") from exc
+    except Exception as exc:  # noqa: BLE001 - as in _decode
+        raise _unreadable(name, exc) from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

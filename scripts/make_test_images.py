@@ -77,6 +77,15 @@ def write_bad(out: Path) -> None:
     (out / "bomb.png").write_bytes(png_header_only(20000, 20000))
 
 
+def dds_unimplemented(width: int = 4, height: int = 4) -> bytes:
+    """A well-formed DDS header whose pixel format (FourCC "XYZW") Pillow opens but cannot decode:
+    it raises NotImplementedError, as it does for real DDS files in formats it lacks."""
+    ddpf_fourcc, caps_texture = 0x4, 0x1000
+    header = struct.pack("<7I", 124, 0x1007, height, width, 0, 0, 0) + b"\0" * 44
+    header += struct.pack("<2I4s5I", 32, ddpf_fourcc, b"XYZW", 0, 0, 0, 0, 0) + struct.pack("<5I", caps_texture, 0, 0, 0, 0)
+    return b"DDS " + header + b"\0" * (width * height)
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and header claiming width x height, with one tiny data chunk."""
 

@@ -80,3 +80,20 @@ def test_pixel_limit_is_checked_before_decoding(images: Path) -> None:
 def test_bad_in_memory_inputs(bad: object) -> None:
     with pytest.raises(ImageError):
         load_image(bad)  # type: ignore[arg-type]
+
+
+def test_a_format_pillow_lacks_is_an_image_error(tmp_path: Path) -> None:
+    """Pillow raises NotImplementedError for DDS pixel formats it cannot decode: still this image's error."""
+    dds = tmp_path / "texture.dds"
+    dds.write_bytes(load_script("make_test_images").dds_unimplemented())
+    for source in (dds, dds.read_bytes()):
+        with pytest.raises(ImageError, match="cannot decode this image .NotImplementedError"):
+            load_image(source)
+
+
+def test_one_unreadable_image_never_stops_a_batch(captioner, images: Path, tmp_path: Path) -> None:
+    dds = tmp_path / "texture.dds"
+    dds.write_bytes(load_script("make_test_images").dds_unimplemented())
+    results = list(captioner.caption_many([images / "photo.jpg", dds, images / "alpha.png"], max_tokens=4))
+    assert [type(r).__name__ for r in results] == ["Caption", "CaptionFailure", "Caption"]
+    assert results[1].kind == "ImageError" and str(dds) in results[1].error
