@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
@@ -51,32 +51,52 @@ class Output(Protocol):
 
 
 class _AppendOutput:
-    """Results appended to a file (or written to a stream), each record whole or not at all."""
+    """Results appended to a file (or written to a stream), each record whole or not at all.
+
+    A file is written unbuffered, record by record: a record that cannot be written whole (a
+    full disk) is cut off again, so the file keeps exactly the records before it.
+    """
 
     path: Path | None
-    fh: TextIO | None
+    fh: TextIO | None = None  # the stream, when there is no file
+    fd: int = -1
 
-    def _open(self, mode: str) -> TextIO:
+    def _open(self, *, truncate: bool) -> None:
         assert self.path is not None
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
         try:
-            return open(self.path, mode, encoding="utf-8")  # type: ignore[return-value]
+            self.fd = os.open(self.path, flags, 0o666)
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
 
     def _append(self, text: str) -> None:
-        assert self.fh is not None
-        try:
-            with deferred_interrupt():
-                self.fh.write(text)
-                self.fh.flush()
-                if self.path is not None:
-                    os.fsync(self.fh.fileno())
-        except OSError as exc:
-            raise _write_error(self.path or Path("<stdout>"), exc) from exc
+        if self.path is None:
+            assert self.fh is not None
+            try:
+                with deferred_interrupt():
+                    self.fh.write(text)
+                    self.fh.flush()
+            except OSError as exc:
+                raise _write_error(Path("<stdout>"), exc) from exc
+            return
+        data = text.encode("utf-8")
+        with deferred_interrupt():
+            start = os.lseek(self.fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(self.fd, data[written:])
+                os.fsync(self.fd)
+            except OSError as exc:
+                with suppress(OSError):  # best effort: take the partial record back out
+                    os.ftruncate(self.fd, start)
+                raise _write_error(self.path, exc) from exc
 
     def close(self) -> None:
-        if self.path is not None and self.fh is not None:
-            self.fh.close()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with suppress(OSError):  # every record was fsynced already; nothing is left to lose
+                os.close(fd)
 
 
 class JsonlOutput(_AppendOutput):
@@ -95,14 +115,14 @@ class JsonlOutput(_AppendOutput):
             return
         kept: list[str] = []
         if self.path.exists() and not overwrite:
-            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+            for line in _lines(self.path):
                 record = _parse_line(line)
                 if record is not None and "caption" in record and "path" in record:
                     self.done.add((os.path.abspath(record["path"]), record.get("prompt", "")))
                     kept.append(line)
         if overwrite or kept != _lines(self.path):
             write_atomic(self.path, "".join(kept))  # drop failed and broken lines, keep the rest
-        self.fh = self._open("a")
+        self._open(truncate=False)
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return (item.key, prompt) in self.done
@@ -145,7 +165,7 @@ class TextOutput(_AppendOutput):
             return
         if self.path.exists() and not overwrite:
             self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
-        self.fh = self._open("w" if overwrite else "a")
+        self._open(truncate=overwrite)
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return item.key in self.done
@@ -166,7 +186,9 @@ def _parse_line(line: str) -> dict[str, Any] | None:
 
 
 def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    """The file's lines, each with its newline: split at "\n" only, since a JSON line may hold
+    other line breaks (U+0085 and U+2028 in a file name) that str.splitlines would cut at."""
+    return re.split(r"(?<=\n)(?!$)", path.read_text(encoding="utf-8")) if path.exists() and path.stat().st_size else []
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -181,7 +203,8 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # on a read-only folder there is nothing to clean up, and no new error
+            tmp.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, exc: OSError) -> CaprlError:

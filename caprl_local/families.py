@@ -78,6 +78,8 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
             f"projector {mmproj.path}: is {kind}, but {model.path.name} is a {family.name} text model; "
             "use the mmproj published with this model"
         )
+    for key, most in ((f"{arch}.block_count", _MAX_LAYERS), (f"{arch}.embedding_length", _MAX_WIDTH)):
+        _bounded(model, "model", key, most)
     _check_vision_tensors(mmproj, family)
     # llama.cpp feeds the text model embeddings of n_embd x (1 + deepstack layers); the projector
     # yields its merger's width x (1 + its deepstack mergers): both must agree.
@@ -85,7 +87,11 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     if n_deepstack >= _int(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
         raise ModelFileError(f"model {model.path}: invalid deepstack layer count {n_deepstack}; download it again")
     text_width = _int(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
-    merger = mmproj.tensors["mm.2.bias"][1][0]
+    bias_dims = mmproj.tensors["mm.2.bias"][1]
+    if len(bias_dims) != 1 or not 0 < bias_dims[0] <= _MAX_WIDTH:
+        raise ModelFileError(f"projector {mmproj.path}: tensor mm.2.bias has shape {list(bias_dims)}, not a vector; "
+                             "download the published mmproj")
+    merger = bias_dims[0]
     deepstack = [dims for name, (_t, dims) in mmproj.tensors.items()
                  if name.startswith("v.deepstack.") and name.endswith(".fc2.weight")]
     proj_width = merger * (1 + len(deepstack))
@@ -105,19 +111,32 @@ def kv_bytes_per_token(model: GGUFInfo) -> int:
     return 2 * 2 * _int(meta.get(f"{arch}.block_count")) * _int(meta.get(f"{arch}.attention.head_count_kv")) * head_dim
 
 
+# Bounds on header numbers, checked before any is used: a damaged file must not make the checks
+# themselves build huge lists. llama.cpp allows at most 512 layers (LLAMA_MAX_LAYERS).
+_MAX_LAYERS = 512
+_MAX_WIDTH = 1 << 16
+
+
+def _bounded(info: GGUFInfo, role: str, key: str, most: int) -> int:
+    value = info.metadata.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+        raise ModelFileError(f"{role} {info.path}: {key} is {value!r}, not a number from 1 to {most}; "
+                             "the file is damaged or from an incompatible converter")
+    return value
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _check_vision_tensors(mmproj: GGUFInfo, family: Family) -> None:
-    meta = mmproj.metadata
-    sizes = {key: meta.get(f"clip.vision.{key}") for key in ("block_count", "patch_size", "embedding_length")}
-    heads = meta.get("clip.vision.attention.head_count")
-    if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or not isinstance(heads, int) or heads < 1 \
-            or sizes["embedding_length"] % heads:  # type: ignore[operator]
+    sizes = {key: _bounded(mmproj, "projector", f"clip.vision.{key}", most) for key, most in (
+        ("block_count", _MAX_LAYERS), ("patch_size", 1024), ("embedding_length", _MAX_WIDTH),
+        ("attention.head_count", 1024))}
+    if sizes["embedding_length"] % sizes["attention.head_count"]:
         raise ModelFileError(f"projector {mmproj.path}: invalid vision encoder sizes {sizes}; download the published mmproj")
     wanted = list(family.tensors) + [
-        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in family.block_tensors  # type: ignore[arg-type]
+        f"v.blk.{i}.{t}" for i in range(sizes["block_count"]) for t in family.block_tensors
     ]
     # A deepstack merger is used when its fc1 exists, and then needs its fc2.
     wanted += [name.replace(".fc1.", ".fc2.") for name in mmproj.tensors if name.startswith("v.deepstack.")

@@ -117,9 +117,9 @@ def read_gguf(path: str | os.PathLike[str], *, role: str = "model file") -> GGUF
         raise ModelFileError(f"{name}: no such file; check the path") from exc
     except PermissionError as exc:
         raise ModelFileError(f"{name}: permission denied; check the file's permissions") from exc
-    except EOFError as exc:
+    except (EOFError, struct.error) as exc:  # struct.error: a field runs past the end of the file
         raise ModelFileError(f"{name}: file is truncated (header cut short); download it again") from exc
-    except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ModelFileError(f"{name}: corrupt GGUF header ({exc}); download it again") from exc
     except OSError as exc:
         raise ModelFileError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
@@ -131,8 +131,10 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
     if version not in (2, 3):
         raise ValueError(f"unsupported GGUF version {version}")
     n_tensors, n_kv = r.take("Q"), r.take("Q")
-    if n_tensors > size or n_kv > size:
+    if n_tensors > 1 << 24 or n_kv > 1 << 24:
         raise ValueError("impossible tensor or key count")
+    if n_tensors + n_kv > size:  # each takes bytes: the rest of the file is missing
+        raise EOFError
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = r.string()
@@ -148,7 +150,9 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
         ttype, offset = r.take("I"), r.take("Q")
         table[tname] = (ttype, tuple(dims))
         tensors.append((dims, ttype, offset))
-    align = int(meta.get("general.alignment", 32)) or 32
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= 1 << 16 or align & (align - 1):
+        raise ValueError(f"general.alignment is {align!r}, not a power of two")
     data_start = (r.pos + align - 1) // align * align
     data_end = data_start  # where the last tensor ends, if every tensor type is known to us
     for dims, ttype, offset in tensors:

@@ -80,8 +80,8 @@ def _expand(arg: str, recursive: bool) -> list[BatchItem]:
 
 def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a path may hold U+0085
+        line = line.strip(" \t\r\f\v")  # ASCII blanks only: U+0085 may end a file name
         if not line or line.startswith("#"):
             continue
         extra: dict[str, Any] = {}

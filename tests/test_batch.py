@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -165,3 +166,52 @@ def test_unwritable_outputs_are_one_line_errors(model_args: list[str], images: P
                      "--format", "jsonl", "-o", str(missing_dir))
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert str(missing_dir) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_file_names_with_unicode_line_breaks_resume(tmp_path: Path) -> None:
+    """U+0085 and U+2028 are line breaks to str.splitlines: a JSONL line holding one must still count as one."""
+    from caprl_local.batch import JsonlOutput
+    from caprl_local.inputs import BatchItem, read_list
+
+    names = ["caf\u0085e.jpg", "line\u2028sep.png", "plain.jpg"]
+    out = tmp_path / "out.jsonl"
+    first = JsonlOutput(str(out))
+    for name in names:
+        first.write(BatchItem(str(tmp_path / name)), {"path": str(tmp_path / name), "caption": "x", "prompt": "p"})
+    first.close()
+    again = JsonlOutput(str(out))
+    assert all(again.has(BatchItem(str(tmp_path / name)), "p") for name in names)
+    again.close()
+    assert len(out.read_text(encoding="utf-8").split("\n")) == 4  # kept whole, nothing rewritten or dropped
+    listed = read_list("\n".join(names) + "\n", tmp_path, "list")
+    assert [Path(i.path).name for i in listed] == names
+
+
+@pytest.mark.parametrize(("fmt", "room"), [("jsonl", 900), ("text", 250)])  # about one record's worth
+def test_a_full_disk_is_one_line_and_loses_nothing(model_args: list[str], images: Path, tmp_path: Path,
+                                                    fmt: str, room: int) -> None:
+    """Writes fail part-way (a file size limit, as a full disk does): one clear line, only whole records
+    kept, and the same command run again finishes with one record per image."""
+    import resource
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    out = tmp_path / f"out.{fmt}"
+    args = [sys.executable, "-m", "caprl_local", "caption", *(str(images / n) for n in ("photo.jpg", "alpha.png", "cmyk.jpg")),
+            *model_args, "--format", fmt, "--output", str(out)]
+    full = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1 and "Traceback" not in full.stderr and "unexpected" not in full.stderr, full.stderr
+    assert lines[-1].startswith(f"Error: {out}: cannot write results")
+    text = out.read_text()
+    assert text == "" or text.endswith("\n")  # no record cut short
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    final = out.read_text()
+    if fmt == "jsonl":
+        assert sorted(Path(r["path"]).name for r in jsonl(final)) == ["alpha.png", "cmyk.jpg", "photo.jpg"]
+    else:
+        assert sorted(Path(h).name for h in re.findall(r"^==> (.*) <==$", final, re.M)) == [
+            "alpha.png", "cmyk.jpg", "photo.jpg"]

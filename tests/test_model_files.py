@@ -152,3 +152,53 @@ def test_llama_cpp_errors_stay_with_the_thread_that_caused_them() -> None:
     for t in threads:
         t.join()
     assert seen == {"a": "error for a", "b": "error for b"}
+
+
+def _set_u32(src: Path, dst: Path, key: str, value: int) -> Path:
+    """A copy of a GGUF with one u32 metadata value overwritten in place (its key, then type 4, then the value)."""
+    data = bytearray(src.read_bytes())
+    at = data.index(key.encode()) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 4, f"{key} is not a u32"
+    data[at + 4:at + 8] = value.to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize(("role", "key"), [
+    ("projector", "clip.vision.block_count"),  # would have made the check list 2^31 x 9 tensor names
+    ("projector", "clip.vision.embedding_length"),
+    ("model", "qwen2vl.block_count"),
+])
+def test_header_numbers_are_bounded_before_use(tiny_model: tuple[Path, Path], tmp_path: Path, role: str,
+                                               key: str) -> None:
+    model, mmproj = tiny_model
+    for value in (2**31 - 1, 0):
+        if role == "projector":
+            message = _error(model, _set_u32(mmproj, tmp_path / "p.mmproj-f16.gguf", key, value))
+        else:
+            message = _error(_set_u32(model, tmp_path / "m.f16.gguf", key, value), mmproj)
+        assert f"{key} is {value}, not a number from 1 to" in message
+
+
+def test_a_header_cut_anywhere_reads_as_truncated(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = tiny_model
+    data = model.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for keep in (6, 13, 24, 57, 301, 777, 4_097, 20_011, 60_013):  # inside numbers, strings and arrays
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ModelFileError, match="file is truncated"):
+            read_gguf(cut)
+
+
+def test_alignment_must_be_a_power_of_two(tmp_path: Path) -> None:
+    for value in ([32], 48, 0):
+        path = tmp_path / "aligned.gguf"
+        w = gguf.GGUFWriter(str(path), "qwen2vl")
+        w.add_key_value("general.alignment", value, gguf.GGUFValueType.ARRAY if isinstance(value, list)
+                        else gguf.GGUFValueType.UINT32, sub_type=gguf.GGUFValueType.UINT32 if isinstance(value, list) else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(ModelFileError, match=r"general.alignment is .*, not a power of two"):
+            read_gguf(path)
