@@ -8,12 +8,13 @@ images in progress and the same command, run again, finishes the rest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from .errors import Cancelled, CaprlError
 from .inputs import BatchItem
 from .options import Parallel
 from .results import Caption, CaptionFailure
+
+log = logging.getLogger("caprl_local")
 
 
 @dataclass
@@ -60,6 +63,22 @@ class _AppendOutput:
     path: Path | None
     fh: TextIO | None = None  # the stream, when there is no file
     fd: int = -1
+    lock: Any = None
+
+    def _claim(self) -> None:
+        """Make this run the file's only writer: two runs appending to one file would each
+        skip nothing and write every image twice, or write into a file the other replaced."""
+        from filelock import FileLock, Timeout
+
+        assert self.path is not None
+        self.lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=0)
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise CaprlError(f"{self.path}: another caprl-local run is writing this file; wait for it to finish, "
+                             "or give this run another --output") from None
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
 
     def _open(self, *, truncate: bool) -> None:
         assert self.path is not None
@@ -97,6 +116,8 @@ class _AppendOutput:
             fd, self.fd = self.fd, -1
             with suppress(OSError):  # every record was fsynced already; nothing is left to lose
                 os.close(fd)
+        if self.lock is not None:
+            self.lock.release()
 
 
 class JsonlOutput(_AppendOutput):
@@ -113,6 +134,7 @@ class JsonlOutput(_AppendOutput):
         if self.path is None:
             self.fh = stream
             return
+        self._claim()
         kept: list[str] = []
         if self.path.exists() and not overwrite:
             for line in _lines(self.path):
@@ -132,14 +154,29 @@ class JsonlOutput(_AppendOutput):
 
 
 class SidecarOutput:
-    """``photo.txt`` beside ``photo.jpg``, written to a temporary name and renamed."""
+    """``photo.txt`` beside ``photo.jpg``, written to a temporary name and renamed.
 
-    def __init__(self, ext: str = ".txt", *, overwrite: bool = False) -> None:
+    Images that would share a sidecar (``photo.jpg`` and ``photo.png`` in one run) each get
+    one named after the whole file name instead (``photo.jpg.txt``, ``photo.png.txt``), so
+    that no caption overwrites another; a warning says so.
+    """
+
+    def __init__(self, ext: str = ".txt", *, overwrite: bool = False, items: Iterable[BatchItem] = ()) -> None:
         self.ext = ext if ext.startswith(".") else "." + ext
         self.overwrite = overwrite
+        by_sidecar: dict[Path, list[BatchItem]] = {}
+        for item in items:
+            by_sidecar.setdefault(Path(item.key).with_suffix(self.ext), []).append(item)
+        self.renamed: dict[str, Path] = {}
+        for sidecar, sharing in by_sidecar.items():
+            if len(sharing) > 1:
+                self.renamed.update((i.key, Path(i.path).with_name(Path(i.path).name + self.ext)) for i in sharing)
+                log.warning("%s would all be captioned into %s; writing %s instead",
+                            ", ".join(Path(i.path).name for i in sharing), sidecar.name,
+                            ", ".join(self.renamed[i.key].name for i in sharing))
 
     def path_for(self, item: BatchItem) -> Path:
-        return Path(item.path).with_suffix(self.ext)
+        return self.renamed.get(item.key) or Path(item.path).with_suffix(self.ext)
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return not self.overwrite and self.path_for(item).is_file()
@@ -163,6 +200,7 @@ class TextOutput(_AppendOutput):
         if self.path is None:
             self.fh = stream
             return
+        self._claim()
         if self.path.exists() and not overwrite:
             self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
         self._open(truncate=overwrite)
@@ -304,12 +342,12 @@ class OutputOptions:
     overwrite: bool = False  # caption images that already have a result again
 
 
-def open_outputs(options: OutputOptions, *, stream: TextIO) -> list[Output]:
+def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[BatchItem] = ()) -> list[Output]:
     """The outputs for a run: sidecars, and JSONL or text to the file or the stream (text to the
     stream only when nothing else receives the captions)."""
     outputs: list[Output] = []
     if options.sidecar:
-        outputs.append(SidecarOutput(options.sidecar_ext, overwrite=options.overwrite))
+        outputs.append(SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items))
     if options.format == "jsonl":
         outputs.append(JsonlOutput(options.path, overwrite=options.overwrite, stream=stream))
     elif options.path or not options.sidecar:
@@ -339,7 +377,7 @@ def caption_batch(
     """
     opened: list[Output] = []
     try:
-        opened = open_outputs(outputs, stream=stream)
+        opened = open_outputs(outputs, stream=stream, items=items)
         todo, skipped = split_done(items, opened, prompt)
         if on_start is not None:
             on_start(len(items), len(items) - len(todo))

@@ -215,3 +215,35 @@ def test_a_full_disk_is_one_line_and_loses_nothing(model_args: list[str], images
     else:
         assert sorted(Path(h).name for h in re.findall(r"^==> (.*) <==$", final, re.M)) == [
             "alpha.png", "cmyk.jpg", "photo.jpg"]
+
+
+def test_one_output_file_has_one_writer(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    out = tmp_path / "out.jsonl"
+    args = ["caption", str(images / "photo.jpg"), str(images / "alpha.png"), *model_args, "--format", "jsonl", "-o", str(out)]
+    with FileLock(tmp_path / ".out.jsonl.lock"):  # as a run writing the file holds it
+        busy = run_cli(*args)
+    assert busy.returncode == 1 and busy.stderr.strip().splitlines() == [
+        f"Error: {out}: another caprl-local run is writing this file; wait for it to finish, "
+        "or give this run another --output"]
+    assert not out.exists()  # the second run touched nothing
+    assert run_cli(*args).returncode == 0 and len(jsonl(out.read_text())) == 2
+
+
+def test_images_that_would_share_a_sidecar_each_keep_their_caption(model_args: list[str], images: Path,
+                                                                   tmp_path: Path) -> None:
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    shutil.copy(images / "photo.jpg", folder / "photo.jpg")
+    shutil.copy(images / "alpha.png", folder / "photo.png")
+    shutil.copy(images / "cmyk.jpg", folder / "other.jpg")
+    first = run_cli("caption", str(folder), *model_args, "--sidecar")
+    assert first.returncode == 0, first.stderr
+    assert "Warning: photo.jpg, photo.png would all be captioned into photo.txt; writing photo.jpg.txt, " \
+           "photo.png.txt instead" in first.stderr
+    written = sorted(p.name for p in folder.glob("*.txt"))
+    assert written == ["other.txt", "photo.jpg.txt", "photo.png.txt"]
+    assert (folder / "photo.jpg.txt").read_text() != (folder / "photo.png.txt").read_text()
+    again = run_cli("caption", str(folder), *model_args, "--sidecar")
+    assert "Nothing to do" in again.stderr
