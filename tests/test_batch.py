@@ -170,8 +170,8 @@ def test_unwritable_outputs_are_one_line_errors(model_args: list[str], images: P
 
 def test_file_names_with_unicode_line_breaks_resume(tmp_path: Path) -> None:
     """U+0085 and U+2028 are line breaks to str.splitlines: a JSONL line holding one must still count as one."""
-    from caprl_local.batch import JsonlOutput
     from caprl_local.inputs import BatchItem, read_list
+    from caprl_local.outputs import JsonlOutput
 
     names = ["caf\u0085e.jpg", "line\u2028sep.png", "plain.jpg"]
     out = tmp_path / "out.jsonl"
