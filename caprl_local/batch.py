@@ -76,8 +76,10 @@ def run_batch(
     """
     summary = BatchSummary()
     started = time.perf_counter()
+    by_name = {item.path: item for item in items}  # results name their input; a cancel leaves gaps
     try:
-        for item, result in zip(items, captioner.caption_many([i.path for i in items], prompt=prompt, **options), strict=True):
+        for result in captioner.caption_many(list(by_name), prompt=prompt, **options):
+            item = by_name[result.image]
             record = result_record(item, result, prompt=prompt, model=model, quant=quant)
             for output in outputs:
                 output.write(item, record)

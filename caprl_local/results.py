@@ -24,6 +24,7 @@ class Caption:
     """A caption and what it cost."""
 
     text: str
+    image: str  # the input, as named in messages: its path when it has one
     image_tokens: int
     prompt_tokens: int  # text and image tokens fed to the model
     generated_tokens: int

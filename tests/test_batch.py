@@ -153,6 +153,7 @@ def test_caption_many_in_order_with_failures_and_progress(captioner: Captioner, 
                                           progress=lambda d, t: seen.append((d, t))))
     assert [type(r) for r in results] == [Caption, CaptionFailure, Caption, CaptionFailure, Caption, Caption, Caption]
     assert results[1].kind == "ImageError" and "missing.jpg" in results[1].error
+    assert [r.image for r in results] == [str(images / n) for n in names]
     single = {n: captioner.caption(images / n, max_tokens=8).text for n in ("photo.jpg", "alpha.png", "cmyk.jpg")}
     assert results[0].text == results[6].text == single["photo.jpg"]
     assert results[2].text == single["alpha.png"] and results[5].text == single["cmyk.jpg"]

@@ -195,7 +195,9 @@ class Captioner:
         Up to ``parallel`` captions are in flight at once, a finished one's slot taking the next
         image, while the next ``prefetch`` images are read and resized in a background thread.
         ``progress(done, total)`` follows each result (total is None when ``images`` has no length).
-        Cancelled (from :meth:`cancel`) ends the run.
+        Cancelled (from :meth:`cancel`) ends the run, raised once every result finished before it
+        has been yielded (in input order, leaving out the images it cut short: match results to
+        inputs by their ``image``).
         """
         opts, epoch = self._options(options), self._live().epoch
         total = len(images) if isinstance(images, Sized) else None
@@ -214,13 +216,22 @@ class Captioner:
                     return
                 try:
                     results[i] = _outcome(running.pop(i))
-                except Cancelled as exc:  # the run ends, once the results finished before it are out
+                except Cancelled as exc:  # the run ends, once every result finished before it is out
                     cancelled.append(exc)
                     for request in running.values():
                         self._live().cancel(request)
                     block = True
                     continue
                 block = False
+
+        def finished() -> Iterator[Caption | CaptionFailure]:
+            """After a cancel: every result that was finished, in input order, over the gaps."""
+            nonlocal done
+            for i in sorted(results):
+                yield results.pop(i)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
 
         def in_order() -> Iterator[Caption | CaptionFailure]:
             nonlocal done
@@ -243,11 +254,13 @@ class Captioner:
                 collect(block=len(running) >= window)
                 yield from in_order()
                 if cancelled:
+                    yield from finished()
                     raise cancelled[0]
             while running:
                 collect(block=True)
                 yield from in_order()
             if cancelled:
+                yield from finished()
                 raise cancelled[0]
             yield from in_order()
         finally:

@@ -83,7 +83,8 @@ class _Slot:
         prompt_s = self.t_prompt - self.t_start - self.encode_s
         gen_s = t_end - self.t_prompt
         return Caption(
-            text="".join(self.text).strip(), image_tokens=self.image_tokens, prompt_tokens=self.prompt_tokens,
+            text="".join(self.text).strip(), image=self.request.name, image_tokens=self.image_tokens,
+            prompt_tokens=self.prompt_tokens,
             generated_tokens=self.n_gen, finish_reason=self.finish,  # type: ignore[arg-type]
             timings=Timings(
                 image_load_s=self.request.load_s, image_encode_s=self.encode_s, prompt_eval_s=prompt_s,
