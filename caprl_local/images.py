@@ -14,6 +14,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar, Union
@@ -232,8 +233,9 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
 def _normalise(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
     _check_size(img, name, max_pixels)
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
+        if getattr(img, "n_frames", 1) > 1 and img.tell() > 0:
+            with suppress(EOFError):  # frames may be numbered from 1 (a PSD's layers): keep what is shown
+                img.seek(0)
         img = ImageOps.exif_transpose(img) or img
         return _to_rgb(img)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -86,6 +86,32 @@ def dds_unimplemented(width: int = 4, height: int = 4) -> bytes:
     return b"DDS " + header + b"\0" * (width * height)
 
 
+def psd_two_layers(width: int = 64, height: int = 48) -> bytes:
+    """A Photoshop file with two layers and its composite, uncompressed RGB (Pillow numbers a PSD's
+    frames from 1, not 0: the composite is what a viewer shows)."""
+    def planes(rgb: tuple[int, int, int]) -> list[bytes]:
+        return [bytes([c]) * (width * height) for c in rgb]
+
+    layers = [((200, 40, 40), b"back"), ((40, 40, 200), b"front")]
+    records, data = b"", b""
+    for colour, name in layers:
+        channels = planes(colour)
+        records += struct.pack(">4iH", 0, 0, height, width, 3)
+        records += b"".join(struct.pack(">hI", i, 2 + len(ch)) for i, ch in enumerate(channels))
+        pascal = bytes([len(name)]) + name
+        pascal += b"\0" * (-len(pascal) % 4)
+        extra = struct.pack(">II", 0, 0) + pascal  # no mask, no blending ranges, the name
+        records += b"8BIMnorm" + struct.pack(">BBBBI", 255, 0, 0, 0, len(extra)) + extra
+        data += b"".join(struct.pack(">H", 0) + ch for ch in channels)  # raw, channel by channel
+    layer_info = struct.pack(">h", len(layers)) + records + data
+    layer_info += b"\0" * (len(layer_info) % 2)
+    layer_section = struct.pack(">I", len(layer_info)) + layer_info + struct.pack(">I", 0)
+    out = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    out += struct.pack(">I", 0) + struct.pack(">I", 0)  # no colour mode data, no image resources
+    out += struct.pack(">I", len(layer_section)) + layer_section
+    return out + struct.pack(">H", 0) + b"".join(planes((40, 40, 200)))  # the composite: front on top
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and header claiming width x height, with one tiny data chunk."""
 

@@ -97,3 +97,17 @@ def test_one_unreadable_image_never_stops_a_batch(captioner, images: Path, tmp_p
     results = list(captioner.caption_many([images / "photo.jpg", dds, images / "alpha.png"], max_tokens=4))
     assert [type(r).__name__ for r in results] == ["Caption", "CaptionFailure", "Caption"]
     assert results[1].kind == "ImageError" and str(dds) in results[1].error
+
+
+def test_a_layered_photoshop_file_gives_its_composite(tmp_path: Path) -> None:
+    psd = tmp_path / "layers.psd"
+    psd.write_bytes(load_script("make_test_images").psd_two_layers())
+    img = load_image(psd)
+    assert img.size == (64, 48) and img.getpixel((1, 1)) == (40, 40, 200)  # the composite, front layer on top
+
+
+def test_a_later_frame_of_an_animation_gives_the_first(images: Path) -> None:
+    with Image.open(images / "animated.gif") as gif:
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(2)
+        assert np.array_equal(np.asarray(load_image(gif)), first)
