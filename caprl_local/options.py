@@ -71,6 +71,7 @@ class EngineOptions:
     repack: bool | None = None  # llama.cpp's repacked weight layouts; None: the engine's choice
     warmup: bool = True
     verbose: bool = False  # llama.cpp's log lines at their own level instead of DEBUG
+    isolate: bool = True  # a pair's first load on this machine runs in a child process (see engine/probe.py)
 
     def __post_init__(self) -> None:
         auto_or_positive("gpu_layers", self.gpu_layers, minimum=-1)

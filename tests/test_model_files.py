@@ -202,3 +202,40 @@ def test_alignment_must_be_a_power_of_two(tmp_path: Path) -> None:
         w.close()
         with pytest.raises(ModelFileError, match=r"general.alignment is .*, not a power of two"):
             read_gguf(path)
+
+
+def test_a_file_llama_cpp_aborts_on_is_an_error_not_a_crash(tiny_model: tuple[Path, Path], tmp_path: Path,
+                                                            images: Path) -> None:
+    """clip.vision.block_count stored as i32 (another converter could write that) passes every header check,
+    but llama.cpp asserts on its type and aborts: the first load happens in a child process."""
+    import json
+    import os
+
+    from helpers import run_cli
+
+    model, mmproj = tiny_model
+    data = bytearray(mmproj.read_bytes())
+    at = data.index(b"clip.vision.block_count") + len("clip.vision.block_count")
+    data[at:at + 4] = (5).to_bytes(4, "little")  # GGUF type i32 instead of u32: same size, a valid file
+    bad = tmp_path / "i32.mmproj-f16.gguf"
+    bad.write_bytes(bytes(data))
+    message = _error(model, bad)
+    assert f"projector {bad}: llama.cpp aborts on this pair (gguf.cpp:" in message and "GGML_ASSERT" in message
+    verdicts = json.loads((Path(os.environ["CAPRL_LOCAL_HOME"]) / "loaded-pairs.json").read_text())
+    assert [v for k, v in verdicts.items() if str(bad.resolve()) in k][0].startswith("aborted")
+    assert _error(model, bad) == message  # the verdict is remembered: no second child
+    result = run_cli("caption", str(images / "photo.jpg"), "--model", str(model), "--mmproj", str(bad))
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "llama.cpp aborts on this pair" in result.stderr
+
+
+def test_a_good_pair_is_checked_once(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+    import os
+
+    model, mmproj = (shutil.copy(p, tmp_path / p.name) for p in tiny_model)
+    store = Path(os.environ["CAPRL_LOCAL_HOME"]) / "loaded-pairs.json"
+    with Captioner(model, mmproj, threads=1):
+        pass
+    verdicts = json.loads(store.read_text())
+    assert [v for k, v in verdicts.items() if str(Path(model).resolve()) in k] == ["ok"]

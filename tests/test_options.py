@@ -14,7 +14,7 @@ from caprl_local.options import EngineOptions, GenerationOptions, make
 #: Caption options the CLI leaves out on purpose: ignore_eos only serves benchmarks.
 NOT_ON_THE_COMMAND_LINE = {"ignore_eos"}
 #: Engine options the CLI does not offer yet (they keep their defaults there).
-ENGINE_ONLY = {"n_ctx", "flash_attn", "image_min_tokens", "repack", "warmup"}
+ENGINE_ONLY = {"n_ctx", "flash_attn", "image_min_tokens", "repack", "warmup", "isolate"}
 
 
 def test_the_caption_command_offers_every_caption_option() -> None:

@@ -26,6 +26,7 @@ from ..options import EngineOptions, GenerationOptions, make
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Caption, CaptionFailure
+from .probe import check_first_load
 from .scheduler import Request, Scheduler, pieces
 from .session import Session
 
@@ -90,6 +91,8 @@ class Captioner:
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
         self.architecture = model_info.architecture
         self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=self.architecture)
+        if self.options.isolate:
+            check_first_load(self.model_path, self.mmproj_path, self.options)
         self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
         meta = mmproj_info.metadata
         self._budget = ImageBudget.for_tokens(
