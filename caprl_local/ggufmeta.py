@@ -125,6 +125,14 @@ def read_gguf(path: str | os.PathLike[str], *, role: str = "model file") -> GGUF
         raise ModelFileError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
 
 
+def _name(r: _Reader, what: str) -> str:
+    """A key or tensor name, refused when garbled: it would end up in messages."""
+    name = r.string()
+    if len(name) > 256 or not name.isprintable():
+        raise ValueError(f"a {what} is garbled ({name[:24]!r}...)")
+    return name
+
+
 def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
     r.pos = 4
     version = r.take("I")
@@ -137,12 +145,12 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
         raise EOFError
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
-        key = r.string()
+        key = _name(r, "metadata key")
         meta[key] = r.value(r.take("I"))
     tensors: list[tuple[list[int], int, int]] = []
     table: dict[str, tuple[int, tuple[int, ...]]] = {}
     for _ in range(n_tensors):
-        tname = r.string()
+        tname = _name(r, "tensor name")
         n_dims = r.take("I")
         if n_dims > 4:
             raise ValueError(f"tensor {tname} has {n_dims} dimensions")
