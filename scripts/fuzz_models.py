@@ -186,11 +186,24 @@ def main() -> None:
         if r["outcome"] not in ("caption", "error") or "\n" in r.get("message", ""):
             print(json.dumps(r))
     if args.out:  # the summary: outcomes by kind of mutation, and every record that is not a caption or an error
-        kinds = Counter(f"{r['what'].split(': ')[0]} {_kind(r['what'])}: {r['outcome']}" for r in records)
+        kinds = Counter(f"{r['what'].split(': ')[0]} {_kind(r['what'])}: {_outcome(r)}" for r in records)
         problems = [r for r in records if r["outcome"] not in ("caption", "error")]
         args.out.write_text(json.dumps({"seed": args.seed, "shape": args.shape, "mutants": len(records),
                                         "seconds": round(seconds, 1), "outcomes": counts,
                                         "by_mutation": dict(sorted(kinds.items())), "problems": problems}, indent=1))
+
+
+def _outcome(record: dict) -> str:
+    """What stopped a mutant: caprl-local's own header checks, llama.cpp refusing it, or llama.cpp
+    aborting on it in the first-load child (a crash caught), or nothing (a caption)."""
+    message = record.get("message", "")
+    if record["outcome"] != "error":
+        return record["outcome"]
+    if "llama.cpp aborts on this pair" in message:
+        return "error (llama.cpp aborted in the first-load check)"
+    if "llama.cpp" in message:
+        return "error (llama.cpp refused it)"
+    return "error (header checks)"
 
 
 def _kind(what: str) -> str:
