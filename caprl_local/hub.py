@@ -151,7 +151,7 @@ def list_repo_files(repo: str, *, token: str | None = None) -> list[RemoteFile]:
     try:
         while url:
             with open_url(url, token=token, timeout=20) as response:
-                entries += json.load(response)
+                entries += _listing_page(response, repo)
                 url = _next_page(response.headers.get("Link"))
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one typed error
         raise translate_error(exc, f"listing {repo}") from exc
@@ -159,11 +159,29 @@ def list_repo_files(repo: str, *, token: str | None = None) -> list[RemoteFile]:
     for entry in entries:
         if entry.get("type") != "file":
             continue
-        lfs = entry.get("lfs") or {}
-        remote = _classify(repo, entry["path"], int(entry["size"]), lfs.get("oid"))
+        lfs = entry.get("lfs")
+        oid = lfs.get("oid") if isinstance(lfs, dict) else None
+        remote = _classify(repo, entry["path"], entry["size"], oid if isinstance(oid, str) else None)
         if remote is not None:
             files.append(remote)
     return files
+
+
+def _listing_page(response: Any, repo: str) -> list[dict[str, Any]]:
+    """One page of a repo's file listing, or DownloadError if the answer is not one (a captive
+    portal's HTML page, a proxy's error, a truncated body)."""
+    kind = response.headers.get_content_type()
+    try:
+        page = json.loads(response.read())
+    except ValueError:
+        raise DownloadError(f"listing {repo}: {endpoint_url()} answered with {kind}, not the Hub's JSON; "
+                            "check HF_ENDPOINT or the network's proxy") from None
+    if not isinstance(page, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("size"), int)
+            and not isinstance(e.get("size"), bool) and e["size"] >= 0 for e in page):
+        raise DownloadError(f"listing {repo}: the Hub's answer is not a file listing (entries without a path "
+                            "or size); try again later")
+    return page
 
 
 def _next_page(link: str | None) -> str | None:

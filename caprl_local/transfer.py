@@ -31,6 +31,8 @@ log = logging.getLogger("caprl_local")
 
 _SPACE_MARGIN = 64 * 1024 * 1024  # keep this much free beyond the file itself
 _RETRIES = 3  # brief network failures retried (with resume) before a pull gives up
+READ_TIMEOUT_S = 30.0  # a connection that sends nothing for this long has stalled
+STALLS = 2  # stalled attempts without a single byte before a pull gives up
 
 
 @dataclass(frozen=True)
@@ -170,14 +172,14 @@ def _is_complete(final: Path, remote: Fetchable) -> bool:
 def _download(remote: Fetchable, part: Path, *, token: str | None, progress: ProgressCallback | None) -> None:
     """Fetch the file's bytes into `part`, continuing what is already there; retry brief failures."""
     url = f"{endpoint_url()}/{remote.repo}/resolve/main/{urllib.parse.quote(remote.filename)}"
-    attempts = 0
+    attempts = stalls = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
         if have == remote.size:
             return
         try:
             ranged = {"Range": f"bytes={have}-"} if have else {}
-            with open_url(url, token=token, timeout=30, headers=ranged) as response, \
+            with open_url(url, token=token, timeout=READ_TIMEOUT_S, headers=ranged) as response, \
                     open(part, "ab" if have else "wb") as out:
                 if have and response.status != 206:  # the server ignored the range: start over
                     out.truncate(0)
@@ -186,7 +188,7 @@ def _download(remote: Fetchable, part: Path, *, token: str | None, progress: Pro
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     done += len(chunk)
-                    attempts = 0  # progress was made: brief failures may be retried again
+                    attempts = stalls = 0  # progress was made: brief failures may be retried again
                     if progress is not None:
                         progress(DownloadProgress(remote.filename, done, remote.size))
                 out.flush()
@@ -199,7 +201,20 @@ def _download(remote: Fetchable, part: Path, *, token: str | None, progress: Pro
                 part.unlink(missing_ok=True)
                 continue
             raise
-        except (ConnectionError, TimeoutError, http.client.HTTPException, urllib.error.URLError) as exc:
+        except TimeoutError as exc:
+            stalls += 1
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()  # nothing to resume from
+            if stalls >= STALLS:
+                raise _ConnectionClosed(f"the server stopped sending ({stalls} times {READ_TIMEOUT_S:g} s without a "
+                                        "byte)") from exc
+            log.warning("download of %s stalled; trying again", remote.filename)
+        except (ConnectionError, http.client.HTTPException, urllib.error.URLError) as exc:
+            if isinstance(getattr(exc, "reason", None), TimeoutError):  # a stall before the headers
+                stalls += 1
+                if stalls >= STALLS:
+                    raise _ConnectionClosed(f"the server stopped answering ({stalls} times {READ_TIMEOUT_S:g} s)") from exc
+                continue
             attempts += 1
             # Refused twice before a single byte arrived: the server is down, not flaky; fail fast.
             if attempts > _RETRIES or isinstance(exc, urllib.error.URLError) and have == 0 and attempts > 1:

@@ -4,7 +4,8 @@
 - ``HEAD|GET /{owner}/{repo}/resolve/{revision}/{filename}``: the file, with the headers
   huggingface_hub reads (X-Repo-Commit, X-Linked-Etag, X-Linked-Size) and HTTP Range for resumes.
 
-Faults for tests: cut a file's transfer after N bytes, serve corrupted bytes, or go away.
+Faults for tests: cut a file's transfer after N bytes, stall after the headers, serve corrupted
+bytes, answer a listing with something else (an HTML page, a malformed listing), or go away.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class FakeHub:
     corrupt: set[str] = field(default_factory=set)  # filenames served with one flipped byte
     tokens: dict[str, str] = field(default_factory=dict)  # private repo -> the token it requires
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+    stall: set[str] = field(default_factory=set)  # filenames whose GET sends the headers, then nothing
+    listing_body: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # repo -> (content type, raw body)
+    release: threading.Event = field(default_factory=threading.Event)  # ends every stall
 
     def add(self, repo: str, filename: str, data: bytes | Path) -> None:
         self.repos.setdefault(repo, {})[filename] = data.read_bytes() if isinstance(data, Path) else data
@@ -47,6 +51,7 @@ class FakeHub:
         return self.url
 
     def stop(self) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -84,6 +89,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": "Not found"}, body, {"X-Error-Code": "RepoNotFound"})
 
     def _tree(self, repo: str, body: bool) -> None:
+        if repo in self.hub.listing_body:  # what a captive portal or a broken proxy sends instead
+            kind, raw = self.hub.listing_body[repo]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            if body:
+                self.wfile.write(raw)
+            return
         files = self.hub.repos.get(repo)
         if files is None:
             return self._json(404, {"error": "Repository not found"}, body, {"X-Error-Code": "RepoNotFound"})
@@ -123,6 +137,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
         if not body:
+            return
+        if filename in self.hub.stall:
+            self.wfile.flush()
+            self.hub.release.wait(30)  # headers sent, then silence
+            self.close_connection = True
             return
         cut = self.hub.cut_after.get(filename)
         if cut is not None and self.hub.cut_times.get(filename, 0) > 0:

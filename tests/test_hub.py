@@ -284,3 +284,33 @@ def test_local_paths_find_the_projector_beside_the_model(tiny_model: tuple[Path,
 )
 def test_quant_names_of_different_publishers(name: str, expected: tuple[str, bool] | None) -> None:
     assert parse_quant(name) == expected
+
+
+def test_a_server_that_stalls_after_the_headers_fails_fast(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers, then silence: a short read timeout (lowered here from 30 s), two tries, a clear error,
+    and no empty .part left behind to 'resume' from."""
+    from caprl_local import transfer
+
+    monkeypatch.setattr(transfer, "READ_TIMEOUT_S", 0.5)
+    hub.stall.add("CapRL-3B.mmproj-f16.gguf")
+    with pytest.raises(DownloadError, match=r"the server stopped sending .*run the same command again to resume"):
+        download_model("caprl-3b")
+    folder = cache() / "models" / STATIC
+    assert not list(folder.glob(".*.part"))
+    assert len(hub.downloads("CapRL-3B.mmproj-f16.gguf")) == transfer.STALLS
+
+
+@pytest.mark.parametrize(("kind", "body", "words"), [
+    ("text/html", b"<html><body>Welcome to the airport wifi</body></html>", "answered with text/html, not the Hub's JSON"),
+    ("application/json", b'[{"type": "file", "size": 12}]', "not a file listing"),
+    ("application/json", b'{"error": "something"}', "not a file listing"),
+    ("application/json", b'[{"type": "file", "path": "x.gguf", "size": "12"}]', "not a file listing"),
+])
+def test_a_listing_that_is_not_one_is_a_download_error(hub: FakeHub, kind: str, body: bytes, words: str) -> None:
+    hub.listing_body[STATIC] = (kind, body)
+    with pytest.raises(DownloadError) as info:
+        download_model("caprl-3b")
+    assert words in str(info.value) and f"listing {STATIC}" in str(info.value)
+    assert not isinstance(info.value, HubUnreachableError)
+    result = cli("pull", "caprl-3b")
+    assert result.returncode == 1 and "unexpected" not in result.stderr and result.stderr.count("\n") == 1
