@@ -327,6 +327,7 @@ def _configure_logging(verbose: bool) -> None:
     """Verbose: every log line on stderr. Otherwise only caprl-local's own warnings, as one-liners;
     third-party libraries' log output (huggingface_hub's, say) stays silent."""
     root = logging.getLogger()
+    logging.captureWarnings(True)  # Python warnings (Pillow's about odd files) are log lines too
     if verbose:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
         return

@@ -7,8 +7,8 @@ This is the only module that decodes images. Every failure becomes an
 from __future__ import annotations
 
 import io
-import logging
 import os
+import threading
 import time
 import warnings
 from collections import deque
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-log = logging.getLogger("caprl_local")
+_WARNINGS_LOCK = threading.Lock()
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -187,17 +187,17 @@ def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
 
 def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        # Pillow only warns about a decompression bomb below twice its pixel limit: make that an
+        # error. catch_warnings changes process-wide state, so it is held briefly (open reads the
+        # header only) and by one thread at a time (images are read in several threads).
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fh)
-            _check_size(img, name, max_pixels)
-            if draft_pixels and img.format == "JPEG" and img.width * img.height > 4 * draft_pixels:
-                scale = (draft_pixels / (img.width * img.height)) ** 0.5
-                img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
-            img.load()  # decode now, while the file is open, so truncation is caught here
-        for warning in caught:  # Pillow's warnings about odd files are log lines, not output
-            log.info("%s: %s", name, warning.message)
+        _check_size(img, name, max_pixels)
+        if draft_pixels and img.format == "JPEG" and img.width * img.height > 4 * draft_pixels:
+            scale = (draft_pixels / (img.width * img.height)) ** 0.5
+            img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
+        img.load()  # decode now, while the file is open, so truncation is caught here
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
