@@ -80,6 +80,7 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
         )
     for key, most in ((f"{arch}.block_count", _MAX_LAYERS), (f"{arch}.embedding_length", _MAX_WIDTH)):
         _bounded(model, "model", key, most)
+    _check_key_types(mmproj)
     _check_vision_tensors(mmproj, family)
     # llama.cpp feeds the text model embeddings of n_embd x (1 + deepstack layers); the projector
     # yields its merger's width x (1 + its deepstack mergers): both must agree.
@@ -127,6 +128,28 @@ def _bounded(info: GGUFInfo, role: str, key: str, most: int) -> int:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+# llama.cpp's projector loader reads each scalar clip.* key with a typed getter (u32 for sizes and
+# counts, f32 for epsilons, bool for has_*/use_* flags) that aborts the process (GGML_ASSERT in
+# gguf.cpp) on any other type: a u32 stored as i32 or u64, as another converter could write.
+_TYPE_NAMES = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 10: "u64",
+               11: "i64", 12: "f64"}
+
+
+def _expected_type(key: str) -> int:
+    if key.endswith("epsilon"):
+        return 6
+    return 7 if key.startswith(("clip.has_", "clip.use_")) else 4
+
+
+def _check_key_types(mmproj: GGUFInfo) -> None:
+    for key, vtype in mmproj.types.items():
+        if key.startswith("clip.") and vtype in _TYPE_NAMES and vtype != _expected_type(key):
+            raise ModelFileError(
+                f"projector {mmproj.path}: key {key} is stored as {_TYPE_NAMES[vtype]}, but llama.cpp reads it as "
+                f"{_TYPE_NAMES[_expected_type(key)]}; the file is from an incompatible converter: download the published mmproj"
+            )
 
 
 def _check_vision_tensors(mmproj: GGUFInfo, family: Family) -> None:

@@ -39,6 +39,7 @@ class GGUFInfo:
     path: Path
     metadata: Mapping[str, Any]  # arrays of more than 16 items are kept only as their length
     tensors: Mapping[str, tuple[int, tuple[int, ...]]]  # name -> (ggml type id, dims in ggml order)
+    types: Mapping[str, int]  # metadata key -> its GGUF value type (4 u32, 6 f32, 7 bool, 8 string, 9 array...)
 
     @property
     def architecture(self) -> str:
@@ -144,9 +145,11 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
     if n_tensors + n_kv > size:  # each takes bytes: the rest of the file is missing
         raise EOFError
     meta: dict[str, Any] = {}
+    types: dict[str, int] = {}
     for _ in range(n_kv):
         key = _name(r, "metadata key")
-        meta[key] = r.value(r.take("I"))
+        types[key] = r.take("I")
+        meta[key] = r.value(types[key])
     tensors: list[tuple[list[int], int, int]] = []
     table: dict[str, tuple[int, tuple[int, ...]]] = {}
     for _ in range(n_tensors):
@@ -174,4 +177,4 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
     else:
         if data_end > size:
             raise ModelFileError(f"{r.name}: file is truncated ({size:,} of {data_end:,} bytes); download it again")
-    return GGUFInfo(path, MappingProxyType(meta), MappingProxyType(table))
+    return GGUFInfo(path, MappingProxyType(meta), MappingProxyType(table), MappingProxyType(types))

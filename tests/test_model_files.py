@@ -204,23 +204,44 @@ def test_alignment_must_be_a_power_of_two(tmp_path: Path) -> None:
             read_gguf(path)
 
 
+def test_a_key_of_a_type_llama_cpp_asserts_on_is_refused(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A u32 stored as i32 (another converter could write that) would abort llama.cpp's projector loader."""
+    model, mmproj = tiny_model
+    for key, new_type, words in (("clip.vision.block_count", 5, "stored as i32, but llama.cpp reads it as u32"),
+                                 ("clip.vision.attention.layer_norm_epsilon", 4, "stored as u32, but llama.cpp reads it as f32"),
+                                 ("clip.use_silu", 0, "stored as u8, but llama.cpp reads it as bool")):
+        data = bytearray(mmproj.read_bytes())
+        at = data.index(key.encode()) + len(key)
+        data[at:at + 4] = new_type.to_bytes(4, "little")  # the same size: still a valid file
+        bad = tmp_path / "typed.mmproj-f16.gguf"
+        bad.write_bytes(bytes(data))
+        assert f"projector {bad}: key {key} is {words}" in _error(model, bad)
+
+
+def test_a_zero_dimensional_bias_is_refused(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, mmproj = tiny_model
+    data = bytearray(mmproj.read_bytes())
+    at = data.index(b"mm.2.bias") + len("mm.2.bias")  # then n_dims (u32) and its one dimension (u64)
+    assert int.from_bytes(data[at:at + 4], "little") == 1
+    data[at:at + 12] = (0).to_bytes(4, "little")  # no dimensions: the tensor table shrinks by 8 bytes
+    bad = tmp_path / "scalar.mmproj-f16.gguf"
+    bad.write_bytes(bytes(data))
+    assert "tensor mm.2.bias has shape [], not a vector" in _error(model, bad)
+
+
 def test_a_file_llama_cpp_aborts_on_is_an_error_not_a_crash(tiny_model: tuple[Path, Path], tmp_path: Path,
                                                             images: Path) -> None:
-    """clip.vision.block_count stored as i32 (another converter could write that) passes every header check,
-    but llama.cpp asserts on its type and aborts: the first load happens in a child process."""
+    """clip.vision.n_wa_pattern = 1 passes every header check, but llama.cpp's window attention then
+    wants a tensor the file lacks and aborts the process: the first load happens in a child process."""
     import json
     import os
 
     from helpers import run_cli
 
     model, mmproj = tiny_model
-    data = bytearray(mmproj.read_bytes())
-    at = data.index(b"clip.vision.block_count") + len("clip.vision.block_count")
-    data[at:at + 4] = (5).to_bytes(4, "little")  # GGUF type i32 instead of u32: same size, a valid file
-    bad = tmp_path / "i32.mmproj-f16.gguf"
-    bad.write_bytes(bytes(data))
+    bad = _set_u32(mmproj, tmp_path / "window.mmproj-f16.gguf", "clip.vision.n_wa_pattern", 1)
     message = _error(model, bad)
-    assert f"projector {bad}: llama.cpp aborts on this pair (gguf.cpp:" in message and "GGML_ASSERT" in message
+    assert f"projector {bad}: llama.cpp aborts on this pair (clip.cpp:" in message
     verdicts = json.loads((Path(os.environ["CAPRL_LOCAL_HOME"]) / "loaded-pairs.json").read_text())
     assert [v for k, v in verdicts.items() if str(bad.resolve()) in k][0].startswith("aborted")
     assert _error(model, bad) == message  # the verdict is remembered: no second child
