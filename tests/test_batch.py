@@ -248,3 +248,27 @@ def test_images_that_would_share_a_sidecar_each_keep_their_caption(model_args: l
     assert (folder / "photo.jpg.txt").read_text() != (folder / "photo.png.txt").read_text()
     again = run_cli("caption", str(folder), *model_args, "--sidecar")
     assert "Nothing to do" in again.stderr
+
+
+def test_a_read_only_folder_is_one_line(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    """Sidecars and an output in a read-only folder: one clear line each, not an "unexpected" error.
+    (Root ignores file modes, so the folder is mounted read-only in a mount namespace of its own.)"""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare (util-linux) to mount a folder read-only")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    shutil.copy(images / "photo.jpg", folder / "photo.jpg")
+    caption = [sys.executable, "-m", "caprl_local", "caption", str(folder), *model_args]
+    script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} || exit 99\n"
+              f"{' '.join(caption)} --sidecar; echo \"exit $?\"\n"
+              f"{' '.join(caption)} --format jsonl -o {folder / 'out.jsonl'}; echo \"exit $?\"\n")
+    result = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=300)
+    if result.returncode == 99 or "unshare failed" in result.stderr or "Operation not permitted" in result.stderr:
+        pytest.skip(f"cannot mount a read-only folder here: {result.stderr.strip()[:200]}")
+    assert result.stdout.split() == ["exit", "1", "exit", "1"], result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"Error: {folder / 'photo.txt'}: cannot write results (Read-only file system); check the folder and free space, "
+        "then run the same command again to continue",
+        f"Error: {folder / 'out.jsonl'}: cannot write results (Read-only file system); check the folder and free space, "
+        "then run the same command again to continue"], result.stderr
