@@ -440,6 +440,12 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
     print(markdown(report))
+    try:  # plots are optional: the figures are in bench.json whatever happens here
+        from bench_plots import write_plots
+    except ImportError:
+        print("no plots: matplotlib is missing (pip install -e '.[bench]')")
+    else:
+        print("plots:", ", ".join(map(str, write_plots([out / "bench.json"], out))) or "none")
 
 
 if __name__ == "__main__":
