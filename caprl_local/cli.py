@@ -20,7 +20,7 @@ import click
 
 from . import console
 from ._version import __version__
-from .errors import Cancelled, CaprlError
+from .errors import Cancelled, CaprlError, HubUnreachableError, NoProjectorError, NoSpaceError, OfflineError
 from .options import EngineOptions, GenerationOptions, Parallel, default
 from .prompts import PRESETS
 from .registry import DEFAULT_MODEL
@@ -28,13 +28,25 @@ from .registry import DEFAULT_MODEL
 # Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Exception type -> (exit code, message; "{exc}" is the exception's text); first match wins.
-# Usage errors print click's own usage message.
-ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+
+
+def _pull_hint(exc: OfflineError) -> str:
+    args = [exc.model, *(["--quant", exc.quant] if exc.quant else []), *(["--imatrix"] if exc.imatrix else [])]
+    return f"Error: {exc} (`caprl-local pull {' '.join(args)}`)"
+
+
+# Exception type -> (exit code, message: a format string of the exception, "{exc}", or a function
+# of it); first match wins. The library's messages say what happened; the CLI adds its own
+# flags and commands. Usage errors print click's own usage message.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str | Callable[[Any], str]], ...] = (
     (click.UsageError, EXIT_USAGE, ""),
     (KeyboardInterrupt, EXIT_INTERRUPTED, "Interrupted."),
     (Cancelled, EXIT_INTERRUPTED, "Interrupted."),
     (click.exceptions.Abort, EXIT_INTERRUPTED, "Interrupted."),
+    (OfflineError, EXIT_FAILURE, _pull_hint),
+    (HubUnreachableError, EXIT_FAILURE, "Error: {exc}, or add --offline to use the files already cached"),
+    (NoProjectorError, EXIT_FAILURE, "Error: {exc} with --mmproj"),
+    (NoSpaceError, EXIT_FAILURE, "Error: {exc} (--cache-dir or CAPRL_LOCAL_HOME moves it)"),
     (CaprlError, EXIT_FAILURE, "Error: {exc}"),
     (MemoryError, EXIT_FAILURE, "Error: out of memory; lower --max-image-tokens or use a smaller quant"),
 )
@@ -144,6 +156,9 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     from .batch import OutputOptions, caption_batch
     from .engine import Captioner  # imported here so that --help stays instant
     from .hub import download_model
+    from .images import capture_libtiff_messages
+
+    capture_libtiff_messages()  # libtiff prints from C; its lines become log records
     from .inputs import collect_inputs
     from .prompts import DEFAULT_PROMPT, resolve_prompt
 
@@ -370,7 +385,7 @@ def _report(exc: BaseException, *, tracebacks: bool) -> int:
             else:
                 if code == EXIT_INTERRUPTED and sys.stderr.isatty():
                     click.echo(err=True)  # end a progress line first
-                click.echo(message.format(exc=exc), err=True)
+                click.echo(message(exc) if callable(message) else message.format(exc=exc), err=True)
             if tracebacks and code == EXIT_FAILURE:
                 traceback.print_exception(exc, file=sys.stderr)
             return code

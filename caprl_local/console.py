@@ -144,4 +144,5 @@ def listing_json(item: Any, *, default: str) -> dict[str, Any]:
         ],
         "cached": [{**asdict(c), "path": str(c.path)} for c in item.cached],
         "cached_bytes": sum(c.size for c in item.cached),
+        "error": item.error,  # why "available" is null: "offline", or what the Hub answered
     }

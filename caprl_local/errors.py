@@ -20,6 +20,10 @@ class ModelFileError(CaprlError):
     """A model or projector file is missing, truncated, of the wrong kind or mismatched."""
 
 
+class NoProjectorError(ModelFileError):
+    """A model file was given without its vision projector, and no single one lies beside it."""
+
+
 class UnknownModelError(CaprlError):
     """A model name or quantization is not known."""
 
@@ -32,8 +36,20 @@ class HubUnreachableError(DownloadError):
     """The Hub (or HF_ENDPOINT) could not be reached at all."""
 
 
+class NoSpaceError(DownloadError):
+    """The disk that holds the cache is (or would be) full."""
+
+
 class OfflineError(CaprlError):
-    """A needed file is not cached and the network may not be used."""
+    """A needed file is not cached and the network may not be used.
+
+    ``model``, ``quant`` and ``imatrix`` name what was asked for, so that an application can
+    offer to download it.
+    """
+
+    def __init__(self, message: str, *, model: str = "", quant: str | None = None, imatrix: bool = False) -> None:
+        super().__init__(message)
+        self.model, self.quant, self.imatrix = model, quant, imatrix
 
 
 class EngineError(CaprlError):

@@ -54,12 +54,12 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     if model.is_projector:
         raise ModelFileError(
             f"model {model.path}: is a vision projector (mmproj), not a text model; "
-            "pass it as --mmproj and the main .gguf as --model"
+            "give it as the projector (mmproj) and the text model's .gguf as the model"
         )
     if not mmproj.is_projector:
         raise ModelFileError(
             f"projector {mmproj.path}: is a text model ({mmproj.architecture or 'unknown'}), "
-            "not a vision projector; pass the *mmproj*.gguf file as --mmproj"
+            "not a vision projector; give the *mmproj*.gguf file as the projector"
         )
     arch = model.architecture
     if arch not in SUPPORTED_ARCHITECTURES:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CaprlError, DownloadError, HubUnreachableError, OfflineError, UnknownModelError
+from .errors import CaprlError, DownloadError, HubUnreachableError, ModelFileError, NoProjectorError, OfflineError, UnknownModelError
+from .ggufmeta import read_gguf
 from .registry import DEFAULT_MODEL, ModelSpec, get_model, is_repo_id
 from .transfer import (
     DownloadProgress,
@@ -244,7 +245,7 @@ def _model_repo(spec: ModelSpec, imatrix: bool) -> str:
         return spec.imatrix_repo
     if spec.name == spec.repo:  # a bare owner/repo: its imatrix quants, if any, sit beside the static ones
         return spec.repo
-    raise UnknownModelError(f"{spec.name}: no imatrix quants are published; leave out --imatrix")
+    raise UnknownModelError(f"{spec.name}: no imatrix quants are published; use its static quants")
 
 
 def resolve(
@@ -286,12 +287,10 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
                   projectors[0] if projectors else None)
     if model is None or mmproj is None:
         have = ", ".join(sorted({c.quant for c in models if c.quant})) or "nothing"
-        pull = f"caprl-local pull {spec.name}" + (f" --quant {quant}" if quant != spec.default_quant else "") \
-            + (" --imatrix" if imatrix else "")
         raise OfflineError(
             f"{spec.name} {quant}{' (imatrix)' if imatrix else ''} is not in the cache ({have} cached) and the "
-            f"network may not be used; run `{pull}` while online"
-        )
+            "network may not be used; download it while online",
+            model=spec.name, quant=None if quant == spec.default_quant else quant, imatrix=imatrix)
     return model, mmproj
 
 # --- the public entry points ---------------------------------------------------------------
@@ -320,7 +319,7 @@ def download_model(
         return ModelFiles(path, Path(mmproj).expanduser() if mmproj else _projector_beside(path),
                           quant=(parse_quant(path.name) or (None,))[0])
     if mmproj is not None:
-        raise CaprlError("--mmproj goes with a model given as a .gguf path, not with a model name")
+        raise CaprlError(f"{name}: a projector (mmproj) goes with a model given as a .gguf path, not with a model name")
     spec = spec_for(name)
     root = cache_root(cache_dir)
     try:
@@ -332,21 +331,26 @@ def download_model(
             raise
     model_r, mmproj_r = resolve(spec, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, token=token)
     # The projector first: it is small, so a bad token or a full disk shows before the big download.
-    mmproj_path = fetch(mmproj_r, _final_path(root, mmproj_r.repo, mmproj_r.filename), token=token, progress=progress)
-    model_path = fetch(model_r, _final_path(root, model_r.repo, model_r.filename), token=token, progress=progress)
+    mmproj_path = fetch(mmproj_r, _final_path(root, mmproj_r.repo, mmproj_r.filename), token=token,
+                        progress=progress, root=root)
+    model_path = fetch(model_r, _final_path(root, model_r.repo, model_r.filename), token=token,
+                       progress=progress, root=root)
     return ModelFiles(model_path, mmproj_path, spec.name, model_r.quant, mmproj_r.quant,
                       spec.architecture or None, spec.prompt)
 
 
 def _projector_beside(model: Path) -> Path:
     """The one projector GGUF in the model's folder, if there is exactly one."""
+    if read_gguf(model, role="model").is_projector:  # the projector given as the model: say that first
+        raise ModelFileError(f"model {model}: is a vision projector (mmproj), not a text model; "
+                             "give the text model's .gguf as the model")
     found = sorted(p for p in model.parent.glob("*.gguf") if _PROJECTOR_NAME.search(p.name) and p != model)
     if len(found) == 1:
         return found[0]
-    where = f"{model.parent}" if model.parent.is_dir() else f"{model.parent} (no such folder)"
-    raise CaprlError(
-        f"{model}: give its vision projector with --mmproj "
-        + (f"({len(found)} *mmproj*.gguf files in {where})" if found else f"(none found in {where})")
+    raise NoProjectorError(
+        f"{model}: no vision projector (mmproj) given, and "
+        + (f"{len(found)} *mmproj*.gguf files beside it; name the one to use" if found
+           else f"none beside it in {model.parent}; name the projector's .gguf")
     )
 
 
@@ -368,15 +372,17 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: boo
     cached = list_cached(root)
     out = []
     online = not (offline or _offline_env())
+    unreachable = None
     for spec in load_registry().values():
         repos = [r for r in (spec.repo, spec.imatrix_repo, spec.mmproj_repo) if r]
         available: tuple[RemoteFile, ...] | None = None
-        error = None if online else "offline"
+        error = unreachable or (None if online else "offline")
         if online:
             try:
                 available = tuple(f for repo in dict.fromkeys(repos) for f in list_repo_files(repo))
             except HubUnreachableError as exc:
                 error, online = str(exc), False  # the Hub is down: do not wait on it again for the next models
+                unreachable = "the Hub could not be reached"
             except (DownloadError, OfflineError) as exc:
                 error = str(exc)  # this repo only (missing, private): the next models are still asked
         out.append(ModelListing(spec, available, tuple(c for c in cached if c.repo in repos), error))
@@ -394,7 +400,7 @@ def remove_model(name: str, *, quant: str | None = None,
         mine = [c for c in mine if not c.projector and c.quant and _same_quant(c.quant, quant)]
     for c in mine:
         c.path.unlink(missing_ok=True)
-        for leftover in (part_path(c.path), lock_path(c.path)):
+        for leftover in (part_path(c.path), lock_path(c.path, root), lock_path(c.path)):
             leftover.unlink(missing_ok=True)
     if quant is None:  # partial downloads of files that never completed, too
         for repo in repos:

@@ -59,7 +59,7 @@ class _AppendOutput:
             self.lock.acquire()
         except Timeout:
             raise CaprlError(f"{self.path}: another caprl-local run is writing this file; wait for it to finish, "
-                             "or give this run another --output") from None
+                             "or write to another file") from None
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
 

@@ -39,3 +39,12 @@ class CaptionFailure:
     image: str  # the input, as named in messages
     error: str  # one line: what went wrong and what to do
     kind: str  # the error's class: ImageError, EngineError, ...
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A snapshot of what a Captioner is doing, for progress displays."""
+
+    generating: int  # captions being generated now
+    waiting: int  # captions asked for, waiting for a free slot
+    tokens: int  # tokens generated since the Captioner was loaded

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .errors import CaprlError, DownloadError, HubUnreachableError
+from .errors import CaprlError, DownloadError, HubUnreachableError, NoSpaceError
 
 log = logging.getLogger("caprl_local")
 
@@ -117,9 +117,12 @@ def part_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.part")
 
 
-def lock_path(final: Path) -> Path:
-    """The lock file that serialises processes pulling the same file."""
-    return final.with_name(f".{final.name}.lock")
+def lock_path(final: Path, root: Path | None = None) -> Path:
+    """The lock file that serialises processes pulling the same file: under ``root/.locks``
+    (out of sight, as the Hub's own cache keeps them), else beside the file."""
+    if root is None:
+        return final.with_name(f".{final.name}.lock")
+    return root / ".locks" / final.relative_to(root).with_name(f"{final.name}.lock")
 
 
 def partial_downloads(folder: Path) -> list[Path]:
@@ -135,13 +138,15 @@ class _ConnectionClosed(ConnectionError):
 
 
 def fetch(remote: Fetchable, final: Path, *, token: str | None = None,
-          progress: ProgressCallback | None = None) -> Path:
+          progress: ProgressCallback | None = None, root: Path | None = None) -> Path:
     """Download one file to `final` (resuming a partial one), verify it, and return `final`.
 
     huggingface_hub's own downloader discards partial files when a transfer fails, so a cut
     connection would restart a 2 GB file from zero; this one keeps ``.<name>.part`` beside the
     final file and continues it with an HTTP Range request. A file lock serialises processes
-    pulling the same file: the second one waits, then finds the file in place.
+    pulling the same file: the second one waits, then finds the file in place. Lock files
+    stay (deleting one another process waits on would let two download at once), under
+    ``root/.locks`` when ``root``, a folder above `final`, is given.
     """
     WeakFileLock = _hf().utils.WeakFileLock
     if _is_complete(final, remote):
@@ -149,7 +154,9 @@ def fetch(remote: Fetchable, final: Path, *, token: str | None = None,
     part = part_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock_path(final)):
+        lock = lock_path(final, root)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
             if _is_complete(final, remote):  # another process finished it while we waited
                 return final
             _check_space(part, remote)
@@ -247,9 +254,9 @@ def _check_space(part: Path, remote: Fetchable) -> None:
     needed = remote.size - have + _SPACE_MARGIN
     free = shutil.disk_usage(part.parent).free
     if free < needed:
-        raise DownloadError(
+        raise NoSpaceError(
             f"{remote.filename}: needs {human_size(needed)} of disk space but {part.parent} has {human_size(free)} "
-            "free; free some space or use --cache-dir on a larger disk"
+            "free; free some space or keep the cache on a larger disk"
         )
 
 
@@ -265,7 +272,7 @@ def translate_error(exc: Exception, doing: str, folder: Path | None = None) -> C
     if isinstance(exc, CaprlError):
         return exc
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return DownloadError(f"{doing}: the disk is full ({folder}); free some space and pull again to resume")
+        return NoSpaceError(f"{doing}: the disk is full ({folder}); free some space, then download again to resume")
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code in (401, 403):
             return DownloadError(f"{doing}: access denied (HTTP {exc.code}); set HF_TOKEN to a token that can read it")
@@ -277,8 +284,7 @@ def translate_error(exc: Exception, doing: str, folder: Path | None = None) -> C
     if isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)):
         reason = getattr(exc, "reason", None) or exc
         return HubUnreachableError(
-            f"{doing}: cannot reach {endpoint_url()} ({reason}); check the network, "
-            "or use --offline with files already cached"
+            f"{doing}: cannot reach {endpoint_url()} ({reason}); check the network"
         )
     raise exc  # a bug of ours: let it surface as one
 

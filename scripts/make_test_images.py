@@ -12,6 +12,7 @@ JPEG, a text file named .jpg, an empty file, and a PNG whose header claims 400 m
 from __future__ import annotations
 
 import argparse
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -110,6 +111,20 @@ def psd_two_layers(width: int = 64, height: int = 48) -> bytes:
     out += struct.pack(">I", 0) + struct.pack(">I", 0)  # no colour mode data, no image resources
     out += struct.pack(">I", len(layer_section)) + layer_section
     return out + struct.pack(">H", 0) + b"".join(planes((40, 40, 200)))  # the composite: front on top
+
+
+def tiff_codec_missing(width: int = 16, height: int = 16) -> bytes:
+    """A TIFF whose strips claim WebP compression (50001): Pillow hands it to libtiff, which
+    prints "WEBP compression support is not configured" from C when built without it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buf, format="TIFF", compression="tiff_lzw")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 259:  # Compression
+            struct.pack_into("<H", data, entry + 8, 50001)
+    return bytes(data)
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -43,5 +43,5 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def captioner(tiny_model: tuple[Path, Path]):
     from caprl_local import Captioner
 
-    with Captioner(*tiny_model, threads=2) as cap:
+    with Captioner(*tiny_model, threads=1) as cap:
         yield cap

@@ -11,6 +11,10 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: How long a test waits before calling something hung. Generous on purpose: a busy machine
+#: slows everything down, and no test measures time.
+HANG_S = 900
+
 #: Broken inputs (from scripts/make_test_images.py, plus one that does not exist) and the
 #: words their one-line error must contain.
 BAD_IMAGE_ERRORS = [
@@ -34,7 +38,7 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, input: str | None = None, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:
     """Run the installed CLI in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

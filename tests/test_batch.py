@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import HANG_S, run_cli
 
 from caprl_local import Caption, Captioner, CaptionFailure
 
@@ -20,7 +20,7 @@ from caprl_local import Caption, Captioner, CaptionFailure
 @pytest.fixture(scope="module")
 def model_args(tiny_model: tuple[Path, Path]) -> list[str]:
     model, mmproj = tiny_model
-    return ["--model", str(model), "--mmproj", str(mmproj), "--threads", "2", "--max-tokens", "12"]
+    return ["--model", str(model), "--mmproj", str(mmproj), "--threads", "1", "--max-tokens", "12"]
 
 
 @pytest.fixture()
@@ -78,14 +78,14 @@ def test_interrupted_run_resumes_with_one_result_per_image(model_args: list[str]
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Interrupted after" in err
     done = jsonl(out.read_text())
     assert 3 <= len(done) < 40
     assert out.read_text().endswith("\n")  # no half-written line
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no half-written sidecar
-    finish = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    finish = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S)
     assert finish.returncode == 0, finish.stderr
     records = jsonl(out.read_text())
     assert sorted(r["path"] for r in records) == sorted(str(p) for p in folder.glob("*.jpg"))  # each exactly once
@@ -202,13 +202,13 @@ def test_a_full_disk_is_one_line_and_loses_nothing(model_args: list[str], images
     out = tmp_path / f"out.{fmt}"
     args = [sys.executable, "-m", "caprl_local", "caption", *(str(images / n) for n in ("photo.jpg", "alpha.png", "cmyk.jpg")),
             *model_args, "--format", fmt, "--output", str(out)]
-    full = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    full = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S, preexec_fn=small_disk)
     lines = full.stderr.strip().splitlines()
     assert full.returncode == 1 and "Traceback" not in full.stderr and "unexpected" not in full.stderr, full.stderr
     assert lines[-1].startswith(f"Error: {out}: cannot write results")
     text = out.read_text()
     assert text == "" or text.endswith("\n")  # no record cut short
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S)
     assert again.returncode == 0, again.stderr
     final = out.read_text()
     if fmt == "jsonl":
@@ -227,7 +227,7 @@ def test_one_output_file_has_one_writer(model_args: list[str], images: Path, tmp
         busy = run_cli(*args)
     assert busy.returncode == 1 and busy.stderr.strip().splitlines() == [
         f"Error: {out}: another caprl-local run is writing this file; wait for it to finish, "
-        "or give this run another --output"]
+        "or write to another file"]
     assert not out.exists()  # the second run touched nothing
     assert run_cli(*args).returncode == 0 and len(jsonl(out.read_text())) == 2
 
@@ -262,7 +262,7 @@ def test_a_read_only_folder_is_one_line(model_args: list[str], images: Path, tmp
     script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} || exit 99\n"
               f"{' '.join(caption)} --sidecar; echo \"exit $?\"\n"
               f"{' '.join(caption)} --format jsonl -o {folder / 'out.jsonl'}; echo \"exit $?\"\n")
-    result = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=HANG_S)
     if result.returncode == 99 or "unshare failed" in result.stderr or "Operation not permitted" in result.stderr:
         pytest.skip(f"cannot mount a read-only folder here: {result.stderr.strip()[:200]}")
     assert result.stdout.split() == ["exit", "1", "exit", "1"], result.stderr

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import HANG_S, ROOT
 
 
 def test_bench_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
@@ -15,8 +15,8 @@ def test_bench_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(model), "--mmproj", str(mmproj),
-         "--sizes", "448", "--caps", "64", "--new-tokens", "3", "--batch", "2", "--threads", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+         "--sizes", "448", "--caps", "64", "--new-tokens", "3", "--batch", "2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
@@ -32,9 +32,9 @@ def test_bench_throughput_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(model), "--mmproj", str(mmproj),
-         "--sizes", "448", "--caps", "64", "--new-tokens", "32", "--batch", "2", "--threads", "2",
+         "--sizes", "448", "--caps", "64", "--new-tokens", "32", "--batch", "2", "--threads", "1",
          "--parallel", "1,2", "--concurrent", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     one, two, threads = json.loads((out / "bench.json").read_text())["throughput"]

@@ -46,7 +46,7 @@ def test_the_image_changes_the_caption(captioner: Captioner, images: Path) -> No
 def test_stream_yields_the_same_text(captioner: Captioner, images: Path) -> None:
     pieces = list(captioner.stream(images / "alpha.png", **SHORT))
     assert len(pieces) > 1
-    assert "".join(pieces).strip() == captioner.caption(images / "alpha.png", **SHORT).text
+    assert "".join(pieces) == captioner.caption(images / "alpha.png", **SHORT).text
 
 
 def test_in_memory_inputs_match_the_file(captioner: Captioner, images: Path) -> None:
@@ -71,7 +71,7 @@ def test_prompt_and_presets(captioner: Captioner, images: Path) -> None:
 
 def test_max_image_tokens_caps_the_image(tiny_model: tuple[Path, Path], images: Path, captioner: Captioner) -> None:
     full = captioner.caption(images / "photo.jpg", max_tokens=1).image_tokens
-    with Captioner(*tiny_model, image_max_tokens=64, threads=2) as small:
+    with Captioner(*tiny_model, image_max_tokens=64, threads=1) as small:
         capped = small.caption(images / "photo.jpg", max_tokens=1).image_tokens
         panorama = small.caption(images / "panorama.png", max_tokens=1).image_tokens
     assert capped <= 64 < full
@@ -117,5 +117,5 @@ def test_repacked_weight_layouts_give_the_same_caption(tiny_model: tuple[Path, P
                                                        captioner: Captioner) -> None:
     expected = captioner.caption(images / "photo.jpg", **SHORT).text
     for repack in (True, False):
-        with Captioner(*tiny_model, threads=2, repack=repack) as cap:
+        with Captioner(*tiny_model, threads=1, repack=repack) as cap:
             assert cap.caption(images / "photo.jpg", **SHORT).text == expected

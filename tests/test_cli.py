@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BAD_IMAGE_ERRORS, run_cli
+from helpers import BAD_IMAGE_ERRORS, HANG_S, load_script, run_cli
 
 from caprl_local import Captioner
 
@@ -18,7 +18,7 @@ from caprl_local import Captioner
 @pytest.fixture(scope="module")
 def model_args(tiny_model: tuple[Path, Path]) -> list[str]:
     model, mmproj = tiny_model
-    return ["--model", str(model), "--mmproj", str(mmproj), "--threads", "2", "--max-tokens", "16"]
+    return ["--model", str(model), "--mmproj", str(mmproj), "--threads", "1", "--max-tokens", "16"]
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -67,7 +67,7 @@ def test_streams_to_a_terminal(model_args: list[str], images: Path) -> None:
         if not data:
             break
         chunks.append(data)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_S) == 0
     os.close(master)
     assert b"".join(chunks).decode().replace("\r\n", "\n") == piped.stdout
 
@@ -90,6 +90,14 @@ def test_presets_and_prompts(model_args: list[str], images: Path) -> None:
 def test_bad_images_fail_with_one_line(model_args: list[str], images: Path, name: str, words: str) -> None:
     path = str(images / name)
     _one_line_error(run_cli("caption", path, *model_args), path, words)
+
+
+def test_libtiff_messages_are_not_printed_raw(model_args: list[str], tmp_path: Path) -> None:
+    """libtiff prints from C ("WEBP compression support is not configured"); the CLI routes it
+    to the log, so the image's own one-line error is all there is."""
+    tif = tmp_path / "webp.tif"
+    tif.write_bytes(load_script("make_test_images").tiff_codec_missing())
+    _one_line_error(run_cli("caption", str(tif), *model_args), str(tif))
 
 
 def test_a_folder_without_images(model_args: list[str], tmp_path: Path) -> None:

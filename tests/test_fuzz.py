@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import HANG_S, load_script
 
 fuzz_models = load_script("fuzz_models")
 
@@ -18,7 +18,7 @@ fuzz_models = load_script("fuzz_models")
 @pytest.mark.parametrize(("shape", "count"), [("tiny", 200), ("tiny-qwen3vl", 100)])
 def test_damaged_model_files_never_crash_or_hang(tmp_path: Path, shape: str, count: int) -> None:
     pair = load_script("make_tiny_model").write_tiny_pair(tmp_path, shape=shape)
-    records = fuzz_models.fuzz(pair, seed=11, count=count, timeout=120)
+    records = fuzz_models.fuzz(pair, seed=11, count=count, timeout=HANG_S)
     outcomes = Counter(r["outcome"] for r in records)
     assert len(records) == count
     assert set(outcomes) <= {"caption", "error"}, [r for r in records if r["outcome"] not in ("caption", "error")]

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
-from helpers import load_script
+from helpers import HANG_S, load_script, run_cli
 
 from caprl_local import Captioner, DownloadError, OfflineError, UnknownModelError
 from caprl_local import hub as hub_module
-from caprl_local.errors import HubUnreachableError
+from caprl_local.errors import HubUnreachableError, NoProjectorError
 from caprl_local.hub import download_model, list_cached, list_models, parse_quant
 from caprl_local.transfer import translate_error
 
@@ -55,7 +55,7 @@ def hub(published: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "caprl_local", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+                          timeout=HANG_S, env={**os.environ, **(env or {})})
 
 
 def cache() -> Path:
@@ -134,10 +134,10 @@ def test_corrupt_bytes_are_rejected_and_nothing_unverified_stays(hub: FakeHub) -
 def test_two_concurrent_pulls_end_with_one_good_file(hub: FakeHub, published: dict[str, bytes]) -> None:
     procs = [subprocess.Popen([sys.executable, "-m", "caprl_local", "pull", "caprl-3b", "--quant", "Q6_K"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
+    outputs = [p.communicate(timeout=HANG_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     folder = cache() / "models" / STATIC
-    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == [
+    assert sorted(p.name for p in folder.iterdir()) == [
         BIG, "CapRL-3B.mmproj-f16.gguf"]
     assert sha(folder / BIG) == hashlib.sha256(published[BIG]).hexdigest()
     assert hub.downloads(BIG).count(None) == 1  # the second process waited, then found it in place
@@ -153,9 +153,11 @@ def test_offline_after_the_hub_is_gone(hub: FakeHub, images: Path) -> None:
     listed = cli("models")
     assert listed.returncode == 0, listed.stderr
     assert "cached: CapRL-3B.Q4_K_M.gguf" in listed.stdout and "cannot reach" in listed.stdout
+    assert listed.stdout.count("quants: not listed") == listed.stdout.count("  repo: ")  # every model says so
     data = json.loads(cli("models", "--json").stdout)
     entry = next(m for m in data if m["name"] == "caprl-3b")
-    assert entry["available"] is None and entry["cached_bytes"] > 0
+    assert entry["available"] is None and entry["cached_bytes"] > 0 and "cannot reach" in entry["error"]
+    assert all(m["error"] for m in data)
     hub.start()  # so the fixture can stop it
 
 
@@ -166,8 +168,10 @@ def test_missing_files_offline_say_which_pull_fixes_it(hub: FakeHub, images: Pat
     assert result.returncode == 1
     assert "`caprl-local pull caprl-3b --quant Q8_0`" in result.stderr
     assert hub.requests == []
-    with pytest.raises(OfflineError):
+    with pytest.raises(OfflineError) as offline:
         download_model("caprl-3b", offline=True)
+    assert "caprl-local" not in str(offline.value) and "--" not in str(offline.value)  # the CLI adds its hint
+    assert (offline.value.model, offline.value.quant, offline.value.imatrix) == ("caprl-3b", None, False)
 
 
 def test_models_lists_quants_and_cache(hub: FakeHub) -> None:
@@ -244,7 +248,7 @@ def test_models_stop_asking_a_hub_that_cannot_be_reached(monkeypatch: pytest.Mon
     assert len(listings) >= 3 and all(item.available is None for item in listings)
     assert asked == [listings[0].spec.repo]  # the first refusal is typed, so no other repo is tried
     assert "cannot reach http://127.0.0.1:9" in (listings[0].error or "")
-    assert [item.error for item in listings[1:]] == ["offline"] * (len(listings) - 1)
+    assert [item.error for item in listings[1:]] == ["the Hub could not be reached"] * (len(listings) - 1)
     with pytest.raises(HubUnreachableError):
         hub_module.list_repo_files(listings[1].spec.repo)
 
@@ -259,13 +263,20 @@ def test_models_keep_asking_after_a_repo_the_hub_does_not_have(hub: FakeHub, mon
     assert set(asked) == every_repo  # a missing repo is that model's error, not a reason to stop asking
 
 
-def test_local_paths_find_the_projector_beside_the_model(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+def test_local_paths_find_the_projector_beside_the_model(tiny_model: tuple[Path, Path], tmp_path: Path,
+                                                         images: Path) -> None:
     model, mmproj = tiny_model
     assert download_model(str(model)).mmproj == mmproj
     lonely = tmp_path / "model.gguf"
     lonely.write_bytes(model.read_bytes())
-    with pytest.raises(Exception, match="--mmproj"):
+    with pytest.raises(NoProjectorError, match="no vision projector"):
         download_model(str(lonely))
+    photo = str(images / "photo.jpg")
+    told = run_cli("caption", photo, "--model", str(lonely))
+    assert told.returncode == 1 and told.stderr.strip().endswith("name the projector's .gguf with --mmproj")
+    swapped = run_cli("caption", photo, "--model", str(mmproj))  # the projector given as the model
+    assert swapped.returncode == 1 and "is a vision projector (mmproj), not a text model" in swapped.stderr
+    assert "give its vision projector" not in swapped.stderr
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ def test_missing_mmproj(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
 def test_text_model_passed_as_mmproj(tiny_model: tuple[Path, Path]) -> None:
     model, _ = tiny_model
     message = _error(model, model)
-    assert f"projector {model}: is a text model" in message and "--mmproj" in message
+    assert f"projector {model}: is a text model" in message and "give the *mmproj*.gguf file as the projector" in message
 
 
 def test_mmproj_passed_as_model(tiny_model: tuple[Path, Path]) -> None:

@@ -17,13 +17,13 @@ NAMES = ["photo.jpg", "alpha.png", "missing.jpg", "cmyk.jpg", "truncated.jpg", "
 
 @pytest.fixture(scope="module")
 def one_at_a_time(tiny_model: tuple[Path, Path]):
-    with Captioner(*tiny_model, threads=2, parallel=1) as cap:
+    with Captioner(*tiny_model, threads=1, parallel=1) as cap:
         yield cap
 
 
 @pytest.fixture(scope="module")
 def three(tiny_model: tuple[Path, Path]):
-    with Captioner(*tiny_model, threads=2, parallel=3) as cap:
+    with Captioner(*tiny_model, threads=1, parallel=3) as cap:
         yield cap
 
 
@@ -68,7 +68,7 @@ def test_no_cross_talk_between_sequences(one_at_a_time: Captioner, tiny_model: t
             cap._live().probe = None
         return out
 
-    with Captioner(*tiny_model, threads=2, parallel=4) as four:
+    with Captioner(*tiny_model, threads=1, parallel=4) as four:
         together = logits(four, together=True)
     alone = logits(one_at_a_time, together=False)
     for step in range(1, 5):
@@ -89,17 +89,17 @@ def test_auto_parallel_fits_memory_and_the_device(captioner: Captioner) -> None:
     limit = 16 if captioner.on_gpu else 4 if captioner.threads <= 4 else 8  # auto follows the device
     assert 1 <= captioner.parallel <= limit
     kv = 10**6
-    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=kv) <= 4
+    assert backend.auto_parallel(on_gpu=False, threads=1, bytes_per_caption=kv) <= 4
     assert backend.auto_parallel(on_gpu=False, threads=16, bytes_per_caption=kv) <= 8
-    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=kv, limit=1) == 1
-    assert backend.auto_parallel(on_gpu=False, threads=2, bytes_per_caption=10**15) == 1  # memory decides
+    assert backend.auto_parallel(on_gpu=False, threads=1, bytes_per_caption=kv, limit=1) == 1
+    assert backend.auto_parallel(on_gpu=False, threads=1, bytes_per_caption=10**15) == 1  # memory decides
 
 
 def test_cli_parallel_matches_sequential(tiny_model: tuple[Path, Path], images: Path) -> None:
     model, mmproj = tiny_model
     args = ["caption", str(images / "photo.jpg"), str(images / "cmyk.jpg"), str(images / "alpha.png"),
             "--model", str(model), "--mmproj", str(mmproj), "--max-tokens", "20", "--format", "jsonl",
-            "--threads", "2"]
+            "--threads", "1"]
     one = run_cli(*args, "--parallel", "1")
     auto = run_cli(*args)  # default: auto
     three = run_cli(*args, "--parallel", "3")

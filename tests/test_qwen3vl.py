@@ -27,7 +27,7 @@ def qwen3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def cap(qwen3: tuple[Path, Path]):
-    with Captioner(*qwen3, threads=2) as captioner:
+    with Captioner(*qwen3, threads=1) as captioner:
         yield captioner
 
 
@@ -53,9 +53,9 @@ def test_captions_real_images(cap: Captioner, images: Path) -> None:
 def test_one_token_covers_32_by_32_pixels(cap: Captioner, qwen3: tuple[Path, Path], tiny_model: tuple[Path, Path],
                                           square: Path, images: Path) -> None:
     assert cap.caption(square, max_tokens=1).image_tokens == 10 * 10
-    with Captioner(*tiny_model, threads=2) as qwen25:  # the same image costs Qwen2.5-VL 28 x 28 px tokens
+    with Captioner(*tiny_model, threads=1) as qwen25:  # the same image costs Qwen2.5-VL 28 x 28 px tokens
         assert qwen25.caption(square, max_tokens=1).image_tokens == 11 * 11
-    with Captioner(*qwen3, image_max_tokens=48, threads=2) as small:
+    with Captioner(*qwen3, image_max_tokens=48, threads=1) as small:
         assert small.caption(square, max_tokens=1).image_tokens == 6 * 6  # 192 x 192 px
         assert small.caption(images / "photo.jpg", max_tokens=1).image_tokens <= 48
         assert small.caption(images / "panorama.png", max_tokens=1).image_tokens <= 48  # 6000 x 40
@@ -63,9 +63,9 @@ def test_one_token_covers_32_by_32_pixels(cap: Captioner, qwen3: tuple[Path, Pat
 
 def test_captions_in_flight_equal_sequential_ones(qwen3: tuple[Path, Path], images: Path) -> None:
     names = [images / n for n in ("photo.jpg", "missing.jpg", "rotated.jpg", "alpha.png", "palette.png")]
-    with Captioner(*qwen3, threads=2, parallel=1) as one:
+    with Captioner(*qwen3, threads=1, parallel=1) as one:
         sequential = [getattr(r, "text", None) for r in one.caption_many(names, max_tokens=10)]
-    with Captioner(*qwen3, threads=2, parallel=3) as three:
+    with Captioner(*qwen3, threads=1, parallel=3) as three:
         parallel = [getattr(r, "text", None) for r in three.caption_many(names, max_tokens=10)]
     assert parallel == sequential and sequential[1] is None and all(sequential[i] for i in (0, 2, 3, 4))
 
@@ -121,7 +121,7 @@ def test_cli_captions_a_folder_in_flight(qwen3: tuple[Path, Path], images: Path,
     folder.mkdir()
     for name in ("photo.jpg", "rotated.jpg", "alpha.png"):
         (folder / name).write_bytes((images / name).read_bytes())
-    args = ["--model", str(qwen3[0]), "--mmproj", str(qwen3[1]), "--threads", "2", "--max-tokens", "8"]
+    args = ["--model", str(qwen3[0]), "--mmproj", str(qwen3[1]), "--threads", "1", "--max-tokens", "8"]
     result = run_cli("caption", str(folder), *args, "--format", "jsonl", "--parallel", "2", "--max-image-tokens", "48")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -155,7 +155,7 @@ def test_pull_and_caption_from_the_internlm_repo(hub: FakeHub, images: Path) -> 
                                                             "CapRL-Qwen3VL-2B-mmproj-Q8_0.gguf"]
     hub.stop()  # from here on, offline
     result = run_cli("caption", str(images / "photo.jpg"), "--model", "caprl-qwen3vl-2b", "--offline",
-                     "--max-tokens", "6", "--threads", "2")
+                     "--max-tokens", "6", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 from caprl_local import Cancelled, Captioner, EngineError
 
@@ -16,7 +17,7 @@ NAMES = ["photo.jpg", "alpha.png", "cmyk.jpg", "palette.png"]
 
 @pytest.fixture(scope="module")
 def four(tiny_model: tuple[Path, Path]):
-    with Captioner(*tiny_model, threads=2, parallel=4) as cap:
+    with Captioner(*tiny_model, threads=1, parallel=4) as cap:
         yield cap
 
 
@@ -41,8 +42,8 @@ def test_cancelling_one_request_leaves_the_others_intact(four: Captioner, images
     next(iter(victim))  # it is generating
     victim.cancel()
     with pytest.raises(Cancelled):
-        victim.result(timeout=120)
-    assert {n: h.result(timeout=120).text for n, h in others.items()} == alone
+        victim.result(timeout=HANG_S)
+    assert {n: h.result(timeout=HANG_S).text for n, h in others.items()} == alone
     assert four.caption(images / NAMES[0], max_tokens=8).text  # its slot is free again
 
 
@@ -53,18 +54,18 @@ def test_a_request_joins_the_running_loop(four: Captioner, images: Path) -> None
     late = four.submit(images / "alpha.png", max_tokens=5)
     first = next(iter(late))  # the late request's first token ...
     assert first and not long.done()  # ... arrives while the earlier one still generates
-    assert late.result(timeout=120).generated_tokens <= 5
+    assert late.result(timeout=HANG_S).generated_tokens <= 5
     assert not long.done()
     long.cancel()
     with pytest.raises(Cancelled):
-        long.result(timeout=120)
+        long.result(timeout=HANG_S)
 
 
 def test_requests_beyond_the_slots_wait_their_turn(tiny_model: tuple[Path, Path], images: Path) -> None:
-    with Captioner(*tiny_model, threads=2, parallel=2) as two:
+    with Captioner(*tiny_model, threads=1, parallel=2) as two:
         alone = [two.caption(images / n, max_tokens=12).text for n in NAMES]
         handles = [two.submit(images / n, max_tokens=12) for n in NAMES]
-        assert [h.result(timeout=120).text for h in handles] == alone
+        assert [h.result(timeout=HANG_S).text for h in handles] == alone
 
 
 def test_cancel_stops_everything_and_later_calls_work(four: Captioner, images: Path) -> None:
@@ -73,7 +74,7 @@ def test_cancel_stops_everything_and_later_calls_work(four: Captioner, images: P
     four.cancel()
     for h in handles:
         with pytest.raises(Cancelled):
-            h.result(timeout=120)
+            h.result(timeout=HANG_S)
     assert four.caption(images / "photo.jpg", max_tokens=6).text
 
 
@@ -109,19 +110,19 @@ def test_result_timeout(four: Captioner, images: Path) -> None:
 
 
 def test_close_cancels_what_is_in_flight(tiny_model: tuple[Path, Path], images: Path) -> None:
-    cap = Captioner(*tiny_model, threads=2, parallel=2)
+    cap = Captioner(*tiny_model, threads=1, parallel=2)
     handle = cap.submit(images / "photo.jpg", max_tokens=4000, ignore_eos=True)
     next(iter(handle))
     cap.close()
     with pytest.raises(Cancelled):
-        handle.result(timeout=120)
+        handle.result(timeout=HANG_S)
     with pytest.raises(EngineError, match="closed"):
         cap.submit(images / "photo.jpg")
 
 
 def test_a_half_read_stream_blocks_no_other_call(tiny_model: tuple[Path, Path], images: Path) -> None:
     """One slot, a stream read to its first piece and left: other calls still finish, and close() ends it."""
-    with Captioner(*tiny_model, threads=2, parallel=1) as one:
+    with Captioner(*tiny_model, threads=1, parallel=1) as one:
         stream = one.stream(images / "photo.jpg", max_tokens=200)
         next(stream)
         assert one.caption(images / "alpha.png", max_tokens=6).text  # the stream's caption ran on meanwhile
@@ -130,3 +131,38 @@ def test_a_half_read_stream_blocks_no_other_call(tiny_model: tuple[Path, Path], 
     # Left the block with `other` unread: close() cancelled it instead of waiting for it.
     with pytest.raises(Cancelled):
         list(other)
+
+
+def test_streamed_pieces_add_up_to_the_caption(four: Captioner, images: Path) -> None:
+    """No leading space, no trailing newline: what a GUI shows while streaming is the final text."""
+    for name in NAMES:
+        pieces = list(four.stream(images / name, max_tokens=40))
+        assert "".join(pieces) == four.caption(images / name, max_tokens=40).text
+        assert pieces and pieces[0] == pieces[0].lstrip() and pieces[-1] == pieces[-1].rstrip()
+
+
+def test_caption_many_streams_each_images_text_and_reports_progress(
+        four: Captioner, images: Path) -> None:
+    paths = [images / n for n in NAMES]
+    texts: dict[str, list[str]] = {str(p): [] for p in paths}
+    seen: list[tuple[int, int | None]] = []
+    callers: set[int] = set()
+
+    def on_text(image: str, piece: str) -> None:
+        texts[image].append(piece)
+        callers.add(threading.get_ident())
+
+    results = list(four.caption_many(paths, on_text=on_text, progress=lambda d, t: seen.append((d, t)),
+                                     max_tokens=30))
+    assert [r.image for r in results] == [str(p) for p in paths]
+    assert all("".join(texts[r.image]) == r.text for r in results)
+    assert callers == {threading.get_ident()}  # in the caller's thread
+    assert [d for d, _ in seen] == [1, 2, 3, 4] and {t for _, t in seen} == {4}
+
+
+def test_activity_counts_captions_and_tokens(four: Captioner, images: Path) -> None:
+    before = four.activity()
+    handle = four.submit(images / "photo.jpg", max_tokens=8, ignore_eos=True)
+    handle.result(timeout=HANG_S)
+    after = four.activity()
+    assert after.tokens - before.tokens == 8 and after.generating == 0 and after.waiting == 0

@@ -5,15 +5,19 @@ Everything here is about the installed llama.cpp and this machine, not about one
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import itertools
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -269,10 +273,43 @@ def gpu_free_memory() -> int | None:
 
 
 def default_threads() -> int:
+    """One thread per physical core this process may use (llama.cpp's own default), less the
+    cores other programs keep busy now (the 1-minute load average, where there is one).
+
+    llama.cpp's threads meet at a barrier after every operation of a step and spin while they
+    wait: one thread that has to wait for a busy core stalls all the others, so a step can take
+    many times longer with one thread too many (docs/benchmarks.md, "Threads on a busy machine").
+    One thread fewer costs far less than one too many.
+    """
+    cpus = _usable_cpus()
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        busy = 0.0
+    return max(1, min(_physical_cores(cpus), int(len(cpus) - busy + 0.5)))
+
+
+def _usable_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows
-        return max(1, os.cpu_count() or 1)
+        return list(range(os.cpu_count() or 1))
+
+
+def _physical_cores(cpus: list[int]) -> int:
+    """Cores among `cpus`, hyper-threads counted once (they share a core's memory bandwidth)."""
+    if sys.platform == "darwin":
+        for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):  # performance cores first, as llama.cpp
+            with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+                return max(1, int(subprocess.run(["sysctl", "-n", key], capture_output=True, text=True,
+                                                 timeout=5, check=True).stdout))
+    siblings = set()
+    for cpu in cpus:
+        try:
+            siblings.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)  # not Linux, or no topology: count every CPU
+    return max(1, len(siblings))
 
 
 def auto_parallel(*, on_gpu: bool, threads: int, bytes_per_caption: int, limit: int | None = None) -> int:

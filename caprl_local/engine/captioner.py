@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import inspect
 import os
 import queue
@@ -25,7 +24,7 @@ from ..images import ImageBudget, ImageInput, describe, load_ahead
 from ..options import EngineOptions, GenerationOptions, make
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
-from ..results import Caption, CaptionFailure
+from ..results import Activity, Caption, CaptionFailure
 from .probe import check_first_load
 from .scheduler import Request, Scheduler, pieces
 from .session import Session
@@ -188,6 +187,7 @@ class Captioner:
         self,
         images: Iterable[ImageInput],
         *,
+        on_text: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         prefetch: int = 2,
         **options: Any,
@@ -197,7 +197,9 @@ class Captioner:
         An image that cannot be read or captioned yields a CaptionFailure instead of raising.
         Up to ``parallel`` captions are in flight at once, a finished one's slot taking the next
         image, while the next ``prefetch`` images are read and resized in a background thread.
-        ``progress(done, total)`` follows each result (total is None when ``images`` has no length).
+        ``on_text(image, piece)`` receives each caption's text as it is generated, and
+        ``progress(done, total)`` each image as it finishes, in whatever order they finish (total
+        is None when ``images`` has no length); both are called in this thread, while it waits.
         Cancelled (from :meth:`cancel`) ends the run, raised once every result finished before it
         has been yielded (in input order, leaving out the images it cut short: match results to
         inputs by their ``image``).
@@ -205,20 +207,32 @@ class Captioner:
         opts, epoch = self._options(options), self._live().epoch
         total = len(images) if isinstance(images, Sized) else None
         window = self.parallel + 1  # one more than the slots: the next is ready when a slot frees
-        ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+        events: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (index, piece or the end)
         running: dict[int, Request] = {}
         results: dict[int, Caption | CaptionFailure] = {}
-        done = 0
+        finished = yielded = 0
         cancelled: list[Cancelled] = []
 
+        def settle(index: int, outcome: Caption | CaptionFailure) -> None:
+            nonlocal finished
+            results[index] = outcome
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+
         def collect(*, block: bool) -> None:
+            """Take the events that came in; with `block`, wait until one caption ends."""
             while running:
                 try:
-                    i = ended.get(block=block)
+                    index, piece = events.get(block=block)
                 except queue.Empty:
                     return
+                if piece is not None:
+                    if on_text is not None:
+                        on_text(running[index].name, piece)
+                    continue
                 try:
-                    results[i] = _outcome(running.pop(i))
+                    settle(index, _outcome(running.pop(index)))
                 except Cancelled as exc:  # the run ends, once every result finished before it is out
                     cancelled.append(exc)
                     for request in running.values():
@@ -227,48 +241,48 @@ class Captioner:
                     continue
                 block = False
 
-        def finished() -> Iterator[Caption | CaptionFailure]:
-            """After a cancel: every result that was finished, in input order, over the gaps."""
-            nonlocal done
-            for i in sorted(results):
-                yield results.pop(i)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
         def in_order() -> Iterator[Caption | CaptionFailure]:
-            nonlocal done
-            while done in results:
-                yield results.pop(done)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+            nonlocal yielded
+            while yielded in results:
+                yield results.pop(yielded)
+                yielded += 1
+
+        def the_rest() -> Iterator[Caption | CaptionFailure]:
+            """After a cancel: every result that was finished, in input order, over the gaps."""
+            for index in sorted(results):
+                yield results.pop(index)
 
         try:
             for index, (source, item) in enumerate(load_ahead(images, load=self._budget.prepare,
                                                               ahead=max(prefetch, window))):
                 if isinstance(item, BaseException):
-                    results[index] = _failure(describe(source), item)
+                    settle(index, _failure(describe(source), item))
                 else:
-                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch)
-                    request.future.add_done_callback(functools.partial(_put_index, ended, index))
+                    sink = _Tagged(events, index, text=on_text is not None)
+                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch, pieces=sink)
                     running[index] = request
                     self._submit(request)
                 collect(block=len(running) >= window)
                 yield from in_order()
                 if cancelled:
-                    yield from finished()
+                    yield from the_rest()
                     raise cancelled[0]
             while running:
                 collect(block=True)
                 yield from in_order()
             if cancelled:
-                yield from finished()
+                yield from the_rest()
                 raise cancelled[0]
             yield from in_order()
         finally:
             for request in running.values():  # stopped early (Cancelled, Ctrl-C, the caller broke off)
                 self._live().cancel(request)
+
+    def activity(self) -> Activity:
+        """What the engine is doing now (for progress displays); cheap, from any thread."""
+        generating, waiting, tokens = self._live().activity()
+        return Activity(generating=generating, waiting=waiting, tokens=tokens)
+
 
     def cancel(self) -> None:
         """Stop every caption in progress or waiting, at the next token; their calls raise Cancelled.
@@ -323,8 +337,16 @@ def _cancel_on_close(handle: CaptionHandle) -> Iterator[str]:
             handle.cancel()
 
 
-def _put_index(ended: queue.SimpleQueue[int], index: int, _future: object) -> None:
-    ended.put(index)
+class _Tagged:
+    """A request's text sink in caption_many: its pieces (if wanted) and its end, tagged with its
+    index, into the one queue the caller waits on."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[int, str | None]], index: int, *, text: bool) -> None:
+        self.events, self.index, self.text = events, index, text
+
+    def put(self, piece: str | None, /) -> None:
+        if piece is None or self.text:
+            self.events.put((self.index, piece))
 
 
 def _outcome(request: Request) -> Caption | CaptionFailure:

@@ -25,6 +25,7 @@ import llama_cpp
 from ..errors import CaprlError, ModelFileError
 from ..hub import cache_root
 from ..options import EngineOptions
+from .backend import default_threads
 
 log = logging.getLogger("caprl_local")
 
@@ -49,7 +50,7 @@ def check_first_load(model: Path, mmproj: Path, options: EngineOptions) -> None:
     child = {
         "model": str(model), "mmproj": str(mmproj),
         # The same device and weight layout as the real load; a small context and image, to be quick.
-        "options": {"gpu_layers": options.gpu_layers, "threads": min(options.threads or 4, 4), "n_ctx": 512,
+        "options": {"gpu_layers": options.gpu_layers, "threads": min(options.threads or default_threads(), 4), "n_ctx": 512,
                     "parallel": 1 if options.parallel == 1 else 2, "repack": options.repack,
                     "flash_attn": options.flash_attn, "image_max_tokens": 64, "isolate": False},
     }

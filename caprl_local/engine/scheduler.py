@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -45,7 +45,7 @@ class Request:
     load_s: float = 0.0  # seconds spent reading and resizing the image, before submission
     epoch: int = 0  # the scheduler's cancel epoch when the caller started: a later cancel() covers it
     future: Future[Caption] = field(default_factory=Future)
-    pieces: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)
+    pieces: _Sink = field(default_factory=lambda: queue.SimpleQueue[str | None]())  # the text as generated, then _END
     cancelled: bool = False
 
     def finish(self, outcome: Caption | BaseException) -> None:
@@ -58,6 +58,10 @@ class Request:
             self.future.set_result(outcome)
 
 
+class _Sink(Protocol):
+    def put(self, item: str | None, /) -> None: ...
+
+
 class _Slot:
     """A request being generated in one sequence: its sampler, position and text so far."""
 
@@ -65,6 +69,7 @@ class _Slot:
         self.request, self.seq, self.sampler, self.n_past, self.t_start = request, seq, sampler, n_past, t_start
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text: list[str] = []
+        self.held = ""  # whitespace held back until text follows it: the pieces add up to the caption
         self.pending = 0  # the token sampled but not yet taken into the caption
         self.n_gen = 0
         self.finish = "length"
@@ -73,17 +78,22 @@ class _Slot:
         self.t_prompt = t_start
 
     def emit(self, piece: str) -> None:
-        if piece:
-            self.text.append(piece)
-            self.request.pieces.put(piece)
+        text = self.held + piece
+        if not self.text:
+            text = text.lstrip()  # a caption starts at its first visible character
+        body = text.rstrip()
+        self.held = text[len(body):]
+        if body:
+            self.text.append(body)
+            self.request.pieces.put(body)
 
     def caption(self) -> Caption:
-        self.emit(self.decoder.decode(b"", final=True))
+        self.emit(self.decoder.decode(b"", final=True))  # trailing whitespace stays held: the caption ends here
         t_end = time.perf_counter()
         prompt_s = self.t_prompt - self.t_start - self.encode_s
         gen_s = t_end - self.t_prompt
         return Caption(
-            text="".join(self.text).strip(), image=self.request.name, image_tokens=self.image_tokens,
+            text="".join(self.text), image=self.request.name, image_tokens=self.image_tokens,
             prompt_tokens=self.prompt_tokens,
             generated_tokens=self.n_gen, finish_reason=self.finish,  # type: ignore[arg-type]
             timings=Timings(
@@ -109,6 +119,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed: str | None = None  # why no more requests are taken
         self.epoch = 0
+        self.generated = 0  # tokens generated since the start, for progress displays
         #: Called with (request, tokens generated so far, logits) after every decode step (tests).
         self.probe: Callable[[Request, int, np.ndarray], None] | None = None
 
@@ -155,6 +166,11 @@ class Scheduler:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+    def activity(self) -> tuple[int, int, int]:
+        """(captions generating, captions waiting, tokens generated so far): a snapshot."""
+        with self._cond:
+            return len(self._active) + len(self._admitting), len(self._waiting), self.generated
 
     # -- the loop, in its own thread --------------------------------------------------------
 
@@ -245,6 +261,7 @@ class Scheduler:
             slot.finish = "stop"
             return True
         slot.n_gen += 1
+        self.generated += 1
         slot.emit(slot.decoder.decode(self.session.token_bytes(slot.pending)))
         return slot.n_gen >= opts.max_tokens or slot.n_past >= self.session.n_ctx
 
@@ -265,6 +282,7 @@ def _engine_error(name: str, exc: Exception) -> CaprlError:
 
 
 def pieces(request: Request) -> Iterator[str]:
-    """The request's text as it is generated, until its end."""
+    """The request's text as it is generated, until its end (a request made with the default sink)."""
+    assert isinstance(request.pieces, queue.SimpleQueue)
     while (piece := request.pieces.get()) is not _END:
         yield piece

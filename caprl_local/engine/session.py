@@ -181,7 +181,7 @@ class Session:
         if total + 1 > self.n_ctx:
             raise EngineError(
                 f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
-                "lower --max-image-tokens or raise the context size"
+                "lower the image-token cap or raise the context size"
             )
         n_past, image_tokens, encode_s = 0, 0, 0.0
         new_past = llama_cpp.llama_pos(0)
