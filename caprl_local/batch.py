@@ -67,18 +67,21 @@ def run_batch(
     model: str | None = None,
     quant: str | None = None,
     on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
+    on_done: Callable[[int], None] | None = None,
     **options: Any,
 ) -> BatchSummary:
     """Caption the items, writing each result to every output as it comes.
 
-    Returns the summary; Ctrl-C ends the run early with ``interrupted`` set, everything
-    finished so far already written.
+    ``on_result`` follows each result as it is written (in input order); ``on_done(n)`` as each
+    image finishes, in whatever order (for progress displays). Returns the summary; Ctrl-C ends
+    the run early with ``interrupted`` set, everything finished so far already written.
     """
     summary = BatchSummary()
     started = time.perf_counter()
     by_name = {item.path: item for item in items}  # results name their input; a cancel leaves gaps
     try:
-        for result in captioner.caption_many(list(by_name), prompt=prompt, **options):
+        progress = None if on_done is None else lambda done, total: on_done(done)
+        for result in captioner.caption_many(list(by_name), prompt=prompt, progress=progress, **options):
             item = by_name[result.image]
             record = result_record(item, result, prompt=prompt, model=model, quant=quant)
             for output in outputs:
@@ -108,6 +111,7 @@ def caption_batch(
     quant: str | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
+    on_done: Callable[[int], None] | None = None,
     **options: Any,
 ) -> BatchSummary | None:
     """Caption the items not yet done into the outputs; None when every item was done already.
@@ -127,7 +131,7 @@ def caption_batch(
         n: Parallel = 1 if len(todo) == 1 else parallel if parallel == "auto" else min(parallel, len(todo))
         with load(n) as captioner:
             return run_batch(captioner, todo, opened, prompt=prompt, model=model, quant=quant,
-                             on_result=on_result, **options)
+                             on_result=on_result, on_done=on_done, **options)
     finally:
         for out in opened:
             out.close()

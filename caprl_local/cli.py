@@ -73,7 +73,7 @@ class AutoOrNumber(click.ParamType):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="caprl-local")
+@click.version_option(__version__, "-V", "--version", prog_name="caprl-local")
 def cli() -> None:
     """Caption images locally with the CapRL models, through llama.cpp."""
 
@@ -83,7 +83,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--quant", help="Quantization, e.g. Q4_K_M (default: the model's default)."),
         click.option("--imatrix", is_flag=True, help="Use the imatrix (i1) quants."),
-        click.option("--mmproj-quant", help="Vision projector precision: f16 (default) or Q8_0 (lighter)."),
+        click.option("--mmproj-quant", help="Vision projector precision: f16 or Q8_0 (lighter) "
+                                            "[default: the model's, see `caprl-local models`]."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
                      help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME]."),
     ]
@@ -94,7 +95,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))
-@click.option("--model", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
+@click.option("--model", "-m", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
               metavar="NAME|REPO|PATH",
               help="A model name from `caprl-local models`, a Hub repo (owner/name), or a .gguf file.")
 @click.option("--mmproj", "mmproj_path", type=click.Path(path_type=str), metavar="PATH.gguf",
@@ -114,12 +115,13 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
 @click.option("--parallel", type=AutoOrNumber(1, "1 or more captions in flight"), default="auto", show_default=True,
               help="Captions in flight at once in a batch: more images per minute for a little more memory "
-                   "(auto: as many as memory allows, up to 4 or 8 on a CPU and 16 on a GPU).")
+                   "(auto: as many as memory allows, at most 4 on a CPU with up to 4 threads, 8 with more, "
+                   "16 on a GPU).")
 @click.option("--progress/--quiet", "progress", default=None,
               help="Force the progress bar on or off [default: on when stderr is a terminal].")
-@click.option("--prompt", help="Your own instruction; '<image>' marks where the image goes (default: first).")
+@click.option("--prompt", "-p", help="Your own instruction; '<image>' marks where the image goes (default: first).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
               show_default=True, help="Stop after this many new tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
               show_default=True, help="0 is greedy decoding; higher values sample more freely.")
@@ -133,7 +135,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
               default=default(EngineOptions, "gpu_layers"), show_default=True,
               help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all available].")
+@click.option("--threads", "-t", type=click.IntRange(min=1),
+              help="CPU threads [default: one per physical core, less the cores other programs keep busy].")
 @click.option("--max-image-tokens", "image_max_tokens", type=click.IntRange(min=1),
               default=default(EngineOptions, "image_max_tokens"), show_default=True,
               help="Cap on tokens per image; large images are scaled down to fit.")
@@ -142,62 +145,79 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
             fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
             progress: bool | None, prompt: str | None, preset: str | None, **options: Any) -> None:
-    """Caption IMAGES (files, folders or glob patterns) and print the captions.
+    """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
 
-    One image: its caption on stdout. Many: each written as it is done; the same command
-    run again (after Ctrl-C, say) skips images that already have a --sidecar or a line in
-    the --output file. The model is fetched and verified on first use, then cached: later
-    runs need no network.
+    One image: its caption on stdout, as it is written. Many: each written as it is done; the
+    same command run again (after Ctrl-C, say) skips images that already have a --sidecar or
+    an entry in the --output file. The model is fetched and verified on first use, then cached:
+    later runs need no network.
     """
     if prompt is not None and preset is not None:
         raise click.UsageError("use either --prompt or --preset, not both")
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
+    from_stdin = "-" in images
+    if from_stdin and (len(images) > 1 or list_file or sidecar or output or fmt != "text"):
+        raise click.UsageError("'-' (an image on stdin) goes alone, with text output to stdout")
     from .batch import OutputOptions, caption_batch
     from .engine import Captioner  # imported here so that --help stays instant
     from .hub import download_model
     from .images import capture_libtiff_messages
-
-    capture_libtiff_messages()  # libtiff prints from C; its lines become log records
     from .inputs import collect_inputs
     from .prompts import DEFAULT_PROMPT, resolve_prompt
 
+    capture_libtiff_messages()  # libtiff prints from C; its lines become log records
     engine = {k: options.pop(k) for k in ("gpu_layers", "threads", "image_max_tokens", "verbose")}
-    items = collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
-    if not items:
-        where = ", ".join(images) or list_file
-        raise CaprlError(f"no images found in {where}" + ("" if recursive else " (add --recursive for sub-folders)"))
+    # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
+    items = [] if from_stdin else collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
+    if not items and not from_stdin:
+        raise CaprlError(f"{list_file}: the list names no images")
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
+    _warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
     prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
+    show = sys.stderr.isatty() if progress is None else progress
+    single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
 
     with _GracefulInterrupt() as interrupt:
-        def load(in_flight: str | int) -> Any:
+        def load(in_flight: str | int, announce: bool = False, watch: Any = None) -> Any:
             console.status(f"Loading {files.model.name} ...")
             captioner = Captioner(files.model, files.mmproj, parallel=in_flight, **engine)
             console.status("")
+            if announce:
+                console.loaded(captioner, images=None if single else len(items))
+            if watch is not None:
+                watch.watch(captioner)
             return interrupt.watch(captioner)
 
-        single = len(images) == 1 and [i.path for i in items] == list(images)  # one file, not a folder or pattern
         if single and fmt == "text" and not (output or sidecar or list_file):
-            with load(1) as cap:
-                _caption_one(cap, images[0], prompt_text, options, engine["verbose"])
+            source = sys.stdin.buffer.read() if from_stdin else images[0]
+            with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
+                _caption_one(cap, source, prompt_text, options, engine["verbose"])
             return
-        show = sys.stderr.isatty() if progress is None else progress
         reporter: list[console.BatchProgress] = []
         summary = caption_batch(
-            items, load=load, prompt=prompt_text, parallel=parallel, model=files.name or files.model.name,
-            quant=files.quant, stream=console.results_stream(progress=show),
+            items, load=lambda n: load(n, announce=show or engine["verbose"], watch=reporter[0]), prompt=prompt_text,
+            parallel=parallel, model=files.name or files.model.name, quant=files.quant,
+            stream=console.results_stream(progress=show),
             outputs=OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
                                   sidecar_ext=sidecar_ext, overwrite=overwrite),
             on_start=lambda total, skipped: reporter.append(
                 console.BatchProgress(total, skipped, show=show, quiet=progress is False)),
-            on_result=lambda *args: reporter[0].result(*args), **options)
+            on_result=lambda *args: reporter[0].result(*args), on_done=lambda n: reporter[0].done(n), **options)
     reporter[0].finish(summary)
     if summary is not None and summary.interrupted:
-        raise KeyboardInterrupt
+        raise SystemExit(EXIT_INTERRUPTED)  # the summary said so already
     if summary is not None and summary.failed:
         raise SystemExit(EXIT_FAILURE)
+
+
+def _warn_unused(registry_name: str | None, **chosen: Any) -> None:
+    """Options that choose files mean nothing for a model given as a file: say so."""
+    given = [f"--{name.replace('_', '-')}" for name, value in chosen.items() if value]
+    if registry_name is None and given:
+        click.echo(f"Warning: {', '.join(given)} ha{'ve' if len(given) > 1 else 's'} no effect with a .gguf file "
+                   "as --model", err=True)
 
 
 class _GracefulInterrupt:
@@ -234,15 +254,15 @@ class _GracefulInterrupt:
         return captioner
 
 
-def _caption_one(cap: Any, image: str, prompt: str, options: dict[str, Any], verbose: bool) -> None:
-    on_text = console.Streamer() if sys.stdout.isatty() else None  # stream only to a person
+def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
+    on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
     console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
     try:
         result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
     finally:
-        if on_text is None or not on_text.started:  # once the caption shows, the line is its own
+        if not on_text.started:  # once the caption shows, the line is its own
             console.status("")
-    click.echo(result.text if on_text is None else "")
+    click.echo("")
     if verbose:
         t = result.timings
         click.echo(
@@ -289,7 +309,7 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
-             add_help_option=False)
+             add_help_option=False, hidden=True)  # a source checkout's tool, not a user's command
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Benchmark against llama.cpp's llama-mtmd-cli (scripts/bench.py; `bench -h` for its options)."""

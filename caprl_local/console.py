@@ -7,6 +7,8 @@ Bars and status lines appear only when a person watches (stderr is a terminal).
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from dataclasses import asdict
 from typing import Any, TextIO
 
@@ -65,20 +67,62 @@ def results_stream(*, progress: bool) -> TextIO:
     return DummyTqdmFile(sys.stdout) if progress else sys.stdout
 
 
+def loaded(captioner: Any, *, images: int | None = None) -> None:
+    """One line on what the load chose (device, captions in flight, threads), on stderr."""
+    where = "the GPU" if captioner.on_gpu else "the CPU"
+    what = f"{images} image{'s' * (images != 1)}: " if images else ""
+    width = min(captioner.parallel, images or 1)
+    in_flight = f"{width} captions in flight" if width > 1 else "1 caption at a time"
+    click.echo(f"{what}{in_flight} on {where}, {captioner.threads} CPU thread{'s' * (captioner.threads > 1)}",
+               err=True)
+
+
 class BatchProgress:
-    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr."""
+    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr.
+
+    The bar moves as images finish, in any order, and a watcher thread shows the captions in
+    flight and the tokens per second from the start, long before the first image is done.
+    """
+
+    POLL_S = 0.5
 
     def __init__(self, total: int, skipped: int, *, show: bool, quiet: bool) -> None:
         self.total, self.skipped, self.quiet = total, skipped, quiet
         self.bar = tqdm(total=total, initial=skipped, unit="image", file=sys.stderr, disable=not show,
                         dynamic_ncols=True, smoothing=0.1, leave=False)
+        self.stop = threading.Event()
+        self.watcher: threading.Thread | None = None
+
+    def watch(self, captioner: Any) -> None:
+        """Show what `captioner` is doing until the batch ends."""
+        if not self.bar.disable:
+            self.watcher = threading.Thread(target=self._watch, args=(captioner,), name="caprl-progress", daemon=True)
+            self.watcher.start()
+
+    def _watch(self, captioner: Any) -> None:
+        tokens, at, rate = captioner.activity().tokens, time.monotonic(), None
+        while not self.stop.wait(self.POLL_S):
+            now = captioner.activity()
+            t = time.monotonic()
+            recent = (now.tokens - tokens) / max(t - at, 1e-6)
+            rate = recent if rate is None else 0.8 * rate + 0.2 * recent  # steady, yet follows changes
+            tokens, at = now.tokens, t
+            self.bar.set_postfix_str(f"{now.generating} in flight, {rate:.1f} tokens/s", refresh=False)
+            self.bar.refresh()
+
+    def done(self, finished: int) -> None:
+        """`finished` images of this run are done (in any order)."""
+        self.bar.n = self.skipped + finished
+        self.bar.refresh()
 
     def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
         if "error" in record:
             tqdm.write(f"Error: {record['error']}", file=sys.stderr)
-        self.bar.update(1)
 
     def finish(self, summary: Any) -> None:
+        self.stop.set()
+        if self.watcher is not None:
+            self.watcher.join()
         self.bar.close()
         if self.quiet:
             return
@@ -92,22 +136,16 @@ class BatchProgress:
 
 
 class Streamer:
-    """Writes caption pieces to stdout as they come, trimmed as the finished caption is."""
+    """Writes caption pieces to stdout as they come (to a terminal or a pipe alike)."""
 
     def __init__(self) -> None:
         self.started = False
-        self.pending = ""  # whitespace held back until more text follows it
 
     def __call__(self, piece: str) -> None:
-        text = self.pending + piece
         if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-            if self.started:
-                status("")  # the caption replaces the "Reading the image" line
-        body = text.rstrip()
-        self.pending = text[len(body):]
-        click.echo(body, nl=False)
+            self.started = True
+            status("")  # the caption replaces the "Reading the image" line
+        click.echo(piece, nl=False)  # click flushes: a pipe sees each piece at once
 
 
 def print_models(listings: list[Any], *, default: str) -> None:

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CaprlError, DownloadError, HubUnreachableError, ModelFileError, NoProjectorError, OfflineError, UnknownModelError
+from .errors import (
+    CaprlError,
+    DownloadError,
+    HubUnreachableError,
+    ModelFileError,
+    NoProjectorError,
+    OfflineError,
+    UnknownModelError,
+)
 from .ggufmeta import read_gguf
 from .registry import DEFAULT_MODEL, ModelSpec, get_model, is_repo_id
 from .transfer import (

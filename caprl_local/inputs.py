@@ -1,7 +1,9 @@
 """What to caption: files, folders, glob patterns and list files (one path or JSON object a line) as items.
 
-Pure: reads the file system and list files, touches nothing else. A missing file stays an item,
-to be reported with the results, so that one typo does not stop a batch.
+Pure: reads the file system and list files, touches nothing else. A file, folder or pattern
+named directly that gives no image is an error at once (before any model is downloaded); a
+missing file in a list stays an item, reported with the results, so that one stale line does
+not stop a dataset.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def collect_inputs(
         items += _expand(arg, recursive)
     if list_file is not None:
         if list_file == "-":
-            items += read_list(stdin.read() if stdin is not None else "", Path.cwd(), "<stdin>")
+            items += read_list(stdin.read() if stdin is not None else "", Path(), "<stdin>")  # paths as given
         else:
             try:
                 text = Path(list_file).read_text(encoding="utf-8")
@@ -64,6 +66,7 @@ def collect_inputs(
 
 
 def _expand(arg: str, recursive: bool) -> list[BatchItem]:
+    """The images one argument names; raises CaprlError when it names none."""
     path = Path(arg)
     if path.is_dir():
         found = path.rglob("*") if recursive else path.iterdir()
@@ -72,10 +75,19 @@ def _expand(arg: str, recursive: bool) -> list[BatchItem]:
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
+        if not files:
+            deeper = not recursive and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+            raise CaprlError(f"{arg}: no images in this folder" + (", only in its sub-folders (search them "
+                                                                   "recursively)" if deeper else ""))
         return [BatchItem(str(p)) for p in files]
-    if not path.exists() and glob.has_magic(arg):
-        return [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
-    return [BatchItem(arg)]  # a missing file becomes a failed image, reported with the rest
+    if path.exists():
+        return [BatchItem(arg)]
+    if glob.has_magic(arg):
+        matched = [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
+        if not matched:
+            raise CaprlError(f"{arg}: no file matches this pattern")
+        return matched
+    raise CaprlError(f"{arg}: no such file or folder")
 
 
 def read_list(text: str, base: Path, source: str) -> list[BatchItem]:

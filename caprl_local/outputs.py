@@ -141,8 +141,13 @@ class SidecarOutput:
 
     Images that would share a sidecar (``photo.jpg`` and ``photo.png`` in one run) each get
     one named after the whole file name instead (``photo.jpg.txt``, ``photo.png.txt``), so
-    that no caption overwrites another; a warning says so.
+    that no caption overwrites another; a warning says so. Each folder's ``INDEX`` remembers
+    the prompt of every sidecar written there: one written for another prompt is not done
+    (another prompt is other work) and is replaced; one the index does not know (written by
+    hand, or by another tool) counts as done.
     """
+
+    INDEX = ".caprl-local-sidecars.jsonl"
 
     def __init__(self, ext: str = ".txt", *, overwrite: bool = False, items: Iterable[BatchItem] = ()) -> None:
         self.ext = ext if ext.startswith(".") else "." + ext
@@ -151,6 +156,8 @@ class SidecarOutput:
         for item in items:
             by_sidecar.setdefault(Path(item.key).with_suffix(self.ext), []).append(item)
         self.renamed: dict[str, Path] = {}
+        self.prompts: dict[Path, dict[str, str]] = {}  # folder -> sidecar name -> its prompt
+        self.warned: set[Path] = set()
         for sidecar, sharing in by_sidecar.items():
             if len(sharing) > 1:
                 self.renamed.update((i.key, Path(i.path).with_name(Path(i.path).name + self.ext)) for i in sharing)
@@ -162,11 +169,41 @@ class SidecarOutput:
         return self.renamed.get(item.key) or Path(item.path).with_suffix(self.ext)
 
     def has(self, item: BatchItem, prompt: str) -> bool:
-        return not self.overwrite and self.path_for(item).is_file()
+        path = self.path_for(item)
+        if self.overwrite or not path.is_file():
+            return False
+        written = self._prompts(path.parent).get(path.name)
+        if written is None or written == prompt:
+            return True
+        if path.parent not in self.warned:
+            self.warned.add(path.parent)
+            log.warning("%s: sidecars written for another prompt are captioned again and replaced", path.parent)
+        return False
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
-        if "caption" in record:
-            write_atomic(self.path_for(item), record["caption"] + "\n")
+        if "caption" not in record:
+            return
+        path = self.path_for(item)
+        write_atomic(path, record["caption"] + "\n")
+        index = path.parent / self.INDEX
+        try:  # appended after the sidecar: a crash between the two leaves a sidecar counted as done
+            with deferred_interrupt(), open(index, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"sidecar": path.name, "prompt": record.get("prompt", "")},
+                                    ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise _write_error(index, exc) from exc
+        self._prompts(path.parent)[path.name] = record.get("prompt", "")
+
+    def _prompts(self, folder: Path) -> dict[str, str]:
+        if folder not in self.prompts:
+            known: dict[str, str] = {}
+            with suppress(OSError, UnicodeDecodeError):
+                for line in _lines(folder / self.INDEX):
+                    entry = _parse_line(line)
+                    if entry is not None and isinstance(entry.get("sidecar"), str):
+                        known[entry["sidecar"]] = str(entry.get("prompt", ""))  # the last one written wins
+            self.prompts[folder] = known
+        return self.prompts[folder]
 
     def close(self) -> None:
         pass  # each sidecar is closed as it is written
@@ -175,18 +212,22 @@ class SidecarOutput:
 class TextOutput(_AppendOutput):
     """Captions as plain text, each under a ``==> path <==`` header, on a stream or in a file.
 
-    An existing file is appended to, and the images under its headers count as done.
+    An existing file is appended to, and the images under its headers count as done. A run of
+    one image writes its caption alone, as a shell redirect of it would (a file is replaced).
     """
 
     _HEADER = re.compile(r"^==> (.*) <==$", re.M)
 
-    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None,
+                 headers: bool = True) -> None:
         self.path = Path(path) if path else None
         self.done: set[str] = set()
+        self.headers = headers
         if self.path is None:
             self.fh = stream
             return
         self._claim()
+        overwrite = overwrite or not headers  # without headers nothing in the file tells what is done
         if self.path.exists() and not overwrite:
             self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
         self._open(truncate=overwrite)
@@ -196,7 +237,7 @@ class TextOutput(_AppendOutput):
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
         if "caption" in record:
-            self._append(f"==> {item.path} <==\n{record['caption']}\n\n")
+            self._append(f"==> {item.path} <==\n{record['caption']}\n\n" if self.headers else record["caption"] + "\n")
 
 
 def _parse_line(line: str) -> dict[str, Any] | None:
@@ -268,10 +309,11 @@ def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[Batc
     """The outputs for a run: sidecars, and JSONL or text to the file or the stream (text to the
     stream only when nothing else receives the captions)."""
     outputs: list[Output] = []
+    items = list(items)
     if options.sidecar:
         outputs.append(SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items))
     if options.format == "jsonl":
         outputs.append(JsonlOutput(options.path, overwrite=options.overwrite, stream=stream))
     elif options.path or not options.sidecar:
-        outputs.append(TextOutput(options.path, overwrite=options.overwrite, stream=stream))
+        outputs.append(TextOutput(options.path, overwrite=options.overwrite, stream=stream, headers=len(items) != 1))
     return outputs

@@ -38,10 +38,11 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, input: str | None = None, timeout: float = HANG_S,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed CLI in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "caprl_local", *args],
-        capture_output=True, text=True, input=input, timeout=timeout, env=env,
+        capture_output=True, text=True, input=input, timeout=timeout, env=env, cwd=cwd,
     )

@@ -100,8 +100,18 @@ def test_libtiff_messages_are_not_printed_raw(model_args: list[str], tmp_path: P
     _one_line_error(run_cli("caption", str(tif), *model_args), str(tif))
 
 
-def test_a_folder_without_images(model_args: list[str], tmp_path: Path) -> None:
-    _one_line_error(run_cli("caption", str(tmp_path), *model_args), str(tmp_path), "no images found")
+def test_a_folder_without_images(model_args: list[str], tmp_path: Path, images: Path) -> None:
+    _one_line_error(run_cli("caption", str(tmp_path), *model_args), str(tmp_path), "no images in this folder")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes((images / "alpha.png").read_bytes())
+    _one_line_error(run_cli("caption", str(tmp_path), *model_args), "only in its sub-folders")
+    _one_line_error(run_cli("caption", str(tmp_path / "*.jpg"), *model_args), "*.jpg: no file matches this pattern")
+
+
+def test_a_mistyped_image_is_noticed_before_any_download(model_args: list[str], tmp_path: Path) -> None:
+    """The model named does not exist anywhere: only the image check can have answered."""
+    result = run_cli("caption", str(tmp_path / "photo.jgp"), "--model", "owner/no-such-repo")
+    _one_line_error(result, f"{tmp_path / 'photo.jgp'}: no such file or folder")
 
 
 def test_bad_model_files_fail_with_one_line(tiny_model: tuple[Path, Path], images: Path, tmp_path: Path) -> None:
@@ -193,3 +203,55 @@ def test_caprl_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.Mon
     assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and "Traceback" in err and "caprl_local.llama" not in err
+
+
+def test_conventions_short_flags_version_and_stdin(model_args: list[str], images: Path, tiny_model: tuple[Path, Path],
+                                                  captioner: Captioner) -> None:
+    """-m -p -n -t as llama.cpp and llm spell them, -V, and - for an image on stdin."""
+    model, mmproj = tiny_model
+    expected = captioner.caption(images / "photo.jpg", max_tokens=9, prompt="<image>Describe it.").text
+    short = run_cli("caption", str(images / "photo.jpg"), "-m", str(model), "--mmproj", str(mmproj), "-t", "1",
+                    "-n", "9", "-p", "<image>Describe it.")
+    assert short.returncode == 0 and short.stdout == expected + "\n", short.stderr
+    piped = subprocess.run([sys.executable, "-m", "caprl_local", "caption", "-", "-m", str(model), "--mmproj",
+                            str(mmproj), "-t", "1", "-n", "9", "-p", "<image>Describe it."],
+                           input=(images / "photo.jpg").read_bytes(), capture_output=True, timeout=HANG_S)
+    assert piped.returncode == 0 and piped.stdout.decode() == expected + "\n", piped.stderr
+    from caprl_local import __version__
+
+    assert run_cli("-V").stdout.strip().endswith(__version__)
+    mixed = run_cli("caption", "-", str(images / "photo.jpg"), *model_args)
+    assert mixed.returncode == 2 and "goes alone" in mixed.stderr
+
+
+def test_options_that_do_nothing_say_so(model_args: list[str], images: Path) -> None:
+    from caprl_local.engine import runtime_info
+
+    result = run_cli("caption", str(images / "photo.jpg"), *model_args, "--quant", "Q8_0", "--imatrix")
+    assert result.returncode == 0
+    assert "Warning: --quant, --imatrix have no effect with a .gguf file as --model" in result.stderr
+    if not runtime_info().gpu_offload:
+        gpu = run_cli("caption", str(images / "photo.jpg"), *model_args, "--gpu-layers", "99")
+        assert gpu.returncode == 0 and "gpu_layers=99 has no effect" in gpu.stderr
+
+
+def test_help_tells_the_truth() -> None:
+    top = run_cli("--help").stdout
+    assert "bench" not in top  # a source checkout's tool, documented in the README
+    helped = " ".join(run_cli("caption", "--help").stdout.split())
+    assert "f16 (default)" not in helped and "[default: the model's" in helped
+    assert "up to 8" not in helped and "-m, --model" in helped and "-n, --max-tokens" in helped
+
+
+def test_stdin_lists_keep_their_paths_as_given(model_args: list[str], images: Path) -> None:
+    result = run_cli("caption", "--from-list", "-", *model_args, "--format", "jsonl", input="photo.jpg\nalpha.png\n",
+                     cwd=images)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["photo.jpg", "alpha.png"]
+
+
+def test_a_file_output_of_one_image_holds_what_stdout_would(model_args: list[str], images: Path, tmp_path: Path) -> None:
+    shown = run_cli("caption", str(images / "photo.jpg"), *model_args)
+    for _ in range(2):  # and a second run replaces it, as `> x.txt` would
+        assert run_cli("caption", str(images / "photo.jpg"), *model_args, "-o", str(tmp_path / "x.txt")).returncode == 0
+        assert (tmp_path / "x.txt").read_text() == shown.stdout

@@ -96,7 +96,7 @@ def test_stream_abandoned_early_frees_its_slot(four: Captioner, images: Path) ->
     stream = four.stream(images / "photo.jpg", max_tokens=4000, ignore_eos=True)
     next(stream)
     stream.close()  # the caller lost interest
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while four._live()._active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not four._live()._active

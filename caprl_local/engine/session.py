@@ -72,6 +72,9 @@ class Session:
         self.n_gpu_layers = n_gpu = backend.resolve_gpu_layers(opts.gpu_layers)
         self.threads = opts.threads or backend.default_threads()
         self.on_gpu = n_gpu != 0 and backend.gpu_offload()
+        if n_gpu != 0 and not self.on_gpu:
+            log.warning("gpu_layers=%s has no effect: this llama.cpp build has no GPU offload, so the model "
+                        "runs on the CPU", opts.gpu_layers)
         layout = backend.weight_layout(model_info, repack=opts.repack, wide=opts.parallel != 1, n_gpu=n_gpu)
         self.weight_layout = layout.description
         mparams = llama_cpp.llama_model_default_params()

@@ -1,0 +1,132 @@
+"""What a person sees on a terminal: the bar never shares a line with a caption, progress shows
+from the start, and a single caption streams piece by piece."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import HANG_S
+
+from caprl_local import console
+from caprl_local.results import Activity
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a terminal would show for `raw`: carriage returns overwrite, ESC[K clears to the
+    end of the line, ESC[nA moves up n lines."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    i = 0
+    while i < len(raw):
+        if raw.startswith("\x1b[", i):
+            j = i + 2
+            while j < len(raw) and not raw[j].isalpha():
+                j += 1
+            if raw[j] == "K":
+                del lines[row][col:]
+            elif raw[j] == "A":
+                row = max(0, row - int(raw[i + 2:j] or 1))
+            i = j + 1
+            continue
+        ch = raw[i]
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row += 1
+            col = 0
+            if row == len(lines):
+                lines.append([])
+        else:
+            line = lines[row]
+            line.extend(" " * (col - len(line)))
+            line[col:col + 1] = [ch]
+            col += 1
+        i += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def run_on_a_terminal(args: list[str]) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on one pseudo-terminal, as a person's shell does."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns: room for a bar
+    proc = subprocess.Popen([sys.executable, "-m", "caprl_local", *args], stdout=slave, stderr=slave,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    code = proc.wait(timeout=HANG_S)
+    os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_the_bar_never_shares_a_line_with_a_caption(tiny_model: tuple[Path, Path], images: Path) -> None:
+    model, mmproj = tiny_model
+    names = ["photo.jpg", "alpha.png", "cmyk.jpg", "palette.png"]
+    code, raw = run_on_a_terminal(["caption", *[str(images / n) for n in names], "--model", str(model),
+                                   "--mmproj", str(mmproj), "--threads", "1", "--max-tokens", "60"])
+    assert code == 0, raw
+    assert "\r" in raw  # a bar was drawn
+    shown = screen(raw)
+    headers = [line for line in shown if "==>" in line]
+    assert headers == [f"==> {images / n} <==" for n in names], shown
+    for line in shown:
+        if "==>" not in line and "Captioned" not in line and "captions in flight" not in line:
+            assert not re.search(r"\d+/\d+|image/s|images/min|in flight", line), shown
+    assert shown[0].startswith("4 images: 4 captions in flight on the CPU, 1 CPU thread")  # what auto chose
+
+
+class FakeCaptioner:
+    """Activity only: what the progress watcher reads."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def activity(self) -> Activity:
+        self.tokens += 40
+        return Activity(generating=3, waiting=2, tokens=self.tokens)
+
+
+def test_progress_shows_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any image is done: captions in flight and tokens per second; then images in any order."""
+    monkeypatch.setattr(console.BatchProgress, "POLL_S", 0.01)
+    progress = console.BatchProgress(5, 0, show=True, quiet=True)
+    seen = threading.Event()
+    original = progress.bar.refresh
+
+    def refresh(*args: object, **kwargs: object) -> None:
+        original(*args, **kwargs)
+        if "3 in flight" in str(progress.bar):
+            seen.set()
+
+    monkeypatch.setattr(progress.bar, "refresh", refresh)
+    progress.watch(FakeCaptioner())
+    assert seen.wait(HANG_S)
+    assert re.search(r"3 in flight, [\d.]+ tokens/s", str(progress.bar)) and progress.bar.n == 0
+    progress.done(2)  # two images finished, whichever they were
+    assert progress.bar.n == 2
+    progress.finish(None)
+    assert progress.watcher is not None and not progress.watcher.is_alive()
+
+
+def test_a_streamed_caption_is_written_piece_by_piece(capsys: pytest.CaptureFixture[str]) -> None:
+    streamer = console.Streamer()
+    for piece in ("A red", " house", " by the sea."):
+        streamer(piece)
+        assert capsys.readouterr().out == piece  # written (and flushed) at once, pipe or terminal
