@@ -46,3 +46,31 @@ def run_cli(*args: str, input: str | None = None, timeout: float = HANG_S,
         [sys.executable, "-m", "caprl_local", *args],
         capture_output=True, text=True, input=input, timeout=timeout, env=env, cwd=cwd,
     )
+
+
+def run_on_a_terminal(args: list[str], *, stderr_too: bool = True) -> tuple[int, str]:
+    """Run the CLI with stdout (and stderr) on a pseudo-terminal 100 columns wide, as a person's
+    shell does; returns the exit code and everything the terminal received."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # room for a bar
+    proc = subprocess.Popen([sys.executable, "-m", "caprl_local", *args], stdout=slave,
+                            stderr=slave if stderr_too else subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TERM": "xterm"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    code = proc.wait(timeout=HANG_S)
+    os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace")

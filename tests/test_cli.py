@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import BAD_IMAGE_ERRORS, HANG_S, load_script, run_cli
+from helpers import BAD_IMAGE_ERRORS, HANG_S, load_script, run_cli, run_on_a_terminal
 
 from caprl_local import Captioner
 
@@ -52,24 +50,9 @@ def test_caption_awkward_formats(model_args: list[str], images: Path, name: str)
 
 def test_streams_to_a_terminal(model_args: list[str], images: Path) -> None:
     piped = run_cli("caption", str(images / "alpha.png"), *model_args)
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caprl_local", "caption", str(images / "alpha.png"), *model_args],
-        stdout=slave, stderr=subprocess.PIPE, env={**os.environ, "TERM": "dumb"},
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=HANG_S) == 0
-    os.close(master)
-    assert b"".join(chunks).decode().replace("\r\n", "\n") == piped.stdout
+    code, shown = run_on_a_terminal(["caption", str(images / "alpha.png"), *model_args], stderr_too=False)
+    assert code == 0
+    assert shown.replace("\r\n", "\n") == piped.stdout
 
 
 def test_max_image_tokens_and_verbose_stats(model_args: list[str], images: Path) -> None:

@@ -3,19 +3,12 @@ from the start, and a single caption streams piece by piece."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import re
-import struct
-import subprocess
-import sys
-import termios
 import threading
 from pathlib import Path
 
 import pytest
-from helpers import HANG_S
+from helpers import HANG_S, run_on_a_terminal
 
 from caprl_local import console
 from caprl_local.results import Activity
@@ -53,27 +46,6 @@ def screen(raw: str) -> list[str]:
             col += 1
         i += 1
     return ["".join(line).rstrip() for line in lines]
-
-
-def run_on_a_terminal(args: list[str]) -> tuple[int, str]:
-    """Run the CLI with stdout and stderr on one pseudo-terminal, as a person's shell does."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns: room for a bar
-    proc = subprocess.Popen([sys.executable, "-m", "caprl_local", *args], stdout=slave, stderr=slave,
-                            stdin=subprocess.DEVNULL, env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    code = proc.wait(timeout=HANG_S)
-    os.close(master)
-    return code, b"".join(chunks).decode("utf-8", "replace")
 
 
 def test_the_bar_never_shares_a_line_with_a_caption(tiny_model: tuple[Path, Path], images: Path) -> None:

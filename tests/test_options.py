@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,27 @@ def test_captioner_checks_options_before_loading(tiny_model: tuple[Path, Path], 
         list(captioner.caption_many([images / "photo.jpg"], parallel=2))
     with pytest.raises(CaprlError, match="max_tokens"):
         captioner.submit(images / "photo.jpg", max_tokens=0)
+
+
+def test_default_threads_leave_out_a_core_another_program_keeps_busy() -> None:
+    """llama.cpp's threads spin at barriers: one sharing its core with another program stalls
+    them all, so the default counts a busy core out (on this machine and any busier one)."""
+    import multiprocessing
+
+    from caprl_local.engine import backend
+
+    cpus = backend._usable_cpus()
+    cores = backend._physical_cores(cpus)
+    burner = multiprocessing.Process(target=_burn, daemon=True)
+    burner.start()
+    try:
+        time.sleep(0.3)
+        assert backend.default_threads() <= max(1, min(cores, len(cpus) - 1))
+    finally:
+        burner.terminate()
+        burner.join()
+
+
+def _burn() -> None:
+    while True:
+        pass

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,7 +275,7 @@ def gpu_free_memory() -> int | None:
 
 def default_threads() -> int:
     """One thread per physical core this process may use (llama.cpp's own default), less the
-    cores other programs keep busy now (the 1-minute load average, where there is one).
+    cores other programs keep busy now.
 
     llama.cpp's threads meet at a barrier after every operation of a step and spin while they
     wait: one thread that has to wait for a busy core stalls all the others, so a step can take
@@ -282,11 +283,40 @@ def default_threads() -> int:
     One thread fewer costs far less than one too many.
     """
     cpus = _usable_cpus()
+    return max(1, min(_physical_cores(cpus), len(cpus) - int(busy_cores(cpus) + 0.25)))  # busy from 0.75 of a core
+
+
+def busy_cores(cpus: list[int], window_s: float = 0.2) -> float:
+    """How many of `cpus` other programs keep busy: on Linux, measured over a short window (less
+    this process's own use); elsewhere the 1-minute load average, where there is one."""
     try:
-        busy = os.getloadavg()[0]
+        before, own, t0 = _cpu_jiffies(cpus), time.process_time(), time.monotonic()
+        time.sleep(window_s)
+        after, own, elapsed = _cpu_jiffies(cpus), time.process_time() - own, time.monotonic() - t0
+        busy, total = after[0] - before[0], after[1] - before[1]
+        return max(0.0, len(cpus) * busy / total - own / elapsed) if total > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows
-        busy = 0.0
-    return max(1, min(_physical_cores(cpus), int(len(cpus) - busy + 0.5)))
+        return 0.0
+
+
+def _cpu_jiffies(cpus: list[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of `cpus` since boot, from /proc/stat."""
+    busy = total = 0
+    wanted = {f"cpu{c}" for c in cpus}
+    with open("/proc/stat", encoding="ascii") as fh:
+        for line in fh:
+            name, *ticks = line.split()
+            if name in wanted:
+                user, nice, system, idle, iowait, irq, softirq, steal = map(int, ticks[:8])
+                busy += user + nice + system + irq + softirq + steal
+                total += user + nice + system + idle + iowait + irq + softirq + steal
+    if not total:
+        raise ValueError("no CPU lines in /proc/stat")
+    return busy, total
 
 
 def _usable_cpus() -> list[int]:
