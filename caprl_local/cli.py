@@ -7,9 +7,7 @@ messages and exit codes in one place, :func:`main`.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -179,7 +177,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     show = sys.stderr.isatty() if progress is None else progress
     single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
 
-    with _GracefulInterrupt() as interrupt:
+    with console.GracefulInterrupt() as interrupt:
         def load(in_flight: str | int, announce: bool = False, watch: Any = None) -> Any:
             console.status(f"Loading {files.model.name} ...")
             captioner = Captioner(files.model, files.mmproj, parallel=in_flight, **engine)
@@ -218,40 +216,6 @@ def _warn_unused(registry_name: str | None, **chosen: Any) -> None:
     if registry_name is None and given:
         click.echo(f"Warning: {', '.join(given)} ha{'ve' if len(given) > 1 else 's'} no effect with a .gguf file "
                    "as --model", err=True)
-
-
-class _GracefulInterrupt:
-    """Ctrl-C while captioning: ask the captioner to stop at the next token, so the run ends
-    cleanly with what is done written; a second Ctrl-C stops at once.
-
-    (A KeyboardInterrupt raised by Python's default handler can land inside llama.cpp's log
-    callback, where ctypes swallows it, and the Ctrl-C would be lost.)
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.captioner: Any = None
-
-    def __enter__(self) -> _GracefulInterrupt:
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested or self.captioner is None:
-            self.requested = True
-            raise KeyboardInterrupt
-        self.requested = True
-        self.captioner.cancel()
-
-    def watch(self, captioner: Any) -> Any:
-        self.captioner = captioner
-        if self.requested:  # Ctrl-C came while the model was loading
-            captioner.close()
-            raise KeyboardInterrupt
-        return captioner
 
 
 def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
@@ -358,23 +322,6 @@ def info(as_json: bool) -> None:
         click.echo(f"{key:<17} {value}")
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Verbose: every log line on stderr. Otherwise only caprl-local's own warnings, as one-liners;
-    third-party libraries' log output (huggingface_hub's, say) stays silent."""
-    root = logging.getLogger()
-    logging.captureWarnings(True)  # Python warnings (Pillow's about odd files) are log lines too
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
-        return
-    root.addHandler(logging.NullHandler())  # no "last resort" printing of others' warnings
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
-    ours = logging.getLogger("caprl_local")
-    ours.addHandler(handler)
-    ours.setLevel(logging.WARNING)
-    ours.propagate = False
-
-
 def _verbose_requested(argv: list[str]) -> bool:
     return "--verbose" in argv or "-v" in argv
 
@@ -383,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, map every failure to a message and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = _verbose_requested(args)
-    _configure_logging(verbose)
+    console.configure_logging(verbose)
     try:
         code = cli.main(args=args, prog_name="caprl-local", standalone_mode=False)
         return code if isinstance(code, int) else EXIT_OK

@@ -1,4 +1,4 @@
-"""Terminal rendering for the CLI: progress bars (tqdm), transient status lines, streamed text.
+"""The CLI's terminal: progress bars (tqdm), transient status lines, streamed text, log lines, Ctrl-C.
 
 Everything here writes to stderr except the streamed caption, which is a result (stdout).
 Bars and status lines appear only when a person watches (stderr is a terminal).
@@ -6,6 +6,8 @@ Bars and status lines appear only when a person watches (stderr is a terminal).
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 import threading
 import time
@@ -184,3 +186,57 @@ def listing_json(item: Any, *, default: str) -> dict[str, Any]:
         "cached_bytes": sum(c.size for c in item.cached),
         "error": item.error,  # why "available" is null: "offline", or what the Hub answered
     }
+
+
+# --- the process: its log lines on stderr, Ctrl-C ---------------------------------------------
+
+
+def configure_logging(verbose: bool) -> None:
+    """Verbose: every log line on stderr. Otherwise only caprl-local's own warnings, as one-liners;
+    third-party libraries' log output (huggingface_hub's, say) stays silent."""
+    root = logging.getLogger()
+    logging.captureWarnings(True)  # Python warnings (Pillow's about odd files) are log lines too
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        return
+    root.addHandler(logging.NullHandler())  # no "last resort" printing of others' warnings
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
+    ours = logging.getLogger("caprl_local")
+    ours.addHandler(handler)
+    ours.setLevel(logging.WARNING)
+    ours.propagate = False
+
+
+class GracefulInterrupt:
+    """Ctrl-C while captioning: ask the captioner to stop at the next token, so the run ends
+    cleanly with what is done written; a second Ctrl-C stops at once.
+
+    (A KeyboardInterrupt raised by Python's default handler can land inside llama.cpp's log
+    callback, where ctypes swallows it, and the Ctrl-C would be lost.)
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.captioner: Any = None
+
+    def __enter__(self) -> GracefulInterrupt:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested or self.captioner is None:
+            self.requested = True
+            raise KeyboardInterrupt
+        self.requested = True
+        self.captioner.cancel()
+
+    def watch(self, captioner: Any) -> Any:
+        self.captioner = captioner
+        if self.requested:  # Ctrl-C came while the model was loading
+            captioner.close()
+            raise KeyboardInterrupt
+        return captioner
