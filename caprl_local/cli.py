@@ -76,30 +76,54 @@ def cli() -> None:
     """Caption images locally with the CapRL models, through llama.cpp."""
 
 
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that choose and fetch model files, shared by caption and pull."""
-    options = [
-        click.option("--quant", help="Quantization, e.g. Q4_K_M (default: the model's default)."),
-        click.option("--imatrix", is_flag=True, help="Use the imatrix (i1) quants."),
-        click.option("--mmproj-quant", help="Vision projector precision: f16 or Q8_0 (lighter) "
-                                            "[default: the model's, see `caprl-local models`]."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
-                     help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME]."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _options(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator applying a group of click options, in the order given."""
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return apply
+
+
+#: Options that choose and fetch model files (caption, serve, pull).
+model_options = _options(
+    click.option("--quant", help="Quantization, e.g. Q4_K_M (default: the model's default)."),
+    click.option("--imatrix", is_flag=True, help="Use the imatrix (i1) quants."),
+    click.option("--mmproj-quant", help="Vision projector precision: f16 or Q8_0 (lighter) "
+                                        "[default: the model's, see `caprl-local models`]."),
+    click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+                 help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME]."),
+)
+
+#: The model to load, from a name, a repo or files (caption, serve).
+source_options = _options(
+    click.option("--model", "-m", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
+                 metavar="NAME|REPO|PATH",
+                 help="A model name from `caprl-local models`, a Hub repo (owner/name), or a .gguf file."),
+    click.option("--mmproj", "mmproj_path", type=click.Path(path_type=str), metavar="PATH.gguf",
+                 help="The vision projector, with --model PATH.gguf [default: the *mmproj*.gguf beside it]."),
+    model_options,
+    click.option("--offline", is_flag=True, help="Never touch the network; use cached files only."),
+)
+
+#: How the model runs (caption, serve).
+engine_options = _options(
+    click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
+                 default=default(EngineOptions, "gpu_layers"), show_default=True,
+                 help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N."),
+    click.option("--threads", "-t", type=click.IntRange(min=1),
+                 help="CPU threads [default: one per physical core, less the cores other programs keep busy]."),
+    click.option("--max-image-tokens", "image_max_tokens", type=click.IntRange(min=1),
+                 default=default(EngineOptions, "image_max_tokens"), show_default=True,
+                 help="Cap on tokens per image; large images are scaled down to fit."),
+    click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks."),
+)
+ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "verbose")
 
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))
-@click.option("--model", "-m", "model", default=DEFAULT_MODEL, envvar="CAPRL_LOCAL_MODEL", show_default=True,
-              metavar="NAME|REPO|PATH",
-              help="A model name from `caprl-local models`, a Hub repo (owner/name), or a .gguf file.")
-@click.option("--mmproj", "mmproj_path", type=click.Path(path_type=str), metavar="PATH.gguf",
-              help="The vision projector, with --model PATH.gguf [default: the *mmproj*.gguf beside it].")
-@model_options
-@click.option("--offline", is_flag=True, help="Never touch the network; use cached files only.")
+@source_options
 @click.option("--recursive", "-r", is_flag=True, help="Take images from sub-folders of folders too.")
 @click.option("--from-list", "list_file", metavar="FILE",
               help="Read images from FILE ('-' for stdin): a path per line, or JSONL objects with an "
@@ -130,15 +154,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
               default=default(GenerationOptions, "repeat_penalty"), show_default=True,
               help="Penalty on tokens repeated in the last 256 (1 is none).")
 @click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
-@click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
-              default=default(EngineOptions, "gpu_layers"), show_default=True,
-              help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N.")
-@click.option("--threads", "-t", type=click.IntRange(min=1),
-              help="CPU threads [default: one per physical core, less the cores other programs keep busy].")
-@click.option("--max-image-tokens", "image_max_tokens", type=click.IntRange(min=1),
-              default=default(EngineOptions, "image_max_tokens"), show_default=True,
-              help="Cap on tokens per image; large images are scaled down to fit.")
-@click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks.")
+@click.option("--stop", multiple=True, metavar="TEXT", help="End a caption before this text (repeatable).")
+@engine_options
 def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
             mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
             fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
@@ -165,7 +182,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     from .prompts import DEFAULT_PROMPT, resolve_prompt
 
     capture_libtiff_messages()  # libtiff prints from C; its lines become log records
-    engine = {k: options.pop(k) for k in ("gpu_layers", "threads", "image_max_tokens", "verbose")}
+    engine = {k: options.pop(k) for k in ENGINE_NAMES}
     # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
     items = [] if from_stdin else collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
     if not items and not from_stdin:
@@ -235,6 +252,63 @@ def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, A
             f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
             err=True,
         )
+
+
+@cli.command()
+@source_options
+@click.option("--parallel", type=AutoOrNumber(1, "1 or more requests decoded together"), default="auto",
+              show_default=True, help="Requests decoded together (auto: as many as memory allows, as for caption).")
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
+@click.option("--api-key", envvar="CAPRL_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' [env CAPRL_LOCAL_API_KEY].")
+@click.option("--queue", type=click.IntRange(min=0),
+              help="Requests that may wait beyond those decoding; more get 503 [default: as many as decode].")
+@click.option("--max-body-mb", type=click.IntRange(min=1), default=32, show_default=True, help="Largest request body.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Fetch http(s) image URLs (off: a server that fetches any URL it is sent can be made to reach "
+                   "whatever this machine reaches).")
+@click.option("--allowed-local-dir", type=click.Path(file_okay=False, exists=True, path_type=str),
+              help="Let requests name image files under this folder.")
+def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool, mmproj_quant: str | None,
+          cache_dir: str | None, offline: bool, parallel: Parallel, host: str, port: int, api_key: str | None,
+          queue: int | None, max_body_mb: int, allow_remote_images: bool, allowed_local_dir: str | None,
+          **engine: Any) -> None:
+    """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
+
+    Prints the API's base URL on stdout once it listens; Ctrl-C stops it, cancelling the
+    captions in flight. Needs the serve extra: pip install 'caprl-local[serve]'.
+    """
+    try:
+        from .serve import ImagePolicy, ServeOptions
+        from .serve import serve as run_server
+    except ImportError as exc:
+        raise CaprlError(f"caprl-local serve needs its extra ({exc.name} is missing): "
+                         "pip install 'caprl-local[serve]'") from exc
+    from pathlib import Path
+
+    from .engine import Captioner
+    from .hub import download_model
+
+    files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                           cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
+    _warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
+    console.status(f"Loading {files.model.name} ...")
+    with Captioner(files.model, files.mmproj, parallel=parallel, prompt=files.prompt, **engine) as captioner:
+        console.status("")
+        console.loaded(captioner)
+        model_id = files.name or files.model.stem
+        policy = ImagePolicy(allow_remote=allow_remote_images,
+                             local_dir=Path(allowed_local_dir) if allowed_local_dir else None)
+        options = ServeOptions(host=host, port=port, model_id=model_id, api_key=api_key, queue=queue,
+                               max_body_bytes=max_body_mb * 1024 * 1024, images=policy)
+
+        def ready(url: str) -> None:
+            click.echo(url)  # the result, for scripts; the rest is for people
+            click.echo(f"Serving {model_id} (Ctrl-C stops)", err=True)
+
+        run_server(captioner, options, on_ready=ready)
 
 
 @cli.command()

@@ -73,7 +73,7 @@ def loaded(captioner: Any, *, images: int | None = None) -> None:
     """One line on what the load chose (device, captions in flight, threads), on stderr."""
     where = "the GPU" if captioner.on_gpu else "the CPU"
     what = f"{images} image{'s' * (images != 1)}: " if images else ""
-    width = min(captioner.parallel, images or 1)
+    width = captioner.parallel if images is None else min(captioner.parallel, images)
     in_flight = f"{width} captions in flight" if width > 1 else "1 caption at a time"
     click.echo(f"{what}{in_flight} on {where}, {captioner.threads} CPU thread{'s' * (captioner.threads > 1)}",
                err=True)

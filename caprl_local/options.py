@@ -45,6 +45,7 @@ class GenerationOptions:
     top_p: float = 0.95
     seed: int | None = None
     repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
+    stop: tuple[str, ...] = ()  # the caption ends before the first of these strings
     ignore_eos: bool = False  # always generate max_tokens (for benchmarks)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,9 @@ class GenerationOptions:
             raise CaprlError("temperature must be >= 0, top_p in (0, 1] and repeat_penalty > 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise CaprlError(f"seed must be a whole number, not {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 8:
+            raise CaprlError(f"stop must be a sequence of at most 8 non-empty strings, not {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list given by a caller stays hashable
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-mtmd-cli from the very sources the installed llama-cpp-python
-# was built from (its sdist carries them in vendor/llama.cpp), with the same CMake defaults
-# (shared libraries, native CPU flags, no curl), for side-by-side benchmarks.
+# Build llama.cpp's own llama-mtmd-cli and llama-server from the very sources the installed
+# llama-cpp-python was built from (its sdist carries them in vendor/llama.cpp), with the same
+# CMake defaults (shared libraries, native CPU flags, no curl), for side-by-side benchmarks.
 #
-#   scripts/build_mtmd_cli.sh [OUT_DIR]      (default build/llama.cpp; prints the binary's path)
+#   scripts/build_mtmd_cli.sh [OUT_DIR]      (default build/llama.cpp; prints the binaries' paths)
 #   CMAKE_ARGS="-DGGML_CUDA=on" scripts/build_mtmd_cli.sh    for a CUDA build
 set -euo pipefail
 out=$(realpath -m "${1:-build/llama.cpp}")
@@ -17,6 +17,7 @@ if [ ! -d "$src" ]; then
 fi
 # shellcheck disable=SC2086
 cmake -S "$src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS:-} >&2
-cmake --build "$out/build" --target llama-mtmd-cli -j "$(nproc)" >&2
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON ${CMAKE_ARGS:-} >&2
+cmake --build "$out/build" --target llama-mtmd-cli llama-server -j "$(nproc)" >&2
 echo "$out/build/bin/llama-mtmd-cli"
+echo "$out/build/bin/llama-server"

@@ -166,3 +166,14 @@ def test_activity_counts_captions_and_tokens(four: Captioner, images: Path) -> N
     handle.result(timeout=HANG_S)
     after = four.activity()
     assert after.tokens - before.tokens == 8 and after.generating == 0 and after.waiting == 0
+
+
+def test_stop_strings_end_the_caption_before_them(four: Captioner, images: Path) -> None:
+    full = four.caption(images / "alpha.png", max_tokens=40)
+    middle = len(full.text) // 2
+    stop = full.text[middle:middle + 3]
+    cut = four.caption(images / "alpha.png", max_tokens=40, stop=[stop, "never in it"])
+    assert cut.text == full.text[:full.text.find(stop)].rstrip() and cut.finish_reason == "stop"
+    assert cut.generated_tokens < full.generated_tokens
+    assert "".join(four.stream(images / "alpha.png", max_tokens=40, stop=(stop,))) == cut.text
+    assert four.caption(images / "alpha.png", max_tokens=40, stop=["never in it"]).text == full.text

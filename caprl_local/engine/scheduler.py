@@ -69,7 +69,8 @@ class _Slot:
         self.request, self.seq, self.sampler, self.n_past, self.t_start = request, seq, sampler, n_past, t_start
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text: list[str] = []
-        self.held = ""  # whitespace held back until text follows it: the pieces add up to the caption
+        self.held = ""  # held back: whitespace until text follows it, and what may begin a stop string
+        self.stopped = False  # a stop string came: the caption ends before it
         self.pending = 0  # the token sampled but not yet taken into the caption
         self.n_gen = 0
         self.finish = "length"
@@ -77,18 +78,26 @@ class _Slot:
         self.encode_s = 0.0
         self.t_prompt = t_start
 
-    def emit(self, piece: str) -> None:
+    def emit(self, piece: str, *, final: bool = False) -> None:
+        """Pass on new text, trimmed as the finished caption is, so the pieces add up to it."""
         text = self.held + piece
         if not self.text:
             text = text.lstrip()  # a caption starts at its first visible character
+        stops = self.request.options.stop
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if found:
+            text, self.stopped = text[:min(found)], True
         body = text.rstrip()
+        if stops and not (self.stopped or final):  # what could begin a stop string waits for the next piece
+            body = body[:len(body) - _stop_prefix(body, stops)]
         self.held = text[len(body):]
         if body:
             self.text.append(body)
             self.request.pieces.put(body)
 
     def caption(self) -> Caption:
-        self.emit(self.decoder.decode(b"", final=True))  # trailing whitespace stays held: the caption ends here
+        if not self.stopped:
+            self.emit(self.decoder.decode(b"", final=True), final=True)  # trailing whitespace stays out
         t_end = time.perf_counter()
         prompt_s = self.t_prompt - self.t_start - self.encode_s
         gen_s = t_end - self.t_prompt
@@ -263,6 +272,9 @@ class Scheduler:
         slot.n_gen += 1
         self.generated += 1
         slot.emit(slot.decoder.decode(self.session.token_bytes(slot.pending)))
+        if slot.stopped:
+            slot.finish = "stop"
+            return True
         return slot.n_gen >= opts.max_tokens or slot.n_past >= self.session.n_ctx
 
     def _end(self, slot: _Slot, outcome: Caption | BaseException) -> None:
@@ -271,6 +283,12 @@ class Scheduler:
         self.session.forget(slot.seq)
         self._free.append(slot.seq)
         slot.request.finish(outcome)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 def _engine_error(name: str, exc: Exception) -> CaprlError:
