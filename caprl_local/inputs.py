@@ -9,6 +9,7 @@ not stop a dataset.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -108,3 +109,14 @@ def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
         path = Path(line).expanduser()
         items.append(BatchItem(str(path if path.is_absolute() else base / path), extra))
     return items
+
+
+def shard_of(items: list[BatchItem], index: int, count: int) -> list[BatchItem]:
+    """Shard `index` (1-based) of `count`: a fixed 1/count of the items, chosen by a hash of each
+    image's path as given, so that the same list split on several machines is covered exactly
+    once, whatever the order of its lines, run after run."""
+    if not 1 <= index <= count:
+        raise CaprlError(f"shard {index}/{count}: the shard must be between 1 and {count}")
+    return [item for item in items
+            if int.from_bytes(hashlib.sha256(item.path.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+            % count == index - 1]

@@ -74,3 +74,14 @@ def run_on_a_terminal(args: list[str], *, stderr_too: bool = True) -> tuple[int,
     code = proc.wait(timeout=HANG_S)
     os.close(master)
     return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def start_server(tiny_model: tuple[Path, Path], *args: str) -> tuple[subprocess.Popen[str], str]:
+    """`caprl-local serve` on a free port of 127.0.0.1 with the tiny model: (process, base URL)."""
+    model, mmproj = tiny_model
+    proc = subprocess.Popen([sys.executable, "-m", "caprl_local", "serve", "-m", str(model), "--mmproj", str(mmproj),
+                             "-t", "1", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()  # printed once the server listens
+    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else ""
+    return proc, url

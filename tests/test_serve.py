@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_S, run_cli
+from helpers import HANG_S, run_cli, start_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
@@ -30,14 +30,7 @@ GOOD = ["photo.jpg", "alpha.png", "cmyk.jpg", "palette.png", "rotated.jpg", "dee
 
 @pytest.fixture(scope="module")
 def server(tiny_model: tuple[Path, Path]):
-    model, mmproj = tiny_model
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caprl_local", "serve", "-m", str(model), "--mmproj", str(mmproj), "-t", "1",
-         "--port", "0", "--parallel", "4", "--queue", "4", "--api-key", KEY, "--max-body-mb", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()  # printed once the server listens
-    assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else ""
+    proc, url = start_server(tiny_model, "--parallel", "4", "--queue", "4", "--api-key", KEY, "--max-body-mb", "1")
     yield url
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=HANG_S) == 0  # Ctrl-C: a clean stop
@@ -219,16 +212,6 @@ def test_serve_without_its_extra_says_how_to_install_it(tiny_model: tuple[Path, 
     assert result.returncode == 1
     assert result.stderr.strip() == ("Error: caprl-local serve needs its extra (starlette is missing): "
                                      "pip install 'caprl-local[serve]'")
-
-
-def start_server(tiny_model: tuple[Path, Path], *args: str) -> tuple[subprocess.Popen[str], str]:
-    model, mmproj = tiny_model
-    proc = subprocess.Popen([sys.executable, "-m", "caprl_local", "serve", "-m", str(model), "--mmproj", str(mmproj),
-                             "-t", "1", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://"), proc.stderr.read() if proc.stderr else ""
-    return proc, url
 
 
 def test_images_by_url_and_path_only_when_allowed_and_sigterm_stops_cleanly(

@@ -8,6 +8,7 @@ cancels its caption, and its slot takes the next request at the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -177,10 +178,9 @@ async def _submit(captioner: Any, asked: ChatRequest, policy: ImagePolicy) -> An
 
 
 def _options(asked: ChatRequest) -> dict[str, Any]:
-    opts = asked.options
-    given = {"max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
-             "seed": opts.seed, "stop": opts.stop}
-    return {**given, "prompt": opts.prompt} if opts.prompt else given
+    """The request's caption options as the captioner takes them (no prompt: the model's own)."""
+    given = dataclasses.asdict(asked.options)
+    return {k: v for k, v in given.items() if k != "preset" and not (k == "prompt" and v is None)}
 
 
 async def _next_piece(pieces: Any) -> str | None:

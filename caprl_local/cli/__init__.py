@@ -1,0 +1,88 @@
+"""The ``caprl-local`` command: a thin client of the library.
+
+Results go to stdout, everything else to stderr. Errors are turned into
+messages and exit codes in one place, :func:`main`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .. import console
+from ..errors import Cancelled, CaprlError, HubUnreachableError, NoProjectorError, NoSpaceError, OfflineError
+from . import manage, serve  # noqa: F401 - importing a command module adds its commands to the group
+from .base import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, cli
+from .caption import caption
+
+__all__ = ["ERROR_TABLE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "caption", "cli", "main"]
+
+
+def _pull_hint(exc: OfflineError) -> str:
+    args = [exc.model, *(["--quant", exc.quant] if exc.quant else []), *(["--imatrix"] if exc.imatrix else [])]
+    return f"Error: {exc} (`caprl-local pull {' '.join(args)}`)"
+
+
+# Exception type -> (exit code, message: a format string of the exception, "{exc}", or a function
+# of it); first match wins. The library's messages say what happened; the CLI adds its own
+# flags and commands. Usage errors print click's own usage message.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str | Callable[[Any], str]], ...] = (
+    (click.UsageError, EXIT_USAGE, ""),
+    (KeyboardInterrupt, EXIT_INTERRUPTED, "Interrupted."),
+    (Cancelled, EXIT_INTERRUPTED, "Interrupted."),
+    (click.exceptions.Abort, EXIT_INTERRUPTED, "Interrupted."),
+    (OfflineError, EXIT_FAILURE, _pull_hint),
+    (HubUnreachableError, EXIT_FAILURE, "Error: {exc}, or add --offline to use the files already cached"),
+    (NoProjectorError, EXIT_FAILURE, "Error: {exc} with --mmproj"),
+    (NoSpaceError, EXIT_FAILURE, "Error: {exc} (--cache-dir or CAPRL_LOCAL_HOME moves it)"),
+    (CaprlError, EXIT_FAILURE, "Error: {exc}"),
+    (MemoryError, EXIT_FAILURE, "Error: out of memory; lower --max-image-tokens or use a smaller quant"),
+)
+
+
+def _verbose_requested(argv: list[str]) -> bool:
+    return "--verbose" in argv or "-v" in argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, map every failure to a message and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = _verbose_requested(args)
+    console.configure_logging(verbose)
+    try:
+        code = cli.main(args=args, prog_name="caprl-local", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into `head`): stop quietly.
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_FAILURE
+    except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
+        return _report(exc, tracebacks=verbose or os.environ.get("CAPRL_DEBUG", "") not in ("", "0"))
+
+
+def _report(exc: BaseException, *, tracebacks: bool) -> int:
+    """One line on stderr for `exc`, its exit code from ERROR_TABLE; the traceback with
+    --verbose or CAPRL_DEBUG=1 (which leaves llama.cpp's log off)."""
+    for exc_type, code, message in ERROR_TABLE:
+        if isinstance(exc, exc_type):
+            if isinstance(exc, click.ClickException):
+                exc.show()
+            else:
+                if code == EXIT_INTERRUPTED and sys.stderr.isatty():
+                    click.echo(err=True)  # end a progress line first
+                click.echo(message(exc) if callable(message) else message.format(exc=exc), err=True)
+            if tracebacks and code == EXIT_FAILURE:
+                traceback.print_exception(exc, file=sys.stderr)
+            return code
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    # A bug in caprl-local: still one line, with the traceback only on request.
+    click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (set CAPRL_DEBUG=1 for the traceback)", err=True)
+    if tracebacks:
+        traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_FAILURE

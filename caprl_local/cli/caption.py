@@ -1,0 +1,203 @@
+"""``caprl-local caption``: one image, a folder, a dataset; here, or on OpenAI-compatible servers."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .. import console
+from ..errors import CaprlError
+from ..options import GenerationOptions, Parallel, default
+from ..prompts import PRESETS
+from .base import (
+    ENGINE_NAMES,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    AutoOrNumber,
+    ShardType,
+    cli,
+    engine_options,
+    source_options,
+    warn_unused,
+)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=str))
+@source_options
+@click.option("--recursive", "-r", is_flag=True, help="Take images from sub-folders of folders too.")
+@click.option("--from-list", "list_file", metavar="FILE",
+              help="Read images from FILE ('-' for stdin): a path per line, or JSONL objects with an "
+                   "\"image\" field whose other fields are kept in the output.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="Output format; jsonl gives one object per image with tokens, timings or the error.")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=str),
+              help="Write results to FILE instead of stdout; with jsonl, images already in it are skipped.")
+@click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
+@click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
+@click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
+@click.option("--parallel", type=AutoOrNumber(1, "1 or more captions in flight"), default="auto", show_default=True,
+              help="Captions in flight at once in a batch: more images per minute for a little more memory "
+                   "(auto: as many as memory allows, at most 4 on a CPU with up to 4 threads, 8 with more, "
+                   "16 on a GPU).")
+@click.option("--progress/--quiet", "progress", default=None,
+              help="Force the progress bar on or off [default: on when stderr is a terminal].")
+@click.option("--prompt", "-p", help="Your own instruction; '<image>' marks where the image goes (default: first).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
+              show_default=True, help="Stop after this many new tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
+              show_default=True, help="0 is greedy decoding; higher values sample more freely.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+              default=default(GenerationOptions, "top_p"), show_default=True,
+              help="Nucleus sampling: keep the most likely tokens up to this probability (with --temperature > 0).")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+              default=default(GenerationOptions, "repeat_penalty"), show_default=True,
+              help="Penalty on tokens repeated in the last 256 (1 is none).")
+@click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
+@click.option("--stop", multiple=True, metavar="TEXT", help="End a caption before this text (repeatable).")
+@engine_options
+@click.option("--endpoint", "endpoints", multiple=True, metavar="URL",
+              help="Caption on this OpenAI-compatible server instead of here (repeatable: a fleet), e.g. "
+                   "http://gpu1:8000/v1.")
+@click.option("--endpoint-model", metavar="NAME", help="The model to ask the endpoints for [default: the first each lists].")
+@click.option("--endpoint-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests at once per endpoint.")
+@click.option("--api-key", envvar="CAPRL_LOCAL_API_KEY", help="Key for the endpoints [env CAPRL_LOCAL_API_KEY].")
+@click.option("--shard", type=ShardType(), metavar="I/N",
+              help="Caption only shard I of N of the inputs: a fixed split, so N machines given the same list "
+                   "never caption an image twice.")
+def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
+            mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
+            fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
+            progress: bool | None, prompt: str | None, preset: str | None, endpoints: tuple[str, ...],
+            endpoint_model: str | None, endpoint_concurrency: int, api_key: str | None,
+            shard: tuple[int, int] | None, **options: Any) -> None:
+    """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
+
+    One image: its caption on stdout, as it is written. Many: each written as it is done; the
+    same command run again (after Ctrl-C, say) skips images that already have a --sidecar or
+    an entry in the --output file. The model is fetched and verified on first use, then cached:
+    later runs need no network.
+    """
+    if prompt is not None and preset is not None:
+        raise click.UsageError("use either --prompt or --preset, not both")
+    if not images and list_file is None:
+        raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
+    from_stdin = "-" in images
+    if from_stdin and (len(images) > 1 or list_file or sidecar or output or fmt != "text"):
+        raise click.UsageError("'-' (an image on stdin) goes alone, with text output to stdout")
+    from ..engine import Captioner  # imported here so that --help stays instant
+    from ..hub import download_model
+    from ..images import capture_libtiff_messages
+    from ..inputs import collect_inputs, shard_of
+    from ..prompts import DEFAULT_PROMPT, resolve_prompt
+
+    capture_libtiff_messages()  # libtiff prints from C; its lines become log records
+    engine = {k: options.pop(k) for k in ENGINE_NAMES}
+    # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
+    items = [] if from_stdin else collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
+    if not items and not from_stdin:
+        raise CaprlError(f"{list_file}: the list names no images")
+    if shard is not None:
+        items = shard_of(items, *shard)
+    show = sys.stderr.isatty() if progress is None else progress
+    if endpoints:  # no model here: the servers have theirs
+        if from_stdin:
+            raise click.UsageError("'-' (an image on stdin) works with a local model, not with --endpoint")
+        remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
+        prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=DEFAULT_PROMPT)
+        with console.GracefulInterrupt() as interrupt:
+            summary = _batch(items, lambda n: interrupt.watch(remote), prompt=prompt_text, model=remote.model,
+                             quant=None, fmt=fmt, output=output, sidecar=sidecar, sidecar_ext=sidecar_ext,
+                             overwrite=overwrite, parallel=parallel, progress=progress, show=show,
+                             **{k: v for k, v in options.items() if k in ("max_tokens", "temperature", "top_p",
+                                                                          "seed", "stop")})
+        return _ended(summary)
+    files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                           cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
+    warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
+    prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
+    single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
+
+    with console.GracefulInterrupt() as interrupt:
+        def load(in_flight: str | int, announce: bool = False) -> Any:
+            console.status(f"Loading {files.model.name} ...")
+            captioner = Captioner(files.model, files.mmproj, parallel=in_flight, **engine)
+            console.status("")
+            if announce:
+                console.loaded(captioner, images=None if single else len(items))
+            return interrupt.watch(captioner)
+
+        if single and fmt == "text" and not (output or sidecar or list_file):
+            source = sys.stdin.buffer.read() if from_stdin else images[0]
+            with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
+                _caption_one(cap, source, prompt_text, options, engine["verbose"])
+            return
+        summary = _batch(items, lambda n: load(n, announce=show or engine["verbose"]), prompt=prompt_text,
+                         model=files.name or files.model.name, quant=files.quant, fmt=fmt, output=output,
+                         sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite, parallel=parallel,
+                         progress=progress, show=show, **options)
+    _ended(summary)
+
+
+def _batch(items: list[Any], load: Any, *, prompt: str, model: str, quant: str | None, fmt: str, output: str | None,
+           sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel, progress: bool | None, show: bool,
+           **options: Any) -> Any:
+    """Run the batch with a progress display; `load(parallel)` gives the captioner."""
+    from ..batch import OutputOptions, caption_batch
+
+    reporter: list[console.BatchProgress] = []
+
+    def loaded(n: Parallel) -> Any:
+        captioner = load(n)
+        reporter[0].watch(captioner)
+        return captioner
+
+    summary = caption_batch(
+        items, load=loaded, prompt=prompt, parallel=parallel, model=model, quant=quant,
+        stream=console.results_stream(progress=show),
+        outputs=OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
+                              sidecar_ext=sidecar_ext, overwrite=overwrite),
+        on_start=lambda total, skipped: reporter.append(
+            console.BatchProgress(total, skipped, show=show, quiet=progress is False)),
+        on_result=lambda *args: reporter[0].result(*args), on_done=lambda n: reporter[0].done(n), **options)
+    reporter[0].finish(summary)
+    return summary
+
+
+def _ended(summary: Any) -> None:
+    if summary is not None and summary.interrupted:
+        raise SystemExit(EXIT_INTERRUPTED)  # the summary said so already
+    if summary is not None and summary.failed:
+        raise SystemExit(EXIT_FAILURE)
+
+
+def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int, key: str | None) -> Any:
+    from ..endpoints import Endpoint, EndpointCaptioner
+
+    captioner = EndpointCaptioner(Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls)
+    click.echo(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "
+               f"{concurrency} requests at once each", err=True)
+    return captioner
+
+
+def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
+    on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
+    console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
+    try:
+        result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
+    finally:
+        if not on_text.started:  # once the caption shows, the line is its own
+            console.status("")
+    click.echo("")
+    if verbose:
+        t = result.timings
+        click.echo(
+            f"{result.image_tokens} image tokens, {result.prompt_tokens} prompt tokens, "
+            f"{result.generated_tokens} generated; encode {t.image_encode_s:.2f}s, "
+            f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
+            err=True,
+        )

@@ -1,0 +1,101 @@
+"""The commands around captioning: pull, models, rm, info (and bench, for a source checkout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import click
+
+from .. import console
+from ..errors import CaprlError
+from ..registry import DEFAULT_MODEL
+from .base import cli, model_options
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
+@model_options
+def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None, cache_dir: str | None) -> None:
+    """Download MODEL (a name or owner/repo) and its vision projector, verify and cache them.
+
+    Prints the two local paths. An interrupted pull resumes where it stopped.
+    """
+    from ..hub import download_model
+
+    files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                           cache_dir=cache_dir, progress=console.DownloadBar())
+    click.echo(files.model)
+    click.echo(files.mmproj)
+
+
+@cli.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--offline", is_flag=True, help="Do not ask the Hub; show cached files only.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
+    """List the known models, their published quants and what is cached."""
+    from ..hub import cache_root, list_models
+    from ..registry import user_models_path
+
+    listings = list_models(cache_dir=cache_dir, offline=offline)
+    if as_json:
+        click.echo(json.dumps([console.listing_json(item, default=DEFAULT_MODEL) for item in listings], indent=2))
+        return
+    console.print_models(listings, default=DEFAULT_MODEL)
+    click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
+    click.echo(f"Your own models go in {user_models_path()}", err=True)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+             add_help_option=False, hidden=True)  # a source checkout's tool, not a user's command
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmark against llama.cpp's llama-mtmd-cli (scripts/bench.py; `bench -h` for its options)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+    script = os.path.join(root, "scripts", "bench.py")
+    if not os.path.isfile(script):
+        raise CaprlError("the benchmark lives in a source checkout of caprl-local (scripts/bench.py); "
+                         "run it from there")
+    raise SystemExit(subprocess.call([sys.executable, script, *ctx.args]))
+
+
+@cli.command(name="rm")
+@click.argument("model")
+@click.option("--quant", help="Remove only this quant (default: every file of the model).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
+    """Delete MODEL's cached files (or one quant) to free disk space."""
+    from ..hub import remove_model
+
+    removed = remove_model(model, quant=quant, cache_dir=cache_dir)
+    for c in removed:
+        click.echo(c.path)
+    click.echo(f"Removed {len(removed)} file(s), freed {console.size(sum(c.size for c in removed))}.", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(as_json: bool) -> None:
+    """Show versions, GPU offload support and the devices llama.cpp sees."""
+    from ..engine import runtime_info
+
+    rt = runtime_info()
+    if as_json:
+        click.echo(json.dumps(asdict(rt), indent=2))
+        return
+    rows = [
+        ("caprl-local", rt.caprl_local_version),
+        ("llama-cpp-python", rt.llama_cpp_python_version),
+        ("GPU offload", "yes" if rt.gpu_offload else "no (this llama.cpp build runs on the CPU)"),
+        ("devices", ", ".join(rt.devices) or "unknown"),
+        ("system", rt.system_info),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<17} {value}")
