@@ -24,7 +24,7 @@ def test_library_errors_carry_no_cli_advice() -> None:
     """A desktop app shows these messages to its users, who have no command line."""
     offenders = []
     for path in sorted((ROOT / "caprl_local").rglob("*.py")):
-        if path.name in ("cli.py", "console.py"):
+        if path.parent.name == "cli" or path.name == "console.py":  # the CLI's own words
             continue
         for line, text in _raised_strings(ast.parse(path.read_text(encoding="utf-8"))):
             if CLI_WORDS.search(text):

@@ -66,6 +66,14 @@ from .base import (
 @click.option("--endpoint-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests at once per endpoint.")
 @click.option("--api-key", envvar="CAPRL_LOCAL_API_KEY", help="Key for the endpoints [env CAPRL_LOCAL_API_KEY].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Caption on Ray: a Ray instance on this machine, or the cluster at ADDRESS ('auto', ray://...).")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray actors, each holding one loaded model.")
+@click.option("--ray-cpus-per-actor", type=click.FloatRange(min=0, min_open=True),
+              help="CPUs Ray reserves per actor (its llama.cpp threads) [default: --threads, else 1].")
+@click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="GPUs Ray reserves per actor.")
 @click.option("--shard", type=ShardType(), metavar="I/N",
               help="Caption only shard I of N of the inputs: a fixed split, so N machines given the same list "
                    "never caption an image twice.")
@@ -73,7 +81,8 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
             fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
             progress: bool | None, prompt: str | None, preset: str | None, endpoints: tuple[str, ...],
-            endpoint_model: str | None, endpoint_concurrency: int, api_key: str | None,
+            endpoint_model: str | None, endpoint_concurrency: int, api_key: str | None, ray_address: str | None,
+            ray_actors: int, ray_cpus_per_actor: float | None, ray_gpus_per_actor: float,
             shard: tuple[int, int] | None, **options: Any) -> None:
     """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
 
@@ -104,17 +113,22 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     if shard is not None:
         items = shard_of(items, *shard)
     show = sys.stderr.isatty() if progress is None else progress
-    if endpoints:  # no model here: the servers have theirs
-        if from_stdin:
-            raise click.UsageError("'-' (an image on stdin) works with a local model, not with --endpoint")
-        remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
+    if endpoints or ray_address is not None:  # the captions are made elsewhere
+        if from_stdin or (endpoints and ray_address is not None):
+            raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
+        if endpoints:
+            remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
+            options = {k: v for k, v in options.items() if k in ("max_tokens", "temperature", "top_p", "seed", "stop")}
+        else:
+            fetch = {"mmproj": mmproj_path, "quant": quant, "imatrix": imatrix, "mmproj_quant": mmproj_quant,
+                     "cache_dir": cache_dir, "offline": offline}
+            remote = _ray(model, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, parallel=parallel,
+                          **{k: v for k, v in {**fetch, **engine}.items() if v not in (None, False)})
         prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=DEFAULT_PROMPT)
         with console.GracefulInterrupt() as interrupt:
             summary = _batch(items, lambda n: interrupt.watch(remote), prompt=prompt_text, model=remote.model,
-                             quant=None, fmt=fmt, output=output, sidecar=sidecar, sidecar_ext=sidecar_ext,
-                             overwrite=overwrite, parallel=parallel, progress=progress, show=show,
-                             **{k: v for k, v in options.items() if k in ("max_tokens", "temperature", "top_p",
-                                                                          "seed", "stop")})
+                             quant=quant, fmt=fmt, output=output, sidecar=sidecar, sidecar_ext=sidecar_ext,
+                             overwrite=overwrite, parallel=parallel, progress=progress, show=show, **options)
         return _ended(summary)
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
@@ -173,6 +187,18 @@ def _ended(summary: Any) -> None:
         raise SystemExit(EXIT_INTERRUPTED)  # the summary said so already
     if summary is not None and summary.failed:
         raise SystemExit(EXIT_FAILURE)
+
+
+def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus: float, **options: Any) -> Any:
+    try:
+        from ..ray import RayCaptioner
+    except ImportError as exc:
+        raise CaprlError(f"--ray needs its extra ({exc.name} is missing): pip install 'caprl-local[ray]'") from exc
+    captioner = RayCaptioner(model, address=address or None, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus,
+                             **options)
+    click.echo(f"Captioning on Ray ({address or 'this machine'}): {actors} actor{'s' * (actors > 1)} of "
+               f"{captioner.threads} CPU{'s' * (captioner.threads > 1)}" + (f" and {gpus} GPU" if gpus else ""), err=True)
+    return captioner
 
 
 def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int, key: str | None) -> Any:

@@ -140,8 +140,8 @@ def image_bytes(url: str, policy: ImagePolicy) -> bytes:
         return data
     if url.startswith(("http://", "https://")):
         if not policy.allow_remote:
-            raise ApiError(400, "this server does not fetch image URLs; send the image as a base64 data URI "
-                           "(or start it with --allow-remote-images)", code="remote_images_disabled")
+            raise ApiError(400, "this server does not fetch image URLs (remote images are off); send the image "
+                           "as a base64 data URI", code="remote_images_disabled")
         return _fetch(url, policy)
     return _local(url, policy)
 

@@ -1,0 +1,156 @@
+"""Caption datasets on a Ray cluster with Ray Data (the ``ray`` extra): one loaded Captioner per actor.
+
+:func:`caption_dataset` adds ``caption`` and ``error`` columns to a Ray Dataset, in the style of
+Ray's own LLM processors; :class:`RayCaptioner` offers what the batch runner uses of a Captioner,
+so ``caprl-local caption --ray`` writes the same outputs, resumes and isolates failures as a
+local run. Ray schedules the work; each node resolves the model through its own cache (or a
+shared ``cache_dir``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from .errors import Cancelled, CaprlError
+from .hub import download_model
+from .options import EngineOptions, GenerationOptions
+from .registry import DEFAULT_MODEL
+from .results import Activity, Caption, CaptionFailure, Timings
+
+log = logging.getLogger("caprl_local")
+
+_DOWNLOAD = frozenset(inspect.signature(download_model).parameters) - {"name", "progress"}
+_ENGINE = frozenset(EngineOptions.__dataclass_fields__)
+_GENERATION = frozenset(GenerationOptions.__dataclass_fields__)
+#: The columns caption_dataset adds.
+COLUMNS = ("caption", "error", "error_kind", "image_tokens", "prompt_tokens", "generated_tokens", "finish_reason")
+
+
+class _CaptionActor:
+    """A Ray Data actor: loads the model once, then captions batches of rows."""
+
+    def __init__(self, model: str, image_column: str, fetch: dict[str, Any], engine: dict[str, Any],
+                 generation: dict[str, Any]) -> None:
+        from .engine import Captioner
+
+        self.captioner = Captioner.from_pretrained(model, **fetch, **engine)
+        self.image_column, self.generation = image_column, generation
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = [_plain(x) for x in batch[self.image_column]]
+        out: dict[str, list[Any]] = {name: [] for name in COLUMNS}
+        for result in self.captioner.caption_many(images, **self.generation):
+            if isinstance(result, Caption):
+                row: dict[str, Any] = {
+                    "caption": result.text, "error": None, "error_kind": None, "image_tokens": result.image_tokens,
+                    "prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
+                    "finish_reason": result.finish_reason}
+            else:
+                row = {"caption": None, "error": result.error, "error_kind": result.kind, "image_tokens": 0,
+                       "prompt_tokens": 0, "generated_tokens": 0, "finish_reason": None}
+            for name in COLUMNS:
+                out[name].append(row[name])
+        return {**{k: list(v) for k, v in batch.items()}, **out}
+
+
+def _quiet() -> None:
+    """Ray's own progress lines and notices would mix with the run's: keep its errors only."""
+    context = ray.data.DataContext.get_current()  # imports ray.data, which sets up its loggers
+    for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    context.enable_progress_bars = False
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar from a batch as the plain Python value the captioner takes."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
+def caption_dataset(ds: Any, *, model: str = DEFAULT_MODEL, image_column: str = "image", actors: int = 1,
+                    cpus_per_actor: float | None = None, gpus_per_actor: float = 0, batch_size: int = 8,
+                    **options: Any) -> Any:
+    """`ds` with caption columns (``caption``, ``error``, token counts), captioned by `actors` Ray
+    actors each holding one loaded Captioner. The image column holds paths (readable on the
+    nodes) or encoded bytes. Options are those of Captioner.from_pretrained (download, engine)
+    and of caption (generation); an actor's llama.cpp threads default to its CPUs."""
+    unknown = set(options) - _DOWNLOAD - _ENGINE - _GENERATION
+    if unknown:
+        raise CaprlError(f"unknown option {sorted(unknown)[0]!r}")
+    fetch = {k: v for k, v in options.items() if k in _DOWNLOAD}
+    engine = {k: v for k, v in options.items() if k in _ENGINE}
+    generation = {k: v for k, v in options.items() if k in _GENERATION}
+    cpus = cpus_per_actor or engine.get("threads") or 1
+    engine.setdefault("threads", max(1, int(cpus)))
+    return ds.map_batches(
+        _CaptionActor, fn_constructor_kwargs={"model": model, "image_column": image_column, "fetch": fetch,
+                                              "engine": engine, "generation": generation},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus_per_actor,
+        batch_size=batch_size, batch_format="numpy",
+        max_restarts=0)  # an actor that dies fails its images' run, which the same command resumes
+
+
+class RayCaptioner:
+    """Captions image files with caption_dataset on a Ray cluster; see the module docstring."""
+
+    parallel = 1
+    on_gpu = False
+
+    def __init__(self, model: str, *, address: str | None = None, actors: int = 1, cpus_per_actor: float | None = None,
+                 gpus_per_actor: float = 0, batch_size: int = 4, **options: Any) -> None:
+        self.source, self.options = model, options
+        self.model = Path(model).name if model.lower().endswith(".gguf") else model  # as results name it
+        self.actors, self.cpus, self.gpus, self.batch_size = actors, cpus_per_actor, gpus_per_actor, batch_size
+        self.threads = int(cpus_per_actor or options.get("threads") or 1)
+        self._cancelled = threading.Event()
+        self._tokens = 0
+        if not ray.is_initialized():
+            _quiet()
+            # No address: a Ray instance on this machine, gone with this process; "auto" or ray://: a cluster.
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+
+    def activity(self) -> Activity:
+        return Activity(generating=0, waiting=0, tokens=self._tokens)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def close(self) -> None:
+        self.cancel()
+
+    def __enter__(self) -> RayCaptioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def caption_many(self, images: Iterable[str | Path], *, progress: Callable[[int, int | None], None] | None = None,
+                     **options: Any) -> Iterator[Caption | CaptionFailure]:
+        """Caption image files on the cluster, yielding each result as its batch comes back
+        (match them to inputs by ``image``); Cancelled after cancel()."""
+        names = [str(image) for image in images]
+        ds = ray.data.from_items([{"image": name} for name in names])
+        out = caption_dataset(ds, model=self.source, actors=self.actors, cpus_per_actor=self.cpus,
+                              gpus_per_actor=self.gpus, batch_size=self.batch_size, **self.options, **options)
+        done = 0
+        for row in out.iter_rows():
+            if self._cancelled.is_set():
+                raise Cancelled("cancelled")
+            done += 1
+            if progress is not None:
+                progress(done, len(names))
+            self._tokens += int(row["generated_tokens"] or 0)
+            if row["error"] is not None:
+                yield CaptionFailure(image=row["image"], error=row["error"], kind=row["error_kind"])
+            else:
+                yield Caption(text=row["caption"], image=row["image"], image_tokens=int(row["image_tokens"]),
+                              prompt_tokens=int(row["prompt_tokens"]), generated_tokens=int(row["generated_tokens"]),
+                              finish_reason=row["finish_reason"], timings=Timings(0, 0, 0, 0, 0, 0, 0))
+        if self._cancelled.is_set():
+            raise Cancelled("cancelled")
