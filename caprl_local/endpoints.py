@@ -39,7 +39,7 @@ class Endpoint:
     url: str
     model: str | None = None  # None: the first model the server lists
     api_key: str | None = None
-    concurrency: int | None = None  # requests at once; None: 4
+    concurrency: int | None = None  # requests at once; None: the server's slots if it says, else 4
 
 
 class _Down(Exception):
@@ -60,12 +60,13 @@ class EndpointCaptioner:
                                         maxsize=64)
         self.default_prompt = resolve_prompt(prompt=prompt)
         self.models = {e.url: e.model or self._first_model(e) for e in self.endpoints}
+        self.widths = {e.url: e.concurrency or self._slots(e) or 4 for e in self.endpoints}
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._generating = self._tokens = 0
 
     # what the batch runner and progress displays read of a Captioner
-    parallel = property(lambda self: sum(e.concurrency or 4 for e in self.endpoints))
+    parallel = property(lambda self: sum(self.widths.values()))
     threads = 0
     on_gpu = False
 
@@ -104,8 +105,8 @@ class EndpointCaptioner:
         done: queue.SimpleQueue[Caption | CaptionFailure | tuple[str, BaseException]] = queue.SimpleQueue()
         workers = [threading.Thread(target=self._work, args=(e, todo, done, prompt, opts), daemon=True,
                                     name=f"caprl-endpoint-{i}")
-                   for i, e in enumerate(self.endpoints) for _ in range(e.concurrency or 4)]
-        alive = {e.url: e.concurrency or 4 for e in self.endpoints}
+                   for i, e in enumerate(self.endpoints) for _ in range(self.widths[e.url])]
+        alive = dict(self.widths)
         for worker in workers:
             worker.start()
         remaining, finished, down = len(names), 0, []
@@ -203,6 +204,20 @@ class EndpointCaptioner:
         if response.status in RETRY_STATUSES:  # still failing after every retry
             raise _Down(f"HTTP {response.status}, again after retries")
         return response.status, answer if isinstance(answer, dict) else {}
+
+    def _slots(self, endpoint: Endpoint) -> int | None:
+        """How many requests the server decodes at once, where it says: llama-server's /props
+        (total_slots), caprl-local serve's /health (slots)."""
+        root = endpoint.url.rstrip("/").removesuffix("/v1")
+        for path, key in (("/props", "total_slots"), ("/health", "slots")):
+            try:
+                response = self.http.request("GET", root + path, retries=False, timeout=5)
+                value = json.loads(response.data).get(key) if response.status == 200 else None
+            except (urllib3.exceptions.HTTPError, ValueError, AttributeError):
+                continue
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _first_model(self, endpoint: Endpoint) -> str:
         try:

@@ -44,6 +44,10 @@ def test_a_fleet_with_one_server_killed_captions_every_image_once(tiny_model: tu
     # One caption at a time per server, so every caption is decoded alone, as the local run's.
     (a, url_a), (b, url_b) = start_server(tiny_model, "--parallel", "1"), start_server(tiny_model, "--parallel", "1")
     out = tmp_path / "fleet.jsonl"
+    from caprl_local.endpoints import Endpoint, EndpointCaptioner
+
+    with EndpointCaptioner([Endpoint(url_b)]) as probe:  # no concurrency given: the slots the server reports
+        assert probe.parallel == 1 and probe.model == "CapRL-3B.f16"
     try:
         run = subprocess.Popen([sys.executable, "-m", "caprl_local", "caption", str(folder), "--endpoint", url_a,
                                 "--endpoint", url_b, "--endpoint-concurrency", "2", *common, "-o", str(out)],

@@ -63,8 +63,8 @@ from .base import (
               help="Caption on this OpenAI-compatible server instead of here (repeatable: a fleet), e.g. "
                    "http://gpu1:8000/v1.")
 @click.option("--endpoint-model", metavar="NAME", help="The model to ask the endpoints for [default: the first each lists].")
-@click.option("--endpoint-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Requests at once per endpoint.")
+@click.option("--endpoint-concurrency", type=click.IntRange(min=1),
+              help="Requests at once per endpoint [default: the slots the server reports, else 4].")
 @click.option("--api-key", envvar="CAPRL_LOCAL_API_KEY", help="Key for the endpoints [env CAPRL_LOCAL_API_KEY].")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Caption on Ray: a Ray instance on this machine, or the cluster at ADDRESS ('auto', ray://...).")
@@ -81,7 +81,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
             fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
             progress: bool | None, prompt: str | None, preset: str | None, endpoints: tuple[str, ...],
-            endpoint_model: str | None, endpoint_concurrency: int, api_key: str | None, ray_address: str | None,
+            endpoint_model: str | None, endpoint_concurrency: int | None, api_key: str | None, ray_address: str | None,
             ray_actors: int, ray_cpus_per_actor: float | None, ray_gpus_per_actor: float,
             shard: tuple[int, int] | None, **options: Any) -> None:
     """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
@@ -201,12 +201,12 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
     return captioner
 
 
-def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int, key: str | None) -> Any:
+def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None) -> Any:
     from ..endpoints import Endpoint, EndpointCaptioner
 
     captioner = EndpointCaptioner(Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls)
     click.echo(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "
-               f"{concurrency} requests at once each", err=True)
+               f"{captioner.parallel} requests at once in all", err=True)
     return captioner
 
 

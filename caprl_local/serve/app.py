@@ -96,7 +96,7 @@ def create_app(captioner: Any, options: ServeOptions) -> Starlette:
     async def health(request: Request) -> Response:
         now = captioner.activity()
         return JSONResponse({"status": "ok", "model": options.model_id, "generating": now.generating,
-                             "waiting": now.waiting, "tokens": now.tokens})
+                             "waiting": now.waiting, "tokens": now.tokens, "slots": captioner.parallel})
 
     async def models(request: Request) -> Response:
         _authorise(request, options.api_key)
