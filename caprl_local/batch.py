@@ -28,6 +28,7 @@ class BatchSummary:
 
     done: int = 0
     failed: int = 0
+    repeating: int = 0  # captions the loop guard ended
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -90,6 +91,7 @@ def run_batch(
                 summary.failed += 1
             else:
                 summary.done += 1
+                summary.repeating += record.get("finish_reason") == "repetition"
             summary.seconds = time.perf_counter() - started
             if on_result is not None:
                 on_result(item, record, summary)

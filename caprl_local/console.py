@@ -133,8 +133,9 @@ class BatchProgress:
                        "(--overwrite captions them again).", err=True)
             return
         ended = "Interrupted after" if summary.interrupted else "Captioned"
-        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed) "
-                   f"in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
+        looped = f", {summary.repeating} cut short for repeating themselves" if summary.repeating else ""
+        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed"
+                   f"{looped}) in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
 
 
 class Streamer:

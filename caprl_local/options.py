@@ -16,7 +16,8 @@ Parallel = int | Literal["auto"]
 #: Default cap on image tokens. llama.cpp allows Qwen2.5-VL 4096 (a 12-MP photo then needs
 #: tens of GB for the vision encoder); 1024 tokens is about a megapixel, ample for captions.
 DEFAULT_MAX_IMAGE_TOKENS = 1024
-DEFAULT_MAX_TOKENS = 1024
+#: CapRL's own evaluation lets a caption run to 2048 new tokens (dense charts and infographics need them).
+DEFAULT_MAX_TOKENS = 2048
 DEFAULT_N_CTX = 4096
 MIN_N_CTX = 256
 
@@ -46,6 +47,7 @@ class GenerationOptions:
     seed: int | None = None
     repeat_penalty: float = 1.05  # Qwen2.5-VL's generation config uses 1.05
     stop: tuple[str, ...] = ()  # the caption ends before the first of these strings
+    loop_guard: bool = True  # end a caption that repeats itself (see engine/scheduler.py); off with ignore_eos
     ignore_eos: bool = False  # always generate max_tokens (for benchmarks)
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ class Caption:
     image_tokens: int
     prompt_tokens: int  # text and image tokens fed to the model
     generated_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "repetition"]  # repetition: a loop, cut back to its first round
     timings: Timings
 
 

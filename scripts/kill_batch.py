@@ -44,7 +44,7 @@ def main() -> None:
             shutil.copy(source / good[i % len(good)], folder / f"img{i:03d}{Path(good[i % len(good)]).suffix}")
         out = Path(tmp) / "captions.jsonl"
         cmd = [sys.executable, "-m", "caprl_local", "caption", str(folder), "--model", str(args.model),
-               "--mmproj", str(args.mmproj), "--threads", "1", "--max-tokens", str(args.max_tokens),
+               "--mmproj", str(args.mmproj), "--threads", "1", "--max-tokens", str(args.max_tokens), "--no-loop-guard",
                "--format", "jsonl", "-o", str(out), "--sidecar", "--quiet"]
         lines_after_kill = []
         for _ in range(args.kills):

@@ -89,7 +89,7 @@ def test_interrupted_run_resumes_with_one_result_per_image(model_args: list[str]
     for i in range(40):
         shutil.copy(images / ("photo.jpg" if i % 2 else "cmyk.jpg"), folder / f"img{i:02d}.jpg")
     out = tmp_path / "captions.jsonl"
-    args = [sys.executable, "-m", "caprl_local", "caption", str(folder), *model_args, "--max-tokens", "200",
+    args = [sys.executable, "-m", "caprl_local", "caption", str(folder), *model_args, "--max-tokens", "200", "--no-loop-guard",
             "--format", "jsonl", "--output", str(out), "--sidecar"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + HANG_S  # no test measures time: wait for the work, however slow
@@ -291,3 +291,13 @@ def test_a_read_only_folder_is_one_line(model_args: list[str], images: Path, tmp
         "then run the same command again to continue",
         f"Error: {folder / 'out.jsonl'}: cannot write results (Read-only file system); check the folder and free space, "
         "then run the same command again to continue"], result.stderr
+
+
+def test_captions_cut_short_for_repeating_are_counted(model_args: list[str], images: Path) -> None:
+    args = ["caption", str(images / "photo.jpg"), str(images / "alpha.png"), *model_args, "--max-tokens", "300",
+            "--format", "jsonl"]
+    guarded = run_cli(*args)
+    assert [json.loads(line)["finish_reason"] for line in guarded.stdout.splitlines()] == ["repetition"] * 2
+    assert "(0 skipped, 0 failed, 2 cut short for repeating themselves)" in guarded.stderr
+    free = run_cli(*args, "--no-loop-guard")
+    assert [json.loads(line)["finish_reason"] for line in free.stdout.splitlines()] == ["length"] * 2

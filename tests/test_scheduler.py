@@ -177,3 +177,18 @@ def test_stop_strings_end_the_caption_before_them(four: Captioner, images: Path)
     assert cut.generated_tokens < full.generated_tokens
     assert "".join(four.stream(images / "alpha.png", max_tokens=40, stop=(stop,))) == cut.text
     assert four.caption(images / "alpha.png", max_tokens=40, stop=["never in it"]).text == full.text
+
+
+def test_the_loop_guard_ends_a_repeating_caption_at_its_first_round(four: Captioner, images: Path) -> None:
+    """The random tiny model falls into loops readily: what a small captioner does now and then."""
+    free = four.caption(images / "photo.jpg", max_tokens=300, loop_guard=False)
+    guarded = four.caption(images / "photo.jpg", max_tokens=300)
+    assert free.finish_reason == "length" and free.generated_tokens == 300
+    assert guarded.finish_reason == "repetition" and guarded.generated_tokens < 150
+    assert free.text.startswith(guarded.text) and len(guarded.text) < len(free.text) / 3
+    assert free.text.count(guarded.text.split()[-1]) > 3 * guarded.text.count(guarded.text.split()[-1])
+    for name in NAMES:  # shorter than any loop the guard acts on: untouched, byte for byte
+        assert four.caption(images / name, max_tokens=60).text == four.caption(images / name, max_tokens=60,
+                                                                               loop_guard=False).text
+    forced = four.caption(images / "photo.jpg", max_tokens=300, ignore_eos=True)  # benchmarks: a fixed length
+    assert forced.generated_tokens == 300 and forced.finish_reason == "length"

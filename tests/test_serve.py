@@ -152,7 +152,7 @@ def test_every_bad_request_gets_its_status_and_a_json_error(server: str, images:
 def stream_and_hang_up(server: str, image: Path, max_tokens: int) -> None:
     """Start a streamed caption, read its first event, and drop the connection."""
     host, port = server.removeprefix("http://").split("/")[0].split(":")
-    body = json.dumps(chat_body(data_uri(image), max_tokens=max_tokens, stream=True)).encode()
+    body = json.dumps(chat_body(data_uri(image), max_tokens=max_tokens, stream=True, ignore_eos=True)).encode()
     with socket.create_connection((host, int(port)), timeout=HANG_S) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -180,7 +180,7 @@ def test_a_full_queue_is_a_503_and_then_the_server_recovers(server: str, images:
     def long_stream() -> None:
         client = openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=HANG_S)
         stream = client.chat.completions.create(model="caprl", messages=user(data_uri(images / "photo.jpg")),
-                                                max_tokens=3000, stream=True)
+                                                max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))  # the role chunk: the request is taken
         started.wait()
         hold.wait()
@@ -236,7 +236,7 @@ def test_images_by_url_and_path_only_when_allowed_and_sigterm_stops_cleanly(
         assert missing[0] == 400 and missing[1]["error"]["code"] == "image_fetch_failed"
         client = openai.OpenAI(base_url=url, api_key="any", max_retries=0, timeout=HANG_S)
         stream = client.chat.completions.create(model="caprl", messages=user(data_uri(images / "photo.jpg")),
-                                                max_tokens=3000, stream=True)
+                                                max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))  # a caption in flight
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=HANG_S) == 0  # SIGTERM: the caption in flight is cancelled, a clean exit

@@ -57,6 +57,9 @@ from .base import (
               default=default(GenerationOptions, "repeat_penalty"), show_default=True,
               help="Penalty on tokens repeated in the last 256 (1 is none).")
 @click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
+@click.option("--loop-guard/--no-loop-guard", default=default(GenerationOptions, "loop_guard"), show_default=True,
+              help="End a caption that keeps repeating itself, cut back to its first round (finish_reason "
+                   "'repetition').")
 @click.option("--stop", multiple=True, metavar="TEXT", help="End a caption before this text (repeatable).")
 @engine_options
 @click.option("--endpoint", "endpoints", multiple=True, metavar="URL",

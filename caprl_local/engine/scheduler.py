@@ -34,6 +34,11 @@ log = logging.getLogger("caprl_local")
 
 _END = None  # closes a request's stream of text pieces
 
+#: The loop guard: a caption whose last tokens repeat one cycle of up to LOOP_PERIOD tokens at
+#: least LOOP_COPIES times, over at least LOOP_SPAN tokens, has fallen into a loop. The span keeps
+#: short legitimate repeats (a table's "| --- |" row, a list of alike items) from counting.
+LOOP_PERIOD, LOOP_COPIES, LOOP_SPAN = 64, 4, 64
+
 
 @dataclass(eq=False)
 class Request:
@@ -71,6 +76,10 @@ class _Slot:
         self.text: list[str] = []
         self.held = ""  # held back: whitespace until text follows it, and what may begin a stop string
         self.stopped = False  # a stop string came: the caption ends before it
+        self.ids: list[int] = []  # the tokens taken, and the text each one added, for the loop guard
+        self.chunks: list[str] = []
+        self.runs = [0] * (LOOP_PERIOD + 1)  # runs[p]: how many latest tokens equal the one p before them
+        self.loop_keep: int | None = None  # tokens to keep when the caption ended in a loop
         self.pending = 0  # the token sampled but not yet taken into the caption
         self.n_gen = 0
         self.finish = "length"
@@ -95,15 +104,29 @@ class _Slot:
             self.text.append(body)
             self.request.pieces.put(body)
 
+    def looped(self, token: int) -> bool:
+        """Take `token` into the guard's view; True when the caption has fallen into a loop."""
+        self.ids.append(token)
+        n = len(self.ids)
+        for p in range(1, min(LOOP_PERIOD, n - 1) + 1):
+            self.runs[p] = self.runs[p] + 1 if self.ids[-1] == self.ids[-1 - p] else 0
+            if self.runs[p] >= (LOOP_COPIES - 1) * p and self.runs[p] + p >= LOOP_SPAN:
+                # The shortest cycle that spans the same tail ("of of of" is also a cycle of 6 "of"s).
+                q = next(q for q in range(1, p + 1) if self.runs[q] + q >= self.runs[p] + p)
+                self.loop_keep = n - self.runs[q]  # everything before the repeats, and one round of the cycle
+                return True
+        return False
+
     def caption(self) -> Caption:
         if not self.stopped:
             self.emit(self.decoder.decode(b"", final=True), final=True)  # trailing whitespace stays out
         t_end = time.perf_counter()
         prompt_s = self.t_prompt - self.t_start - self.encode_s
         gen_s = t_end - self.t_prompt
+        # A loop is cut back to its first round (its repeats were streamed already: the text was out first).
+        text = "".join(self.chunks[:self.loop_keep]).strip() if self.loop_keep is not None else "".join(self.text)
         return Caption(
-            text="".join(self.text), image=self.request.name, image_tokens=self.image_tokens,
-            prompt_tokens=self.prompt_tokens,
+            text=text, image=self.request.name, image_tokens=self.image_tokens, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.n_gen, finish_reason=self.finish,  # type: ignore[arg-type]
             timings=Timings(
                 image_load_s=self.request.load_s, image_encode_s=self.encode_s, prompt_eval_s=prompt_s,
@@ -271,10 +294,16 @@ class Scheduler:
             return True
         slot.n_gen += 1
         self.generated += 1
-        slot.emit(slot.decoder.decode(self.session.token_bytes(slot.pending)))
+        chunk = slot.decoder.decode(self.session.token_bytes(slot.pending))
+        slot.emit(chunk)
         if slot.stopped:
             slot.finish = "stop"
             return True
+        if opts.loop_guard and not opts.ignore_eos:
+            slot.chunks.append(chunk)
+            if slot.looped(slot.pending):
+                slot.finish = "repetition"
+                return True
         return slot.n_gen >= opts.max_tokens or slot.n_past >= self.session.n_ctx
 
     def _end(self, slot: _Slot, outcome: Caption | BaseException) -> None:

@@ -123,7 +123,7 @@ def create_app(captioner: Any, options: ServeOptions) -> Starlette:
             if not streaming:
                 ticket.release()
         counts = usage(result.prompt_tokens, result.generated_tokens)
-        return JSONResponse(completion(completion_id(), options.model_id, result.text, result.finish_reason, counts))
+        return JSONResponse(completion(completion_id(), options.model_id, result.text, _finish(result), counts))
 
     return Starlette(
         routes=[Route("/health", health), Route("/v1/models", models),
@@ -244,7 +244,7 @@ async def _events(handle: Any, asked: ChatRequest, cid: str, model: str, ticket:
         except CaprlError as exc:
             yield _sse(ApiError(500, str(exc), kind="server_error", code="caption_failed").body())
             return
-        yield _sse(chunk(cid, model, {}, result.finish_reason))
+        yield _sse(chunk(cid, model, {}, _finish(result)))
         if asked.include_usage:
             yield _sse(chunk(cid, model, {}, counts=usage(result.prompt_tokens, result.generated_tokens)))
         yield "data: [DONE]\n\n"
@@ -256,6 +256,11 @@ def _end(handle: Any, ticket: _Ticket) -> None:
     if not handle.done():
         handle.cancel()
     ticket.release()
+
+
+def _finish(result: Any) -> str:
+    """OpenAI's finish reasons: a caption the loop guard ended stopped of its own accord."""
+    return "stop" if result.finish_reason == "repetition" else str(result.finish_reason)
 
 
 def _sse(body: dict[str, Any]) -> str:
