@@ -118,6 +118,8 @@ class EndpointCaptioner:
                     continue
                 if isinstance(item, tuple):  # a worker's endpoint went down; its image went back in line
                     url, exc = item
+                    if alive[url] == self.widths[url]:
+                        log.warning("%s is down (%s); its images go to the other endpoints", url, exc)
                     alive[url] -= 1
                     down.append(f"{url}: {exc}")
                     continue
@@ -171,6 +173,8 @@ class EndpointCaptioner:
                 {"type": "text", "text": prompt.replace("<image>", "").strip()}]}],
         }
         body.update({k: v for k, v in (("seed", opts.seed), ("stop", list(opts.stop) or None)) if v is not None})
+        if not opts.loop_guard:  # caprl-local serve honours it; other servers have no guard to turn off
+            body["loop_guard"] = False
         status, answer = self._post(endpoint, "/chat/completions", body)
         if status == 200 and isinstance(answer.get("choices"), list) and answer["choices"]:
             choice, counts = answer["choices"][0], answer.get("usage") or {}

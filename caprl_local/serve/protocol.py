@@ -84,9 +84,10 @@ def parse_chat(body: Any) -> ChatRequest:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     text = "\n".join(t for t in texts if t.strip()).strip()
     options: dict[str, Any] = {"prompt": text or None, "stop": tuple(stop)}
-    # ignore_eos (as vLLM and llama-server take it): a fixed caption length, for benchmarks
+    # ignore_eos (as vLLM and llama-server take it): a fixed caption length, for benchmarks; loop_guard: ours
     for name, value in (("max_tokens", max_tokens), ("temperature", body.get("temperature")),
-                        ("top_p", body.get("top_p")), ("seed", body.get("seed")), ("ignore_eos", body.get("ignore_eos"))):
+                        ("top_p", body.get("top_p")), ("seed", body.get("seed")), ("ignore_eos", body.get("ignore_eos")),
+                        ("loop_guard", body.get("loop_guard"))):
         if value is not None:
             options[name] = value
     try:
