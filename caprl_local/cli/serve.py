@@ -49,6 +49,9 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
     from ..engine import Captioner
     from ..hub import download_model
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach this machine can use "
+                   "the server", err=True)
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
