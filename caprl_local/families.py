@@ -26,6 +26,7 @@ class Family:
     tensors: tuple[str, ...]
     block_tensors: tuple[str, ...]
     f32_tensors: tuple[str, ...] = ()  # ... and those it asserts are f32
+    output_bias: str = "mm.2.bias"  # the projector's last bias: its width is what the text model receives
 
 
 _MERGER = ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
@@ -42,9 +43,18 @@ FAMILIES = {
         "Qwen3-VL", frozenset({"qwen3vl_merger"}), (*_PATCH, "v.patch_embd.bias", "v.position_embd.weight", *_MERGER),
         ("attn_qkv.weight", "attn_qkv.bias", *_BLOCK), f32_tensors=("v.position_embd.weight",),
     ),
+    # InternVL3.5 (CapRL-InternVL3.5-8B): InternViT and a Qwen3 text model. llama.cpp asserts the
+    # class and position embeddings exist, and reads the projector's MLP unchecked.
+    "qwen3": Family(
+        "InternVL", frozenset({"internvl"}),
+        ("v.patch_embd.weight", "v.class_embd", "v.position_embd.weight",
+         *(f"mm.model.mlp.{i}.{k}" for i in (0, 1, 3) for k in ("weight", "bias"))),
+        ("attn_q.weight", "attn_k.weight", "attn_v.weight", *_BLOCK), output_bias="mm.model.mlp.3.bias",
+    ),
 }
 SUPPORTED_ARCHITECTURES = frozenset(FAMILIES)
-_PROJECTOR_FAMILY = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL", "qwen3vl_merger": "Qwen3-VL"}
+_PROJECTOR_FAMILY = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL", "qwen3vl_merger": "Qwen3-VL",
+                     "internvl": "InternVL"}
 
 
 def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str]) -> tuple[GGUFInfo, GGUFInfo]:
@@ -88,10 +98,10 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     if n_deepstack >= _int(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
         raise ModelFileError(f"model {model.path}: invalid deepstack layer count {n_deepstack}; download it again")
     text_width = _int(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
-    bias_dims = mmproj.tensors["mm.2.bias"][1]
+    bias_dims = mmproj.tensors[family.output_bias][1]
     if len(bias_dims) != 1 or not 0 < bias_dims[0] <= _MAX_WIDTH:
-        raise ModelFileError(f"projector {mmproj.path}: tensor mm.2.bias has shape {list(bias_dims)}, not a vector; "
-                             "download the published mmproj")
+        raise ModelFileError(f"projector {mmproj.path}: tensor {family.output_bias} has shape {list(bias_dims)}, "
+                             "not a vector; download the published mmproj")
     merger = bias_dims[0]
     deepstack = [dims for name, (_t, dims) in mmproj.tensors.items()
                  if name.startswith("v.deepstack.") and name.endswith(".fc2.weight")]

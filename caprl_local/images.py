@@ -136,6 +136,43 @@ class ImageBudget:
         return rgb
 
 
+@dataclass(frozen=True)
+class TiledBudget:
+    """How llama.cpp's InternVL preprocessor spends tokens: the image cut into a grid of `tile`-pixel
+    tiles plus an overview, `per_tile` tokens each. :meth:`prepare` picks the grid InternVL would
+    (the closest aspect ratio) among those the token cap allows, and resizes the image to it
+    exactly, so that llama.cpp's tiling lands on that grid: a 12-megapixel photo or a 6000x40
+    strip costs no more than the cap."""
+
+    tile: int
+    per_tile: int
+    max_tiles: int
+
+    @classmethod
+    def for_tokens(cls, *, tile: int, per_tile: int, max_tokens: int | None, most_tiles: int = 12) -> TiledBudget:
+        cap = max_tokens or per_tile * (most_tiles + 1)
+        return cls(tile, per_tile, max(1, min(most_tiles, cap // per_tile - 1)))  # one tile's worth for the overview
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """Tiles across and down: InternVL's choice (closest aspect ratio; on a tie, the larger grid if
+        the image has the pixels for it)."""
+        ratio, area = width / height, width * height
+        grids = sorted(((i, j) for i in range(1, self.max_tiles + 1) for j in range(1, self.max_tiles // i + 1)),
+                       key=lambda g: (g[0] * g[1], g))
+        best, best_diff = (1, 1), float("inf")
+        for i, j in grids:
+            diff = abs(ratio - i / j)
+            if diff < best_diff or (diff == best_diff and area > 0.5 * self.tile**2 * i * j):
+                best, best_diff = (i, j), diff
+        return best
+
+    def prepare(self, image: ImageInput) -> Image.Image:
+        rgb = load_image(image, draft_pixels=self.max_tiles * self.tile**2)
+        across, down = self.grid(*rgb.size)
+        size = (across * self.tile, down * self.tile)
+        return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 def load_ahead(
     sources: Iterable[T], *, load: Callable[[T], Image.Image], ahead: int = 2
 ) -> Iterator[tuple[T, tuple[Image.Image, float] | Exception]]:

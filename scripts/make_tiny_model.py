@@ -3,8 +3,9 @@
 
 The files carry exactly the metadata keys, tokenizer, chat template, tensor names
 and projector type of the published GGUFs, with seeded random weights: CapRL-3B
-(Qwen2.5-VL: mradermacher's files) or, with a `qwen3vl` shape, CapRL 2.0 (Qwen3-VL:
-internlm's files, deepstack projector included). `--shape tiny` / `tiny-qwen3vl`
+(Qwen2.5-VL: mradermacher's files), with a `qwen3vl` shape CapRL 2.0 (Qwen3-VL:
+internlm's files, deepstack projector included), with an `internvl` shape
+CapRL-InternVL3.5-8B (InternViT + Qwen3, as llama.cpp's converter writes InternVL3.5). `--shape tiny` / `tiny-qwen3vl`
 (~400 KB) let llama.cpp load them, encode real images and generate real tokens in
 milliseconds, for tests. `--shape caprl-3b` / `caprl-qwen3vl-2b` have the real
 models' dimensions and vocabulary and, with `--quant Q4_K_M` (llama.cpp's own
@@ -40,7 +41,7 @@ from tiny_tokenizer import (  # noqa: E402 - a sibling script, importable once i
 class Shape:
     """Model family and the dimensions of the text model and the vision tower."""
 
-    family: str = "qwen2vl"  # qwen2vl (Qwen2.5-VL: CapRL-3B) or qwen3vl (Qwen3-VL: CapRL 2.0)
+    family: str = "qwen2vl"  # qwen2vl (CapRL-3B), qwen3vl (CapRL 2.0) or internvl (CapRL-InternVL3.5: a qwen3 text model)
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
@@ -66,6 +67,12 @@ SHAPES = {
         n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, rope_sections=(16, 24, 24, 0),
         v_embd=1280, v_layer=32, v_head=16, v_ff=3420, v_wa_pattern=8, n_vocab=151936,
     ),
+    "tiny-internvl": Shape(family="internvl", head_dim=16, v_ff=40),
+    # InternVL3.5-8B: Qwen3-8B's config.json and InternViT-300M's (and so CapRL-InternVL3.5-8B's).
+    "caprl-internvl3.5-8b": Shape(
+        family="internvl", n_embd=4096, n_layer=36, n_head=32, n_head_kv=8, n_ff=12288, head_dim=128,
+        v_embd=1024, v_layer=24, v_head=16, v_ff=4096, n_vocab=151936,
+    ),
     "tiny-qwen3vl": Shape(
         family="qwen3vl", n_layer=4, rope_sections=(3, 3, 2, 0), head_dim=16, v_deepstack=(0, 1, 2), v_image_size=64,
     ),
@@ -88,8 +95,11 @@ _FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "IQ4
 
 def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop: frozenset[str] = frozenset(),
                      chat_template: str | None = None) -> None:
-    qwen3 = shape.family == "qwen3vl"
-    specials = SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else [])
+    from tiny_internvl import INTERNVL_CHAT_TEMPLATE, INTERNVL_EXTRA_TOKENS
+
+    internvl = shape.family == "internvl"
+    qwen3 = shape.family == "qwen3vl" or internvl  # Qwen3 text models: q/k norms, no q/k/v biases
+    specials = SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else []) + (INTERNVL_EXTRA_TOKENS if internvl else [])
     tokens, merges = train_bpe(CORPUS, shape.n_merges)
     if shape.n_vocab:  # the real layout: 151,643 regular tokens, the specials, then [PAD] up to n_vocab
         tokens += [f"<filler{i}>" for i in range(151643 - len(tokens))]
@@ -105,25 +115,28 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     special = {t: n_normal + i for i, t in enumerate(specials)}
     head_dim = shape.head_dim or shape.n_embd // shape.n_head
 
-    w = _Writer(str(path), shape.family, drop=drop)
+    w = _Writer(str(path), "qwen3" if internvl else shape.family, drop=drop)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("CapRL Qwen3VL 2B" if qwen3 else "CapRL 3B")
-    w.add_basename("CapRL-Qwen3VL" if qwen3 else "CapRL")
-    w.add_size_label("2B" if qwen3 else "3B")
+    name, basename, size = ("CapRL InternVL3.5 8B", "CapRL-InternVL3.5", "8B") if internvl else \
+        ("CapRL Qwen3VL 2B", "CapRL-Qwen3VL", "2B") if qwen3 else ("CapRL 3B", "CapRL", "3B")
+    w.add_name(name)
+    w.add_basename(basename)
+    w.add_size_label(size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_context_length(262144 if qwen3 else 128000)
+    w.add_context_length(40960 if internvl else 262144 if qwen3 else 128000)
     w.add_embedding_length(shape.n_embd)
     w.add_block_count(shape.n_layer)
     w.add_feed_forward_length(shape.n_ff)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_freq_base(5000000.0 if qwen3 else 1000000.0)
+    w.add_rope_freq_base(5000000.0 if qwen3 and not internvl else 1000000.0)
     w.add_layer_norm_rms_eps(1e-6)
     if qwen3:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_dimension_sections(list(shape.rope_sections))
-    if qwen3:  # the projector's deepstack features are added to the outputs of the first layers
+    if not internvl:  # Qwen-VL's multimodal rope; InternVL's text model is a plain Qwen3
+        w.add_rope_dimension_sections(list(shape.rope_sections))
+    if qwen3 and not internvl:  # the projector's deepstack features are added to the outputs of the first layers
         w.add_num_deepstack_layers(len(shape.v_deepstack))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
@@ -135,7 +148,8 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
     w.add_pad_token_id(special["<|endoftext|>"])
     w.add_bos_token_id(special["<|endoftext|>"])
     w.add_add_bos_token(False)
-    w.add_chat_template(chat_template or (QWEN3VL_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE))
+    w.add_chat_template(chat_template or (INTERNVL_CHAT_TEMPLATE if internvl else QWEN3VL_CHAT_TEMPLATE if qwen3
+                                          else CHAT_TEMPLATE))
 
     def weight(*dims: int) -> np.ndarray:  # numpy shape is (out, in): ggml's ne reversed
         return _random(rng, dims)
@@ -178,7 +192,15 @@ def write_mmproj(
     path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int, drop: frozenset[str] = frozenset()
 ) -> None:
     if shape.family == "qwen3vl":
-        return write_qwen3vl_mmproj(path, shape, rng, projection_dim=projection_dim, drop=drop)
+        from tiny_qwen3vl import write_qwen3vl_mmproj
+
+        return write_qwen3vl_mmproj(path, shape, rng, projection_dim=projection_dim, drop=drop,
+                                    writer=_mmproj_writer, tensors=_Tensors, finish=_finish)
+    if shape.family == "internvl":
+        from tiny_internvl import write_internvl_mmproj
+
+        return write_internvl_mmproj(path, shape, rng, projection_dim=projection_dim, drop=drop,
+                                     writer=_mmproj_writer, tensors=_Tensors, finish=_finish)
     patch = 14
     w = _mmproj_writer(path, shape, drop=drop, name="CapRL 3B", projector=gguf.VisionProjectorType.QWEN25VL,
                        patch=patch, image_size=560, projection_dim=projection_dim)
@@ -202,47 +224,6 @@ def write_mmproj(
         t.linear(p + "ffn_up", ff, d)
         t.linear(p + "ffn_down", d, ff)
     t.norm("v.post_ln", d, bias=False)
-    t.linear("mm.0", merged, merged)
-    t.linear("mm.2", projection_dim, merged)
-    _finish(w)
-
-
-def write_qwen3vl_mmproj(
-    path: Path, shape: Shape, rng: np.random.Generator, *, projection_dim: int, drop: frozenset[str] = frozenset()
-) -> None:
-    """Qwen3-VL's vision tower as llama.cpp's converter writes it (conversion/qwen3vl.py): fused
-    QKV, LayerNorms with biases, GELU MLPs, learned position embeddings, and deepstack mergers
-    whose outputs are concatenated to the main merger's (the text model's input is 1 + N wide)."""
-    patch = 16
-    w = _mmproj_writer(path, shape, drop=drop, name="CapRL Qwen3VL 2B", projector=gguf.VisionProjectorType.QWEN3VL,
-                       patch=patch, image_size=shape.v_image_size, projection_dim=projection_dim)
-    w.add_vision_use_gelu(True)
-    w.add_vision_image_mean([0.5, 0.5, 0.5])
-    w.add_vision_image_std([0.5, 0.5, 0.5])
-    w.add_vision_spatial_merge_size(2)
-    w.add_vision_is_deepstack_layers([i in shape.v_deepstack for i in range(shape.v_layer)])
-
-    t = _Tensors(w, rng)
-    d, ff, merged = shape.v_embd, shape.v_ff, shape.v_embd * 4
-    w.add_tensor("v.patch_embd.weight", t.weight(d, 3, patch, patch))
-    w.add_tensor("v.patch_embd.weight.1", t.weight(d, 3, patch, patch))
-    w.add_tensor("v.patch_embd.bias", t.vec(d))
-    # Position embeddings stay f32, as the converter keeps them (llama.cpp interpolates them in f32).
-    w.add_tensor("v.position_embd.weight", t.weight((shape.v_image_size // patch) ** 2, d).astype(np.float32))
-    for i in range(shape.v_layer):
-        p = f"v.blk.{i}."
-        t.norm(p + "ln1", d)
-        t.linear(p + "attn_qkv", 3 * d, d)
-        t.linear(p + "attn_out", d, d)
-        t.norm(p + "ln2", d)
-        t.linear(p + "ffn_up", ff, d)
-        t.linear(p + "ffn_down", d, ff)
-    for i in shape.v_deepstack:
-        p = f"v.deepstack.{i}."
-        t.norm(p + "norm", merged)
-        t.linear(p + "fc1", merged, merged)
-        t.linear(p + "fc2", projection_dim, merged)
-    t.norm("v.post_ln", d)
     t.linear("mm.0", merged, merged)
     t.linear("mm.2", projection_dim, merged)
     _finish(w)
@@ -345,7 +326,7 @@ def write_tiny_pair(
     chat_template: str | None = None,
 ) -> tuple[Path, Path]:
     """Write `<stem>.<quant or f16>.gguf` and `<stem>.mmproj-<type>.gguf` into out_dir; return their paths."""
-    stem = stem or ("CapRL-Qwen3VL-2B" if SHAPES[shape].family == "qwen3vl" else "CapRL-3B")
+    stem = stem or {"qwen3vl": "CapRL-Qwen3VL-2B", "internvl": "CapRL-InternVL3.5-8B"}.get(SHAPES[shape].family, "CapRL-3B")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]

@@ -112,7 +112,7 @@ def test_incomplete_projectors_are_refused_before_llama_cpp(qwen3: tuple[Path, P
 def test_projector_without_deepstack_does_not_fit(qwen3: tuple[Path, Path], tmp_path: Path) -> None:
     shallow = tiny.Shape(family="qwen3vl", n_layer=4, rope_sections=(3, 3, 2, 0), head_dim=16, v_image_size=64)
     path = tmp_path / "shallow.mmproj-f16.gguf"
-    tiny.write_qwen3vl_mmproj(path, shallow, tiny.np.random.default_rng(0), projection_dim=64)
+    tiny.write_mmproj(path, shallow, tiny.np.random.default_rng(0), projection_dim=64)
     assert "produces 64-wide embeddings but" in _error(qwen3[0], path) and "expects 256" in _error(qwen3[0], path)
 
 

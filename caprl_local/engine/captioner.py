@@ -13,14 +13,14 @@ import inspect
 import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, CaprlError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
-from ..images import ImageBudget, ImageInput, describe, load_ahead
+from ..images import ImageBudget, ImageInput, TiledBudget, describe, load_ahead
 from ..options import EngineOptions, GenerationOptions, make
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
@@ -93,10 +93,7 @@ class Captioner:
         if self.options.isolate:
             check_first_load(self.model_path, self.mmproj_path, self.options)
         self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
-        meta = mmproj_info.metadata
-        self._budget = ImageBudget.for_tokens(
-            align=int(meta["clip.vision.patch_size"]) * int(meta.get("clip.vision.spatial_merge_size", 2)),
-            min_tokens=self.options.image_min_tokens, max_tokens=self.options.image_max_tokens)
+        self._budget = _budget(mmproj_info.metadata, self.options)
         self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
 
     @classmethod
@@ -326,6 +323,21 @@ class Captioner:
         scheduler = self._live()
         scheduler.submit(request)
         return CaptionHandle(request, scheduler)
+
+
+def _budget(meta: Mapping[str, Any], options: EngineOptions) -> ImageBudget | TiledBudget:
+    """How images are sized for this projector within the image-token cap."""
+    patch = int(meta["clip.vision.patch_size"])
+    if meta.get("clip.projector_type") == "internvl":  # 448-pixel tiles, pixel-shuffled to 256 tokens each
+        tile = int(meta.get("clip.vision.image_size", 448))
+        per_tile = (tile // patch // int(meta.get("clip.vision.projector.scale_factor", 2))) ** 2
+        if options.image_max_tokens is not None and options.image_max_tokens < per_tile:
+            raise CaprlError(f"InternVL spends {per_tile} tokens on each image tile; the image-token cap "
+                             f"({options.image_max_tokens}) must be at least that")
+        return TiledBudget.for_tokens(tile=tile, per_tile=per_tile, max_tokens=options.image_max_tokens,
+                                      most_tiles=int(meta.get("clip.vision.preproc_max_tiles", 12)))
+    return ImageBudget.for_tokens(align=patch * int(meta.get("clip.vision.spatial_merge_size", 2)),
+                                  min_tokens=options.image_min_tokens, max_tokens=options.image_max_tokens)
 
 
 def _cancel_on_close(handle: CaptionHandle) -> Iterator[str]:
