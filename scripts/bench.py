@@ -344,7 +344,8 @@ def main() -> None:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--mmproj", type=Path)
-    parser.add_argument("--shape", choices=["tiny", "tiny-qwen3vl", "caprl-3b", "caprl-qwen3vl-2b"],
+    parser.add_argument("--shape", choices=["tiny", "tiny-qwen3vl", "tiny-internvl", "caprl-3b", "caprl-qwen3vl-2b",
+                                            "caprl-internvl3.5-8b"],
                         help="build and use a random-weight model")
     parser.add_argument("--quant", default="Q4_K_M")
     parser.add_argument("--mtmd-cli", type=Path, help="llama-mtmd-cli to compare with (scripts/build_mtmd_cli.sh)")
