@@ -3,6 +3,7 @@ llama.cpp, the CLI and a local Hub stand-in with a community repo's file names."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from helpers import load_script, run_cli
 from PIL import Image
 
 from caprl_local import CaprlError, Captioner, ModelFileError
+from caprl_local.hub import cache_root
 from caprl_local.prompts import CHATML
 
 tiny = load_script("make_tiny_model")
@@ -30,8 +32,10 @@ def cap(internvl: tuple[Path, Path]):
         yield captioner
 
 
-def test_captions_real_images(cap: Captioner, images: Path) -> None:
+def test_captions_real_images(cap: Captioner, internvl: tuple[Path, Path], images: Path) -> None:
     assert cap.architecture == "qwen3" and cap.chat_format == CHATML  # InternVL3.5's own template
+    verdicts = json.loads((cache_root() / "loaded-pairs.json").read_text())  # the first-load check passed, once
+    assert [v for k, v in verdicts.items() if str(internvl[0].resolve()) in k] == ["ok"]
     texts = {cap.caption(images / name, max_tokens=12).text for name in ("photo.jpg", "rotated.jpg", "alpha.png")}
     assert all(texts) and len(texts) > 1  # the image reaches the text model
 

@@ -49,10 +49,11 @@ def check_first_load(model: Path, mmproj: Path, options: EngineOptions) -> None:
         raise _aborted(model, mmproj, verdict.partition(": ")[2])
     child = {
         "model": str(model), "mmproj": str(mmproj),
-        # The same device and weight layout as the real load; a small context and image, to be quick.
+        # The same device and weight layout as the real load; a small context and image (256 tokens: one
+        # InternVL tile, the least any family can take), to be quick.
         "options": {"gpu_layers": options.gpu_layers, "threads": min(options.threads or default_threads(), 4), "n_ctx": 512,
                     "parallel": 1 if options.parallel == 1 else 2, "repack": options.repack,
-                    "flash_attn": options.flash_attn, "image_max_tokens": 64, "isolate": False},
+                    "flash_attn": options.flash_attn, "image_max_tokens": 256, "isolate": False},
     }
     log.info("checking %s + %s in a child process (first load on this machine)", model.name, mmproj.name)
     try:
