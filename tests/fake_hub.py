@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -163,3 +164,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(raw)
+
+
+def serving(repo: str, files: dict[str, bytes], monkeypatch: Any, cache: Path) -> FakeHub:
+    """A started FakeHub holding one repo's files, with HF_ENDPOINT and the cache pointed at it
+    (the caller stops it)."""
+    server = FakeHub()
+    for name, data in files.items():
+        server.add(repo, name, data)
+    monkeypatch.setenv("HF_ENDPOINT", server.start())
+    monkeypatch.setenv("CAPRL_LOCAL_HOME", str(cache))
+    return server
+
+
+def pull_then_caption_offline(hub: FakeHub, name: str, repo: str, image: Path) -> list[str]:
+    """`caprl-local pull NAME`, then a caption with the Hub gone: the GGUF files pulled into the cache."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "caprl_local", *args], capture_output=True, text=True,
+                              timeout=900)
+
+    pulled = cli("pull", name)
+    assert pulled.returncode == 0, pulled.stderr
+    folder = Path(os.environ["CAPRL_LOCAL_HOME"]) / "models" / repo
+    hub.stop()  # from here on, offline
+    captioned = cli("caption", str(image), "--model", name, "--offline", "--max-tokens", "6", "--threads", "1")
+    assert captioned.returncode == 0 and captioned.stdout.strip(), captioned.stderr
+    return sorted(p.name for p in folder.glob("*.gguf"))

@@ -4,12 +4,11 @@ llama.cpp, the CLI and a local Hub stand-in with a community repo's file names."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, pull_then_caption_offline, serving
 from helpers import load_script, run_cli
 from PIL import Image
 
@@ -69,26 +68,17 @@ def test_a_qwen_projector_with_internvl_and_the_reverse_are_refused(internvl: tu
 @pytest.fixture()
 def hub(internvl: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """The community repo, with file names as a converter's user might write them."""
-    server = FakeHub()
     model, mmproj = internvl
-    server.add(REPO, "CapRL-InternVL3.5-8B-Q4_K_M.gguf", model.read_bytes())
-    server.add(REPO, "CapRL-InternVL3.5-8B-q8_0.gguf", model.read_bytes() + b"\0" * 64)
-    server.add(REPO, "mmproj-CapRL-InternVL3.5-8B-f16.gguf", mmproj.read_bytes())
-    server.add(REPO, "README.md", b"# CapRL-InternVL3.5-8B GGUF\n")
-    monkeypatch.setenv("HF_ENDPOINT", server.start())
-    monkeypatch.setenv("CAPRL_LOCAL_HOME", str(tmp_path / "cache"))
+    server = serving(REPO, {"CapRL-InternVL3.5-8B-Q4_K_M.gguf": model.read_bytes(),
+                            "CapRL-InternVL3.5-8B-q8_0.gguf": model.read_bytes() + b"\0" * 64,
+                            "mmproj-CapRL-InternVL3.5-8B-f16.gguf": mmproj.read_bytes(),
+                            "README.md": b"# CapRL-InternVL3.5-8B GGUF\n"}, monkeypatch, tmp_path / "cache")
     yield server
     server.stop()
 
 
 def test_the_registry_entry_pulls_from_the_community_repo(hub: FakeHub, images: Path) -> None:
-    pulled = run_cli("pull", "caprl-internvl3.5-8b")
-    assert pulled.returncode == 0, pulled.stderr
-    folder = Path(os.environ["CAPRL_LOCAL_HOME"]) / "models" / REPO
-    assert sorted(p.name for p in folder.glob("*.gguf")) == ["CapRL-InternVL3.5-8B-Q4_K_M.gguf",
-                                                            "mmproj-CapRL-InternVL3.5-8B-f16.gguf"]
     listed = run_cli("models")
     assert "caprl-internvl3.5-8b" in listed.stdout and "community" in listed.stdout
-    hub.stop()  # from here on, offline
-    result = run_cli("caption", str(images / "photo.jpg"), "-m", "caprl-internvl3.5-8b", "--offline", "-n", "6", "-t", "1")
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert pull_then_caption_offline(hub, "caprl-internvl3.5-8b", REPO, images / "photo.jpg") == [
+        "CapRL-InternVL3.5-8B-Q4_K_M.gguf", "mmproj-CapRL-InternVL3.5-8B-f16.gguf"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, pull_then_caption_offline, serving
 from helpers import load_script, run_cli
 from PIL import Image
 
@@ -135,29 +134,18 @@ def test_cli_captions_a_folder_in_flight(qwen3: tuple[Path, Path], images: Path,
 @pytest.fixture()
 def hub(qwen3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """internlm's repo as published: hyphenated names, upper- and lower-case quants, a Q8_0 projector."""
-    server = FakeHub()
     model, mmproj = qwen3
-    server.add(REPO, "CapRL-Qwen3VL-2B-Q4_K_M.gguf", model.read_bytes())
-    server.add(REPO, "CapRL-Qwen3VL-2B-q6_k.gguf", model.read_bytes() + b"\0" * 64)
-    server.add(REPO, "CapRL-Qwen3VL-2B-mmproj-Q8_0.gguf", mmproj.read_bytes())
-    server.add(REPO, "README.md", b"# CapRL-Qwen3VL-2B GGUF\n")
-    monkeypatch.setenv("HF_ENDPOINT", server.start())
-    monkeypatch.setenv("CAPRL_LOCAL_HOME", str(tmp_path / "cache"))
+    server = serving(REPO, {"CapRL-Qwen3VL-2B-Q4_K_M.gguf": model.read_bytes(),
+                            "CapRL-Qwen3VL-2B-q6_k.gguf": model.read_bytes() + b"\0" * 64,
+                            "CapRL-Qwen3VL-2B-mmproj-Q8_0.gguf": mmproj.read_bytes(),
+                            "README.md": b"# CapRL-Qwen3VL-2B GGUF\n"}, monkeypatch, tmp_path / "cache")
     yield server
     server.stop()
 
 
 def test_pull_and_caption_from_the_internlm_repo(hub: FakeHub, images: Path) -> None:
-    pulled = run_cli("pull", "caprl-qwen3vl-2b")
-    assert pulled.returncode == 0, pulled.stderr
-    folder = Path(os.environ["CAPRL_LOCAL_HOME"]) / "models" / REPO
-    assert sorted(p.name for p in folder.glob("*.gguf")) == ["CapRL-Qwen3VL-2B-Q4_K_M.gguf",
-                                                            "CapRL-Qwen3VL-2B-mmproj-Q8_0.gguf"]
-    hub.stop()  # from here on, offline
-    result = run_cli("caption", str(images / "photo.jpg"), "--model", "caprl-qwen3vl-2b", "--offline",
-                     "--max-tokens", "6", "--threads", "1")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    assert pull_then_caption_offline(hub, "caprl-qwen3vl-2b", REPO, images / "photo.jpg") == [
+        "CapRL-Qwen3VL-2B-Q4_K_M.gguf", "CapRL-Qwen3VL-2B-mmproj-Q8_0.gguf"]
 
 
 def test_quants_resolve_whatever_their_case(hub: FakeHub) -> None:
