@@ -175,7 +175,7 @@ class EndpointCaptioner:
         body.update({k: v for k, v in (("seed", opts.seed), ("stop", list(opts.stop) or None)) if v is not None})
         if not opts.loop_guard:  # caprl-local serve honours it; other servers have no guard to turn off
             body["loop_guard"] = False
-        status, answer = self._post(endpoint, "/chat/completions", body)
+        status, answer = self._call(endpoint, "/chat/completions", body)
         if status == 200 and isinstance(answer.get("choices"), list) and answer["choices"]:
             choice, counts = answer["choices"][0], answer.get("usage") or {}
             text = ((choice.get("message") or {}).get("content") or "").strip()
@@ -191,7 +191,8 @@ class EndpointCaptioner:
         return CaptionFailure(image=name, error=f"{name}: {endpoint.url} answered HTTP {status}: {message or answer}",
                               kind="ImageError" if status in (400, 413, 422) else "EngineError")
 
-    def _post(self, endpoint: Endpoint, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    def _call(self, endpoint: Endpoint, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST `body` as JSON (GET without one); (status, JSON answer). _Down when the server stays out of reach."""
         headers = {"Content-Type": "application/json"}
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
@@ -225,7 +226,7 @@ class EndpointCaptioner:
 
     def _first_model(self, endpoint: Endpoint) -> str:
         try:
-            status, answer = self._post(endpoint, "/models")
+            status, answer = self._call(endpoint, "/models")
         except _Down as exc:
             raise EngineError(f"{endpoint.url}: {exc}") from exc
         data = answer.get("data") if status == 200 else None

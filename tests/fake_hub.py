@@ -180,17 +180,13 @@ def serving(repo: str, files: dict[str, bytes], monkeypatch: Any, cache: Path) -
 def pull_then_caption_offline(hub: FakeHub, name: str, repo: str, image: Path) -> list[str]:
     """`caprl-local pull NAME`, then a caption with the Hub gone: the GGUF files pulled into the cache."""
     import os
-    import subprocess
-    import sys
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "caprl_local", *args], capture_output=True, text=True,
-                              timeout=900)
+    from helpers import run_cli
 
-    pulled = cli("pull", name)
+    pulled = run_cli("pull", name)
     assert pulled.returncode == 0, pulled.stderr
     folder = Path(os.environ["CAPRL_LOCAL_HOME"]) / "models" / repo
     hub.stop()  # from here on, offline
-    captioned = cli("caption", str(image), "--model", name, "--offline", "--max-tokens", "6", "--threads", "1")
+    captioned = run_cli("caption", str(image), "--model", name, "--offline", "--max-tokens", "6", "--threads", "1")
     assert captioned.returncode == 0 and captioned.stdout.strip(), captioned.stderr
     return sorted(p.name for p in folder.glob("*.gguf"))

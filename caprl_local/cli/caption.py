@@ -121,8 +121,6 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
         if endpoints:
             remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
-            options = {k: v for k, v in options.items()
-                       if k in ("max_tokens", "temperature", "top_p", "seed", "stop", "loop_guard")}
         else:
             fetch = {"mmproj": mmproj_path, "quant": quant, "imatrix": imatrix, "mmproj_quant": mmproj_quant,
                      "cache_dir": cache_dir, "offline": offline}

@@ -280,7 +280,6 @@ class Captioner:
         generating, waiting, tokens = self._live().activity()
         return Activity(generating=generating, waiting=waiting, tokens=tokens)
 
-
     def cancel(self) -> None:
         """Stop every caption in progress or waiting, at the next token; their calls raise Cancelled.
 

@@ -60,7 +60,6 @@ class ServeOptions:
 
 class _State:
     def __init__(self, captioner: Any, options: ServeOptions) -> None:
-        self.captioner, self.options = captioner, options
         self.capacity = captioner.parallel + (captioner.parallel if options.queue is None else options.queue)
         self.taken = 0  # requests admitted and not yet answered: decoding, waiting, or reading their image
         self.lock = threading.Lock()  # released from worker threads and finalizers too
