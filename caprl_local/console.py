@@ -6,17 +6,20 @@ Bars and status lines appear only when a person watches (stderr is a terminal).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import click
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
+
+from .printable import printable, printable_text
 
 
 def size(n: int | float) -> str:
@@ -29,10 +32,28 @@ def duration(seconds: float) -> str:
         f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+_status_shown = False  # a transient line is on the terminal, with no newline after it yet
+
+
 def status(message: str) -> None:
-    """A transient line on stderr while something slow happens, only when a person watches."""
+    """A transient line on stderr while something slow happens, only when a person watches
+    (`message` is escaped: it may name a file)."""
+    global _status_shown
     if sys.stderr.isatty():
-        click.echo(f"\r\033[K{message}", nl=False, err=True)
+        click.echo(f"\r\033[K{printable(message, limit=200)}", nl=False, err=True)
+        _status_shown = bool(message)
+
+
+def clear_status() -> None:
+    """Take a transient line off the terminal, so that the next message starts a line of its own."""
+    if _status_shown:
+        status("")
+
+
+def say(text: object) -> None:
+    """One message line on stderr: escaped, and never glued to a status line."""
+    clear_status()
+    click.echo(printable(text), err=True)
 
 
 class DownloadBar:
@@ -48,9 +69,10 @@ class DownloadBar:
             self.close()
             self.current = p.filename
             if not self.tty:
-                click.echo(f"Downloading {p.filename} ({size(p.total or 0)})", err=True)
+                say(f"Downloading {p.filename} ({size(p.total or 0)})")
                 return
-            self.bar = tqdm(total=p.total, initial=p.downloaded, desc=p.filename, unit="B", unit_scale=True,
+            clear_status()
+            self.bar = tqdm(total=p.total, initial=p.downloaded, desc=printable(p.filename, limit=60), unit="B", unit_scale=True,
                             unit_divisor=1000, file=sys.stderr, dynamic_ncols=True, leave=True)
         if self.bar is not None:
             self.bar.update(p.downloaded - self.bar.n)
@@ -65,8 +87,26 @@ class DownloadBar:
 
 def results_stream(*, progress: bool) -> TextIO:
     """Where results for stdout go: with a progress bar showing, through tqdm, which clears
-    the bar before each line and redraws it after."""
-    return DummyTqdmFile(sys.stdout) if progress else sys.stdout
+    the bar before each line and redraws it after; on a terminal, with control characters shown
+    rather than obeyed (a caption is a model's text, a path a folder's name). A pipe gets the bytes."""
+    stream: TextIO = DummyTqdmFile(sys.stdout) if progress else sys.stdout
+    return cast(TextIO, _Shown(stream)) if sys.stdout.isatty() else stream
+
+
+class _Shown:
+    """A text stream that escapes what it passes to a terminal (see printable_text)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(printable_text(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def loaded(captioner: Any, *, images: int | None = None) -> None:
@@ -119,15 +159,18 @@ class BatchProgress:
 
     def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
         if "error" in record:
-            tqdm.write(f"Error: {record['error']}", file=sys.stderr)
+            tqdm.write(printable(f"Error: {record['error']}"), file=sys.stderr)
 
     def finish(self, summary: Any) -> None:
         self.stop.set()
         if self.watcher is not None:
             self.watcher.join()
         self.bar.close()
-        if self.quiet:
-            return
+        if not self.quiet:
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the outputs are whole
+                self._summary(summary)
+
+    def _summary(self, summary: Any) -> None:
         if summary is None:
             click.echo(f"Nothing to do: all {self.total} images already have a result "
                        "(--overwrite captions them again).", err=True)
@@ -143,21 +186,25 @@ class Streamer:
 
     def __init__(self) -> None:
         self.started = False
+        self.tty = False
 
     def __call__(self, piece: str) -> None:
         if not self.started:
             self.started = True
+            self.tty = sys.stdout.isatty()
             status("")  # the caption replaces the "Reading the image" line
-        click.echo(piece, nl=False)  # click flushes: a pipe sees each piece at once
+        # A caption is the model's text: on a terminal its control characters are shown, not obeyed.
+        click.echo(printable_text(piece) if self.tty else piece, nl=False)  # click flushes: a pipe sees each piece
 
 
 def print_models(listings: list[Any], *, default: str) -> None:
-    """`caprl-local models` as text: each model, its published quants (* cached) and cached files."""
+    """`caprl-local models` as text: each model, its published quants (* cached) and cached files
+    (names from the Hub and the user's registry are escaped)."""
     for item in listings:
         spec = item.spec
         mark = " (default)" if spec.name == default else ""
-        click.echo(f"{spec.name}{mark}  [{spec.architecture}]  {spec.description}")
-        click.echo(f"  repo: {spec.repo}" + (f"   imatrix: {spec.imatrix_repo}" if spec.imatrix_repo else ""))
+        _line(f"{spec.name}{mark}  [{spec.architecture}]  {spec.description}")
+        _line(f"  repo: {spec.repo}" + (f"   imatrix: {spec.imatrix_repo}" if spec.imatrix_repo else ""))
         cached = {(c.repo, c.filename) for c in item.cached}
         if item.available is not None:
             quants = [f for f in item.available if not f.projector]
@@ -165,13 +212,17 @@ def print_models(listings: list[Any], *, default: str) -> None:
                 f"{'i1-' if f.imatrix else ''}{f.quant} {size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
                 for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
             )
-            click.echo(f"  quants: {shown or 'none published yet'}")
+            _line(f"  quants: {shown or 'none published yet'}")
         elif item.error != "offline":
-            click.echo(f"  quants: not listed ({item.error})")
+            _line(f"  quants: not listed ({item.error})")
         for c in item.cached:
-            click.echo(f"  cached: {c.filename}  {size(c.size)}")
+            _line(f"  cached: {c.filename}  {size(c.size)}")
         if not item.cached:
-            click.echo("  cached: nothing")
+            _line("  cached: nothing")
+
+
+def _line(text: str) -> None:
+    click.echo(printable(text, limit=None))
 
 
 def listing_json(item: Any, *, default: str) -> dict[str, Any]:
@@ -192,41 +243,78 @@ def listing_json(item: Any, *, default: str) -> dict[str, Any]:
 # --- the process: its log lines on stderr, Ctrl-C ---------------------------------------------
 
 
+class _Printable(logging.Formatter):
+    """Log lines as one escaped line each: a record may quote llama.cpp, a file name or a server."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # with -v, a traceback keeps its lines
+        return "\n".join(printable(line, limit=None) for line in super().formatException(ei).splitlines())
+
+
+class _TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to stderr at the time of the record (tests and pytest swap sys.stderr), after
+    taking a status line off the terminal."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        clear_status()
+        super().emit(record)
+
+
 def configure_logging(verbose: bool) -> None:
     """Verbose: every log line on stderr. Otherwise only caprl-local's own warnings, as one-liners;
-    third-party libraries' log output (huggingface_hub's, say) stays silent."""
+    third-party libraries' log output (huggingface_hub's, say) stays silent. Either way, each line
+    is escaped (see printable.py)."""
     root = logging.getLogger()
+    ours = logging.getLogger("caprl_local")
+    for logger in (root, ours):  # configured again (main() called twice in one process): not twice over
+        for old in [h for h in logger.handlers if isinstance(h, _TerminalHandler)]:
+            logger.removeHandler(old)
     logging.captureWarnings(True)  # Python warnings (Pillow's about odd files) are log lines too
+    handler = _TerminalHandler()
     if verbose:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        handler.setFormatter(_Printable("%(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        ours.setLevel(logging.NOTSET)
+        ours.propagate = True
         return
     root.addHandler(logging.NullHandler())  # no "last resort" printing of others' warnings
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
-    ours = logging.getLogger("caprl_local")
+    handler.setFormatter(_Printable("Warning: %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.WARNING)
     ours.propagate = False
 
 
 class GracefulInterrupt:
-    """Ctrl-C while captioning: ask the captioner to stop at the next token, so the run ends
-    cleanly with what is done written; a second Ctrl-C stops at once.
+    """Ctrl-C, SIGTERM or SIGHUP while captioning: ask the captioner to stop at the next token, so
+    the run ends cleanly with what is done written and the summary shown; a second signal stops
+    at once. (A service manager's stop and a closed terminal deserve the same care as Ctrl-C.)
 
     (A KeyboardInterrupt raised by Python's default handler can land inside llama.cpp's log
     callback, where ctypes swallows it, and the Ctrl-C would be lost.)
     """
 
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
     def __init__(self) -> None:
         self.requested = False
         self.captioner: Any = None
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulInterrupt:
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested or self.captioner is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 import time
 import warnings
@@ -31,6 +32,10 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.
 #: Refuse images above this many pixels before decoding them (a 12-MP photo is 12e6;
 #: Pillow's own bomb limit is 89e6 and only warns below twice that).
 MAX_PIXELS = 150_000_000
+
+#: The most bytes read from a stream, a FIFO or a device for one image (held in memory whole
+#: before decoding; a file on disk is read by Pillow only as far as it needs).
+MAX_STREAM_BYTES = 512 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -70,19 +75,46 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, draft_pixels
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            if path.is_dir():
+            st = path.stat()
+            if stat.S_ISDIR(st.st_mode):
                 raise ImageError(f"{name}: is a directory, not an image file")
-            if path.stat().st_size == 0:
-                raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it")
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                with open(path, "rb") as fh:
+                    return _decode(fh, name, max_pixels, draft_pixels)
+            # A FIFO (a shell's <(...)), a device, or a file whose size says 0 but holds data (/proc):
+            # read what it gives, within a bound, then decode that.
+            kind = _kind(st.st_mode)
             with open(path, "rb") as fh:
-                return _decode(fh, name, max_pixels, draft_pixels)
+                data = read_bounded(fh, name, what=kind)
         except FileNotFoundError as exc:
             raise ImageError(f"{name}: no such file; check the path") from exc
         except PermissionError as exc:
             raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
         except OSError as exc:
             raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+        if not data:
+            raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it" if kind == "a file"
+                             else f"{name}: nothing could be read from it ({kind}); give an image file")
+        return _decode(io.BytesIO(data), name, max_pixels, draft_pixels)
     raise ImageError(f"{name}: unsupported image input; pass a path, bytes, a PIL image or a numpy array")
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a file"
+
+
+def read_bounded(stream: BinaryIO, name: str, *, what: str = "the stream", limit: int = MAX_STREAM_BYTES) -> bytes:
+    """Everything `stream` gives, up to `limit` bytes; more is an ImageError (an endless device
+    or pipe, say /dev/zero, must not fill the memory)."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(f"{name}: {what} gives more than {limit // (1024 * 1024)} MB, more than any image this "
+                         "reads; give an image file")
+    return data
 
 
 def fit_to_budget(size: tuple[int, int], *, align: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

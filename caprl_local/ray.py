@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -68,6 +69,36 @@ def _quiet() -> None:
     context.enable_progress_bars = False
 
 
+#: Ray's switch for a single-node instance on the loopback address (read by its services at start).
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local(**options: Any) -> None:
+    """Start a Ray instance on this machine that listens on 127.0.0.1 only, with no dashboard.
+
+    On Linux, Ray's own ``ray.init()`` binds its services to the machine's network address,
+    where anyone who can reach it may run code as this user (Ray has no authentication).
+    Call this before building a Dataset (Ray Data starts an instance of its own otherwise) when
+    the work should stay on this machine; ``ray start --head`` makes a real cluster. `options`
+    go to ``ray.init`` (``num_cpus``, say).
+    """
+    from ray._private import ray_constants  # the switch's value, read by Ray at import
+
+    previous = os.environ.get(_LOOPBACK_SWITCH)
+    switch = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_LOOPBACK_SWITCH] = "0"  # inherited by the services ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **options)
+    finally:
+        if previous is None:
+            os.environ.pop(_LOOPBACK_SWITCH, None)
+        else:
+            os.environ[_LOOPBACK_SWITCH] = previous
+        if switch is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = switch
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar from a batch as the plain Python value the captioner takes."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
@@ -112,8 +143,12 @@ class RayCaptioner:
         self._tokens = 0
         if not ray.is_initialized():
             _quiet()
-            # No address: a Ray instance on this machine, gone with this process; "auto" or ray://: a cluster.
-            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            if address is None:  # a Ray instance on this machine, for this machine only, gone with this process
+                init_local(**quiet)
+            else:  # "auto", host:port or ray://: the cluster the user named
+                ray.init(address=address, include_dashboard=False, **quiet)
 
     def activity(self) -> Activity:
         return Activity(generating=0, waiting=0, tokens=self._tokens)

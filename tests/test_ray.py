@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -60,13 +62,13 @@ def test_a_ray_run_writes_what_a_local_run_writes_and_resumes_after_a_kill(
 
 def test_caption_dataset_adds_caption_columns(tiny_model: tuple[Path, Path], images: Path) -> None:
     from caprl_local import Captioner
-    from caprl_local.ray import caption_dataset
+    from caprl_local.ray import caption_dataset, init_local
 
     model, mmproj = tiny_model
     paths = [str(images / n) for n in GOOD[:4]] + [str(images / "empty.jpg")]
     with Captioner(model, mmproj, threads=1, parallel=1) as cap:
         expected = [r.text if hasattr(r, "text") else None for r in cap.caption_many(paths, max_tokens=10)]
-    ray.init(include_dashboard=False, num_cpus=2)
+    init_local(num_cpus=2)
     try:
         ds = ray.data.from_items([{"image": p, "id": i} for i, p in enumerate(paths)])
         rows = sorted(caption_dataset(ds, model=str(model), mmproj=str(mmproj), parallel=1, max_tokens=10,
@@ -76,3 +78,61 @@ def test_caption_dataset_adds_caption_columns(tiny_model: tuple[Path, Path], ima
     assert [row["caption"] for row in rows] == expected
     assert rows[-1]["error_kind"] == "ImageError" and "empty" in rows[-1]["error"]
     assert all(row["generated_tokens"] == 10 for row in rows[:-1])
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid and child not in found]
+        found.update(children)
+        frontier += children
+    return found
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """The local addresses every TCP socket of these processes listens on (from /proc/net)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*") if Path(f"/proc/{pid}/fd").is_dir() else []:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = []
+    for table, size in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+                raw = parts[1].split(":")[0]
+                words = [bytes.fromhex(raw[i:i + 8])[::-1] for i in range(0, size, 8)]
+                addresses.append(str(ipaddress.ip_address(b"".join(words))))
+    return addresses
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the sockets from Linux's /proc")
+def test_a_local_instance_listens_on_loopback_only() -> None:
+    """The instance --ray and init_local start: every socket of Ray's processes on 127.0.0.1."""
+    from caprl_local.ray import init_local
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_local(num_cpus=1)
+    try:
+        ray.get(ray.remote(lambda: 1).remote())  # a worker started, too
+        addresses = _listening(_descendants(os.getpid()))
+    finally:
+        ray.shutdown()
+    assert addresses, "no listening sockets found"
+    loopback = [a for a in addresses if ipaddress.ip_address(a).is_loopback
+                or getattr(ipaddress.ip_address(a), "ipv4_mapped", None) in (ipaddress.ip_address("127.0.0.1"),)]
+    assert loopback == addresses, addresses

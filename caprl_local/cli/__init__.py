@@ -70,19 +70,21 @@ def _report(exc: BaseException, *, tracebacks: bool) -> int:
     --verbose or CAPRL_DEBUG=1 (which leaves llama.cpp's log off)."""
     for exc_type, code, message in ERROR_TABLE:
         if isinstance(exc, exc_type):
+            console.clear_status()  # never glued to a "Loading ..." line
             if isinstance(exc, click.ClickException):
                 exc.show()
             else:
                 if code == EXIT_INTERRUPTED and sys.stderr.isatty():
                     click.echo(err=True)  # end a progress line first
-                click.echo(message(exc) if callable(message) else message.format(exc=exc), err=True)
+                # Messages quote outside text (llama.cpp's lines, names from the Hub, servers' answers): escaped.
+                console.say(message(exc) if callable(message) else message.format(exc=exc))
             if tracebacks and code == EXIT_FAILURE:
                 traceback.print_exception(exc, file=sys.stderr)
             return code
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     # A bug in caprl-local: still one line, with the traceback only on request.
-    click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (set CAPRL_DEBUG=1 for the traceback)", err=True)
+    console.say(f"Error: unexpected {type(exc).__name__}: {exc} (set CAPRL_DEBUG=1 for the traceback)")
     if tracebacks:
         traceback.print_exception(exc, file=sys.stderr)
     return EXIT_FAILURE

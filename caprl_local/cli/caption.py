@@ -98,6 +98,9 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
         raise click.UsageError("use either --prompt or --preset, not both")
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
+    if output == "-":  # the Unix convention: results to stdout
+        output = None
+    _check_output_is_not_an_input(output, list_file)
     from_stdin = "-" in images
     if from_stdin and (len(images) > 1 or list_file or sidecar or output or fmt != "text"):
         raise click.UsageError("'-' (an image on stdin) goes alone, with text output to stdout")
@@ -108,6 +111,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     from ..prompts import DEFAULT_PROMPT, resolve_prompt
 
     capture_libtiff_messages()  # libtiff prints from C; its lines become log records
+    stdin_image = _read_stdin() if from_stdin else b""  # before any download: an endless stream is refused now
     engine = {k: options.pop(k) for k in ENGINE_NAMES}
     # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
     items = [] if from_stdin else collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
@@ -148,7 +152,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             return interrupt.watch(captioner)
 
         if single and fmt == "text" and not (output or sidecar or list_file):
-            source = sys.stdin.buffer.read() if from_stdin else images[0]
+            source = stdin_image if from_stdin else images[0]
             with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
                 _caption_one(cap, source, prompt_text, options, engine["verbose"])
             return
@@ -210,6 +214,28 @@ def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None
     click.echo(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "
                f"{captioner.parallel} requests at once in all", err=True)
     return captioner
+
+
+def _check_output_is_not_an_input(output: str | None, list_file: str | None) -> None:
+    """Results written into the list being read would replace the dataset with its captions."""
+    import os
+
+    if output and list_file and list_file != "-" and os.path.exists(output) and os.path.exists(list_file) \
+            and os.path.samefile(output, list_file):
+        raise click.UsageError(f"--output {output} is the --from-list file itself; write the results to another file "
+                               "(each result keeps the list's fields)")
+
+
+def _read_stdin() -> bytes:
+    from ..errors import ImageError
+    from ..images import read_bounded
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise click.UsageError("'-' reads an image from stdin: pipe or redirect one in (caprl-local caption - < photo.jpg)")
+    data = read_bounded(sys.stdin.buffer, "<stdin>", what="stdin")
+    if not data:
+        raise ImageError("<stdin>: no image data (stdin was empty); pipe or redirect an image file in")
+    return data
 
 
 def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:

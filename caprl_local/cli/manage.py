@@ -11,6 +11,7 @@ import click
 
 from .. import console
 from ..errors import CaprlError
+from ..printable import printable
 from ..registry import DEFAULT_MODEL
 from .base import cli, model_options
 
@@ -27,8 +28,8 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
 
     files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, progress=console.DownloadBar())
-    click.echo(files.model)
-    click.echo(files.mmproj)
+    click.echo(printable(files.model, limit=None))
+    click.echo(printable(files.mmproj, limit=None))
 
 
 @cli.command(name="models")
@@ -76,7 +77,7 @@ def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
 
     removed = remove_model(model, quant=quant, cache_dir=cache_dir)
     for c in removed:
-        click.echo(c.path)
+        click.echo(printable(c.path, limit=None))
     click.echo(f"Removed {len(removed)} file(s), freed {console.size(sum(c.size for c in removed))}.", err=True)
 
 
