@@ -32,6 +32,7 @@ class BatchItem:
 
     path: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)  # the list file it came from
 
     @property
     def key(self) -> str:
@@ -46,24 +47,37 @@ def collect_inputs(
 
     A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
     layout), whose other fields are kept; relative paths are taken from the list's folder.
-    The same image named twice is captioned once.
+    A list is UTF-8; bytes that are not (a file name in another encoding) stand for themselves,
+    as os.fsdecode reads them. The same image named twice is captioned once.
     """
     items: list[BatchItem] = []
     for arg in args:
         items += _expand(arg, recursive)
     if list_file is not None:
         if list_file == "-":
-            items += read_list(stdin.read() if stdin is not None else "", Path(), "<stdin>")  # paths as given
+            items += read_list(_read_stdin(stdin), Path(), "<stdin>")  # paths as given
         else:
             try:
-                text = Path(list_file).read_text(encoding="utf-8")
+                data = Path(list_file).read_bytes()
             except OSError as exc:
                 raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
-            items += read_list(text, Path(list_file).parent, list_file)
+            items += [BatchItem(i.path, i.extra, source=list_file)
+                      for i in read_list(_decode(data), Path(list_file).parent, list_file)]
     unique: dict[str, BatchItem] = {}
     for item in items:
         unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
     return list(unique.values())
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # a BOM, as some editors write
+
+
+def _read_stdin(stdin: TextIO | None) -> str:
+    if stdin is None:
+        return ""
+    buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
+    return _decode(buffer.read()) if buffer is not None else stdin.read()
 
 
 def _expand(arg: str, recursive: bool) -> list[BatchItem]:

@@ -1,27 +1,43 @@
 """Where a batch's results go: JSONL, plain text and sidecar files, each record whole or not at all.
 
 An existing output tells which images are done (for resuming); one run at a time writes a
-file; files we write appear atomically or are appended to record by record.
+file; files we write appear atomically or are appended to record by record. A line we did not
+write is never removed: a JSONL file holding one is refused. ``-o`` follows a symlink to the
+file it names; a device, FIFO or socket is written as a stream (no resume, no lock, no rename).
+Any file name, UTF-8 or not, is written so that it reads back the same, and files stay UTF-8.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import signal
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+import stat
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
 from .errors import CaprlError
 from .inputs import BatchItem
+from .safefiles import (
+    NOT_TEXT,
+    as_text,
+    deferred_interrupt,
+    fit_name,
+    json_line,
+    name_max,
+    read_bytes,
+    read_lines,
+    u_escape,
+    write_atomic,
+    write_error,
+)
+from .sidecars import SidecarOutput
 
-log = logging.getLogger("caprl_local")
+__all__ = ["JsonlOutput", "Output", "OutputOptions", "SidecarOutput", "TextOutput", "deferred_interrupt", "open_outputs",
+           "write_atomic"]
 
 
 class Output(Protocol):
@@ -41,10 +57,39 @@ class _AppendOutput:
     full disk) is cut off again, so the file keeps exactly the records before it.
     """
 
-    path: Path | None
+    path: Path | None = None  # the regular file written (a symlink named by the user resolved)
+    shown: str = "<stdout>"  # the name the user gave, for messages
+    device: bool = False  # `path` is a device, FIFO or socket: written as a stream
     fh: TextIO | None = None  # the stream, when there is no file
     fd: int = -1
     lock: Any = None
+    lock_made: bool = False
+
+    def _start(self, path: str | None, stream: TextIO | None, items: Iterable[BatchItem], inputs: Iterable[str]) -> bool:
+        """Find the file to write and make this run its only writer; False for a stream."""
+        if path is None or path == "-":
+            self.fh = stream
+            return False
+        self.shown = path
+        try:
+            st: os.stat_result | None = os.stat(path)  # follows symlinks
+        except FileNotFoundError:
+            st = None  # new, or a symlink to a file yet to be made
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise CaprlError(f"{path}: is a folder; name a file for the results")
+        real = os.path.realpath(path)
+        if st is not None and not (stat.S_ISREG(st.st_mode) and _same_stat(st, real)):
+            # /dev/null, a FIFO, /dev/stdout: write into it, never replace it (or through
+            # /proc/self/fd/1 of a deleted file, which no name reaches).
+            self.path, self.device = Path(path), True
+            self._open(truncate=False)
+            return False
+        self.path = Path(real)
+        _refuse_inputs(path, real, items, inputs)
+        self._claim()
+        return True
 
     def _claim(self) -> None:
         """Make this run the file's only writer: two runs appending to one file would each
@@ -53,245 +98,219 @@ class _AppendOutput:
 
         assert self.path is not None
         if not self.path.parent.is_dir():  # FileLock would create it: a typo must not make folders
-            raise _write_error(self.path, FileNotFoundError(2, "no such folder"))
-        self.lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=0)
+            raise write_error(self.shown, FileNotFoundError(2, "no such folder"))
+        lock = self.path.with_name(fit_name(f".{self.path.name}", ".lock", name_max(self.path.parent)))
+        self.lock_made = not os.path.lexists(lock)
+        self.lock = FileLock(lock, timeout=0)
         try:
             self.lock.acquire()
         except Timeout:
-            raise CaprlError(f"{self.path}: another caprl-local run is writing this file; wait for it to finish, "
+            self.lock = None
+            raise CaprlError(f"{self.shown}: another caprl-local run is writing this file; wait for it to finish, "
                              "or write to another file") from None
         except OSError as exc:
-            raise _write_error(self.path, exc) from exc
+            self.lock = None
+            raise write_error(self.shown, exc) from exc
 
     def _open(self, *, truncate: bool) -> None:
         assert self.path is not None
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+        flags = os.O_WRONLY | getattr(os, "O_NOCTTY", 0) if self.device else \
+            os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
         try:
             self.fd = os.open(self.path, flags, 0o666)
         except OSError as exc:
-            raise _write_error(self.path, exc) from exc
+            raise write_error(self.shown, exc) from exc
 
-    def _append(self, text: str) -> None:
-        if self.path is None:
+    def _append(self, data: bytes) -> None:
+        if self.fd < 0:
             assert self.fh is not None
             try:
                 with deferred_interrupt():
-                    self.fh.write(text)
+                    self.fh.write(data.decode("utf-8"))
                     self.fh.flush()
             except OSError as exc:
-                raise _write_error(Path("<stdout>"), exc) from exc
+                raise write_error("<stdout>", exc) from exc
             return
-        data = text.encode("utf-8")
         with deferred_interrupt():
-            start = os.lseek(self.fd, 0, os.SEEK_END)
+            start = -1 if self.device else os.lseek(self.fd, 0, os.SEEK_END)
             try:
                 written = 0
                 while written < len(data):
                     written += os.write(self.fd, data[written:])
-                os.fsync(self.fd)
+                if not self.device:
+                    os.fsync(self.fd)
             except OSError as exc:
-                with suppress(OSError):  # best effort: take the partial record back out
-                    os.ftruncate(self.fd, start)
-                raise _write_error(self.path, exc) from exc
+                if start >= 0:
+                    with suppress(OSError):  # best effort: take the partial record back out
+                        os.ftruncate(self.fd, start)
+                raise write_error(self.shown, exc) from exc
 
-    def close(self) -> None:
+    def close(self, *, refused: bool = False) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             with suppress(OSError):  # every record was fsynced already; nothing is left to lose
                 os.close(fd)
         if self.lock is not None:
-            self.lock.release()
+            lock, self.lock = self.lock, None
+            lock.release()
+            if refused and self.lock_made:  # a refused file keeps nothing of ours beside it
+                with suppress(OSError):
+                    os.unlink(lock.lock_file)
 
 
 class JsonlOutput(_AppendOutput):
     """One JSON object per image, appended and flushed as each image finishes.
 
     Opening an existing file reads what it holds: images with a caption for the same prompt
-    count as done; lines of failed images are dropped (they will be tried again), as is a
-    line cut short by a crash, so that every image ends with exactly one line.
+    count as done. Lines of our failed images are dropped (they will be tried again), as is our
+    record cut short by a crash, so that every image ends with one line; ``overwrite`` drops the
+    records of `items` (all of ours when not given). Any other line (text, other JSON) means
+    the file holds data that is not ours: it is refused, left exactly as it was, even with
+    ``overwrite`` (which means caption again, not destroy a file we did not write).
     """
 
-    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None) -> None:
-        self.path = Path(path) if path else None
+    def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None,
+                 items: Iterable[BatchItem] | None = None, inputs: Iterable[str] = ()) -> None:
         self.done: set[tuple[str, str]] = set()
-        if self.path is None:
-            self.fh = stream
-            return
-        self._claim()
-        kept: list[str] = []
-        if self.path.exists() and not overwrite:
-            for line in _lines(self.path):
-                record = _parse_line(line)
-                if record is not None and "caption" in record and "path" in record:
-                    self.done.add((os.path.abspath(record["path"]), record.get("prompt", "")))
-                    kept.append(line)
-        if overwrite or kept != _lines(self.path):
-            write_atomic(self.path, "".join(kept))  # drop failed and broken lines, keep the rest
-        self._open(truncate=False)
-
-    def has(self, item: BatchItem, prompt: str) -> bool:
-        return (item.key, prompt) in self.done
-
-    def write(self, item: BatchItem, record: dict[str, Any]) -> None:
-        self._append(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-class SidecarOutput:
-    """``photo.txt`` beside ``photo.jpg``, written to a temporary name and renamed.
-
-    Images that would share a sidecar (``photo.jpg`` and ``photo.png`` in one run) each get
-    one named after the whole file name instead (``photo.jpg.txt``, ``photo.png.txt``), so
-    that no caption overwrites another; a warning says so. Each folder's ``INDEX`` remembers
-    the prompt of every sidecar written there: one written for another prompt is not done
-    (another prompt is other work) and is replaced; one the index does not know (written by
-    hand, or by another tool) counts as done.
-    """
-
-    INDEX = ".caprl-local-sidecars.jsonl"
-
-    def __init__(self, ext: str = ".txt", *, overwrite: bool = False, items: Iterable[BatchItem] = ()) -> None:
-        self.ext = ext if ext.startswith(".") else "." + ext
         self.overwrite = overwrite
-        by_sidecar: dict[Path, list[BatchItem]] = {}
-        for item in items:
-            by_sidecar.setdefault(Path(item.key).with_suffix(self.ext), []).append(item)
-        self.renamed: dict[str, Path] = {}
-        self.prompts: dict[Path, dict[str, str]] = {}  # folder -> sidecar name -> its prompt
-        self.warned: set[Path] = set()
-        for sidecar, sharing in by_sidecar.items():
-            if len(sharing) > 1:
-                self.renamed.update((i.key, Path(i.path).with_name(Path(i.path).name + self.ext)) for i in sharing)
-                log.warning("%s would all be captioned into %s; writing %s instead",
-                            ", ".join(Path(i.path).name for i in sharing), sidecar.name,
-                            ", ".join(self.renamed[i.key].name for i in sharing))
+        items = None if items is None else list(items)
+        if not self._start(path, stream, items or (), inputs):
+            return
+        try:
+            self._resume(None if items is None else {i.key for i in items})
+            self._open(truncate=False)
+        except BaseException as exc:
+            self.close(refused=isinstance(exc, CaprlError))
+            raise
 
-    def path_for(self, item: BatchItem) -> Path:
-        return self.renamed.get(item.key) or Path(item.path).with_suffix(self.ext)
+    def _resume(self, redo: set[str] | None) -> None:
+        assert self.path is not None
+        lines = read_lines(self.path, self.shown)
+        kinds = [_classify(line) for line in lines]
+        ours = any(kind in ("caption", "failed") for kind, _ in kinds)
+        kept: list[bytes] = []
+        for number, (line, (kind, record)) in enumerate(zip(lines, kinds, strict=True), 1):
+            if kind == "broken" and number == len(lines) and not line.endswith(b"\n") and line.startswith(b'{"') \
+                    and (ours or b'"path": "' in line):
+                continue  # our record, cut short by a crash
+            if kind in ("broken", "foreign"):
+                raise CaprlError(f"{self.shown}: line {number} is not a caprl-local result, so this file holds other "
+                                 "data; write the results to another file (this one is left as it is)")
+            if kind == "caption":
+                key = os.path.abspath(record["path"])
+                if self.overwrite and (redo is None or key in redo):
+                    continue
+                self.done.add((key, str(record.get("prompt", ""))))
+            if kind in ("caption", "blank"):
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if kept != lines:
+            write_atomic(self.path, b"".join(kept), shown=self.shown)  # our failed and cut lines out, the rest kept
 
     def has(self, item: BatchItem, prompt: str) -> bool:
-        path = self.path_for(item)
-        if self.overwrite or not path.is_file():
-            return False
-        written = self._prompts(path.parent).get(path.name)
-        if written is None or written == prompt:
-            return True
-        if path.parent not in self.warned:
-            self.warned.add(path.parent)
-            log.warning("%s: sidecars written for another prompt are captioned again and replaced", path.parent)
-        return False
+        return not self.overwrite and (item.key, prompt) in self.done
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
-        if "caption" not in record:
-            return
-        path = self.path_for(item)
-        write_atomic(path, record["caption"] + "\n")
-        index = path.parent / self.INDEX
-        try:  # appended after the sidecar: a crash between the two leaves a sidecar counted as done
-            with deferred_interrupt(), open(index, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"sidecar": path.name, "prompt": record.get("prompt", "")},
-                                    ensure_ascii=False) + "\n")
-        except OSError as exc:
-            raise _write_error(index, exc) from exc
-        self._prompts(path.parent)[path.name] = record.get("prompt", "")
+        self._append(json_line(record))
 
-    def _prompts(self, folder: Path) -> dict[str, str]:
-        if folder not in self.prompts:
-            known: dict[str, str] = {}
-            with suppress(OSError, UnicodeDecodeError):
-                for line in _lines(folder / self.INDEX):
-                    entry = _parse_line(line)
-                    if entry is not None and isinstance(entry.get("sidecar"), str):
-                        known[entry["sidecar"]] = str(entry.get("prompt", ""))  # the last one written wins
-            self.prompts[folder] = known
-        return self.prompts[folder]
 
-    def close(self) -> None:
-        pass  # each sidecar is closed as it is written
+def _classify(line: bytes) -> tuple[str, Any]:
+    """("caption" | "failed" | "blank" | "broken" | "foreign", the record) for one line of a JSONL output."""
+    text = line.decode("utf-8", "surrogateescape")  # another tool's bytes never stop the run
+    if not text.strip():
+        return "blank", None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        return "broken", None
+    if isinstance(record, dict) and isinstance(record.get("path"), str):
+        if isinstance(record.get("caption"), str):
+            return "caption", record
+        if isinstance(record.get("error"), str) and isinstance(record.get("error_kind"), str):
+            return "failed", record
+    return "foreign", record
 
 
 class TextOutput(_AppendOutput):
     """Captions as plain text, each under a ``==> path <==`` header, on a stream or in a file.
 
-    An existing file is appended to, and the images under its headers count as done. A run of
-    one image writes its caption alone, as a shell redirect of it would (a file is replaced).
+    An existing file is appended to, and the images under its headers count as done. A name
+    that would not read back from a header (a line break in it, a byte that is not UTF-8, a
+    leading quote) is written as a JSON string. A run of one image writes its caption alone,
+    as a shell redirect of it would (a file is replaced).
     """
 
     _HEADER = re.compile(r"^==> (.*) <==$", re.M)
 
     def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None,
-                 headers: bool = True) -> None:
-        self.path = Path(path) if path else None
+                 headers: bool = True, items: Iterable[BatchItem] = (), inputs: Iterable[str] = ()) -> None:
         self.done: set[str] = set()
         self.headers = headers
-        if self.path is None:
-            self.fh = stream
+        self.newline = b""  # put before the first record: the file's last line has no end
+        if not self._start(path, stream, items, inputs):
             return
-        self._claim()
-        overwrite = overwrite or not headers  # without headers nothing in the file tells what is done
-        if self.path.exists() and not overwrite:
-            self.done = {os.path.abspath(p) for p in self._HEADER.findall(self.path.read_text(encoding="utf-8"))}
-        self._open(truncate=overwrite)
+        try:
+            overwrite = overwrite or not headers  # without headers nothing in the file tells what is done
+            if not overwrite and self.path is not None:
+                data = read_bytes(self.path, self.shown)
+                self.done = {os.path.abspath(_unquote(p))
+                             for p in self._HEADER.findall(data.decode("utf-8", "surrogateescape"))}
+                self.newline = b"\n" if data and not data.endswith(b"\n") else b""
+            self._open(truncate=overwrite)
+        except BaseException as exc:
+            self.close(refused=isinstance(exc, CaprlError))
+            raise
 
     def has(self, item: BatchItem, prompt: str) -> bool:
         return item.key in self.done
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
         if "caption" in record:
-            self._append(f"==> {item.path} <==\n{record['caption']}\n\n" if self.headers else record["caption"] + "\n")
+            caption = as_text(record["caption"])
+            text = f"==> {_quote(item.path)} <==\n{caption}\n\n" if self.headers else caption + "\n"
+            self._append(self.newline + text.encode("utf-8"))
+            self.newline = b""
 
 
-def _parse_line(line: str) -> dict[str, Any] | None:
-    if not line.endswith("\n"):
-        return None  # cut short by a crash
+def _quote(name: str) -> str:
+    """A name for a header: as it is, or as a JSON string when it would not read back."""
+    if NOT_TEXT.search(name) or name.startswith('"'):
+        return NOT_TEXT.sub(u_escape, json.dumps(name, ensure_ascii=False))
+    return name
+
+
+def _unquote(header: str) -> str:
+    if header.startswith('"'):
+        with suppress(ValueError):
+            name = json.loads(header)
+            if isinstance(name, str):
+                return name
+    return header
+
+
+def _same_stat(st: os.stat_result, other: str) -> bool:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
+        return os.path.samestat(st, os.stat(other))
+    except OSError:
+        return False
 
 
-def _lines(path: Path) -> list[str]:
-    """The file's lines, each with its newline: split at "\n" only, since a JSON line may hold
-    other line breaks (U+0085 and U+2028 in a file name) that str.splitlines would cut at."""
-    return re.split(r"(?<=\n)(?!$)", path.read_text(encoding="utf-8")) if path.exists() and path.stat().st_size else []
+def _refuse_inputs(given: str, real: str, items: Iterable[BatchItem], inputs: Iterable[str]) -> None:
+    """Results are never written into what the run reads: a list file, or an image."""
+    def same(other: str) -> bool:
+        try:
+            return os.path.samefile(real, other)  # hardlinks too
+        except OSError:
+            return os.path.realpath(other) == real
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that it appears whole or not at all: temporary name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with deferred_interrupt(), open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
-    finally:
-        with suppress(OSError):  # on a read-only folder there is nothing to clean up, and no new error
-            tmp.unlink(missing_ok=True)
-
-
-def _write_error(path: Path, exc: OSError) -> CaprlError:
-    # Results already written stay; the run stops, since every later write would fail too.
-    return CaprlError(f"{path}: cannot write results ({exc.strerror or exc}); check the folder and free space, "
-                      "then run the same command again to continue")
-
-
-@contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C back until the block is done, so no write is left half-made."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
+    items = list(items)
+    for listed in {*inputs, *(i.source for i in items if i.source)}:
+        if same(listed):
+            raise CaprlError(f"{given}: is the list of images being captioned; write the results to another file "
+                             "(each result keeps the list's fields)")
+    names = {os.path.basename(given), os.path.basename(real)}
+    for item in items:
+        if os.path.basename(item.path) in names and same(item.path):
+            raise CaprlError(f"{given}: is an image being captioned; write the results to another file")
 
 
 @dataclass(frozen=True)
@@ -299,10 +318,11 @@ class OutputOptions:
     """Where a batch's results go."""
 
     format: Literal["text", "jsonl"] = "text"
-    path: str | None = None  # a file instead of the stream
+    path: str | None = None  # a file instead of the stream ("-": the stream)
     sidecar: bool = False  # photo.txt beside photo.jpg
     sidecar_ext: str = ".txt"
     overwrite: bool = False  # caption images that already have a result again
+    inputs: tuple[str, ...] = ()  # files the run reads (list files), which results never go into
 
 
 def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[BatchItem] = ()) -> list[Output]:
@@ -310,10 +330,21 @@ def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[Batc
     stream only when nothing else receives the captions)."""
     outputs: list[Output] = []
     items = list(items)
-    if options.sidecar:
-        outputs.append(SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items))
-    if options.format == "jsonl":
-        outputs.append(JsonlOutput(options.path, overwrite=options.overwrite, stream=stream))
-    elif options.path or not options.sidecar:
-        outputs.append(TextOutput(options.path, overwrite=options.overwrite, stream=stream, headers=len(items) != 1))
+    path = None if options.path == "-" else options.path
+    try:
+        if options.sidecar:
+            sidecars = SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items)
+            outputs.append(sidecars)
+            if path and os.path.abspath(path) in {os.path.abspath(sidecars.path_for(i)) for i in items}:
+                raise CaprlError(f"{path}: is also the sidecar of an image; write the results to another file")
+        if options.format == "jsonl":
+            outputs.append(JsonlOutput(path, overwrite=options.overwrite, stream=stream, items=items or None,
+                                       inputs=options.inputs))
+        elif path or not options.sidecar:
+            outputs.append(TextOutput(path, overwrite=options.overwrite, stream=stream, headers=len(items) != 1,
+                                      items=items, inputs=options.inputs))
+    except BaseException:
+        for output in outputs:
+            output.close()
+        raise
     return outputs
