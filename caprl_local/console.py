@@ -253,7 +253,7 @@ class _Printable(logging.Formatter):
         return "\n".join(printable(line, limit=None) for line in super().formatException(ei).splitlines())
 
 
-class _TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _TerminalHandler(logging.StreamHandler):
     """Writes to stderr at the time of the record (tests and pytest swap sys.stderr), after
     taking a status line off the terminal."""
 

@@ -143,7 +143,7 @@ class RayCaptioner:
         self._tokens = 0
         if not ray.is_initialized():
             _quiet()
-            quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+            quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
             address = address or os.environ.get("RAY_ADDRESS") or None
             if address is None:  # a Ray instance on this machine, for this machine only, gone with this process
                 init_local(**quiet)

@@ -34,6 +34,7 @@ import llama_cpp
 from ..errors import EngineError, ModelFileError
 from ..hub import cache_root
 from ..options import EngineOptions
+from ..printable import printable
 from .backend import default_threads
 from .probe_child import EXIT_FAILED, FAILED, OK
 
@@ -231,18 +232,10 @@ def _signal_name(signum: int) -> str:
 
 
 def clean(text: str, limit: int = REASON_CHARS) -> str:
-    """`text` as one printable line of at most about `limit` characters: control, format and
-    line-breaking characters escaped (a child's output can echo GGUF metadata: anyone's text)."""
-    out: list[str] = []
-    size = 0
-    for ch in text:
-        piece = ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-        if size + len(piece) > limit:
-            out.append("...")
-            break
-        out.append(piece)
-        size += len(piece)
-    return "".join(out)
+    """`text` as one printable line of at most about `limit` characters (a child's output can echo
+    GGUF metadata: anyone's text)."""
+    line = printable(text, limit=None)
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def reason(stderr: str, signum: int) -> str:
