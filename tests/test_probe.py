@@ -338,6 +338,22 @@ def test_verdicts_follow_the_cache_dir(tiny_model: tuple[Path, Path], tmp_path: 
     assert _verdict(fresh_cache, model) == ["ok"]
 
 
+def test_the_cli_and_from_pretrained_keep_verdicts_in_the_cache_dir_given(tiny_model: tuple[Path, Path],
+                                                                         images: Path, tmp_path: Path, fresh_cache: Path) -> None:
+    from helpers import run_cli
+
+    model, mmproj = tiny_model
+    given = tmp_path / "given"
+    result = run_cli("caption", str(images / "photo.jpg"), "-m", str(model), "--mmproj", str(mmproj), "-t", "1",
+                     "-n", "2", "--cache-dir", str(given))
+    assert result.returncode == 0, result.stderr
+    assert _verdict(given, model) == ["ok"] and not fresh_cache.exists()
+    other = tmp_path / "other"
+    with Captioner.from_pretrained(str(model), mmproj=str(mmproj), cache_dir=other, threads=1):
+        pass
+    assert _verdict(other, model) == ["ok"] and not fresh_cache.exists()
+
+
 def test_an_unusable_store_is_kept_in_memory(tiny_model: tuple[Path, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch, children: list[list[str]],
                                              caplog: pytest.LogCaptureFixture) -> None:

@@ -145,7 +145,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     with console.GracefulInterrupt() as interrupt:
         def load(in_flight: str | int, announce: bool = False) -> Any:
             console.status(f"Loading {files.model.name} ...")
-            captioner = Captioner(files.model, files.mmproj, parallel=in_flight, **engine)
+            captioner = Captioner(files.model, files.mmproj, parallel=in_flight, cache_dir=cache_dir, **engine)
             console.status("")
             if announce:
                 console.loaded(captioner, images=None if single else len(items))

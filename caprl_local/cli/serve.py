@@ -56,7 +56,8 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
     console.status(f"Loading {files.model.name} ...")
-    with Captioner(files.model, files.mmproj, parallel=parallel, prompt=files.prompt, **engine) as captioner:
+    with Captioner(files.model, files.mmproj, parallel=parallel, prompt=files.prompt, cache_dir=cache_dir,
+                   **engine) as captioner:
         console.status("")
         console.loaded(captioner)
         model_id = files.name or files.model.stem

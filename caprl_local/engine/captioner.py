@@ -12,12 +12,13 @@ import dataclasses
 import inspect
 import os
 import queue
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, CaprlError
+from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
 from ..images import ImageBudget, ImageInput, TiledBudget, describe, load_ahead
@@ -25,6 +26,7 @@ from ..options import EngineOptions, GenerationOptions, make
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Activity, Caption, CaptionFailure
+from .lifetime import close_later
 from .probe import check_first_load
 from .scheduler import Request, Scheduler, pieces
 from .session import Session
@@ -49,6 +51,7 @@ class CaptionHandle:
     def result(self, timeout: float | None = None) -> Caption:
         """The finished caption. Raises what stopped it (Cancelled, EngineError), or
         TimeoutError if it is not done within `timeout` seconds."""
+        self._here()
         try:
             return self._request.future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -63,8 +66,14 @@ class CaptionHandle:
 
     def __iter__(self) -> Iterator[str]:
         """Pieces of text as they are generated; raises at the end if the caption failed."""
+        self._here()
         yield from pieces(self._request)
         self.result()
+
+    def _here(self) -> None:
+        """In a forked child, a caption the parent had not finished never will be: say so, not wait."""
+        if os.getpid() != self._scheduler.pid and not self._request.future.done():
+            self._scheduler.check_process()
 
 
 class Captioner:
@@ -78,11 +87,12 @@ class Captioner:
 
     Options (keyword only, see :class:`~caprl_local.options.EngineOptions`): gpu_layers,
     threads, n_ctx, parallel, flash_attn, image_min_tokens, image_max_tokens, repack, warmup,
-    verbose; ``prompt`` is the default caption prompt (CapRL's own if not given).
+    verbose, isolate; ``prompt`` is the default caption prompt (CapRL's own if not given);
+    ``cache_dir`` where the first-load check keeps its verdicts (the model cache's folder).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], *,
-                 prompt: str | None = None, **options: Any) -> None:
+                 prompt: str | None = None, cache_dir: str | os.PathLike[str] | None = None, **options: Any) -> None:
         self._scheduler: Scheduler | None = None
         self.options = make(EngineOptions, options)
         self.default_prompt = resolve_prompt(prompt=prompt)
@@ -90,11 +100,15 @@ class Captioner:
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
         self.architecture = model_info.architecture
         self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=self.architecture)
-        if self.options.isolate:
-            check_first_load(self.model_path, self.mmproj_path, self.options)
-        self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
         self._budget = _budget(mmproj_info.metadata, self.options)
-        self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
+        if self.options.isolate:
+            check_first_load(self.model_path, self.mmproj_path, self.options, cache_dir=cache_dir)
+        self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
+        try:  # from here on the scheduler owns the session, and frees it when closed
+            self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
+        except BaseException:
+            self._session.close()
+            raise
 
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_MODEL, **options: Any) -> Captioner:
@@ -107,7 +121,7 @@ class Captioner:
         fetch = {key: options.pop(key) for key in _DOWNLOAD_OPTIONS & options.keys()}
         files = download_model(name, **fetch)
         options.setdefault("prompt", files.prompt)
-        captioner = cls(files.model, files.mmproj, **options)
+        captioner = cls(files.model, files.mmproj, cache_dir=fetch.get("cache_dir"), **options)
         captioner.files = files
         return captioner
 
@@ -201,7 +215,8 @@ class Captioner:
         has been yielded (in input order, leaving out the images it cut short: match results to
         inputs by their ``image``).
         """
-        opts, epoch = self._options(options), self._live().epoch
+        scheduler = self._live()
+        opts, epoch = self._options(options), scheduler.epoch
         total = len(images) if isinstance(images, Sized) else None
         window = self.parallel + 1  # one more than the slots: the next is ready when a slot frees
         events: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (index, piece or the end)
@@ -233,7 +248,7 @@ class Captioner:
                 except Cancelled as exc:  # the run ends, once every result finished before it is out
                     cancelled.append(exc)
                     for request in running.values():
-                        self._live().cancel(request)
+                        scheduler.cancel(request)
                     block = True
                     continue
                 block = False
@@ -273,11 +288,12 @@ class Captioner:
             yield from in_order()
         finally:
             for request in running.values():  # stopped early (Cancelled, Ctrl-C, the caller broke off)
-                self._live().cancel(request)
+                scheduler.cancel(request)
 
     def activity(self) -> Activity:
         """What the engine is doing now (for progress displays); cheap, from any thread."""
-        generating, waiting, tokens = self._live().activity()
+        assert self._scheduler is not None
+        generating, waiting, tokens = self._scheduler.activity()  # after close too: a progress display may ask
         return Activity(generating=generating, waiting=waiting, tokens=tokens)
 
     def cancel(self) -> None:
@@ -289,11 +305,11 @@ class Captioner:
             self._scheduler.cancel_all()
 
     def close(self) -> None:
-        """Stop the captions in flight and free the model. Safe to call twice."""
+        """Stop the captions in flight and free the model. Safe to call twice, from several threads at
+        once (each returns once it is freed) and from the scheduler's thread (which frees it as it stops).
+        In a forked child it frees nothing: the model is the parent's."""
         if self._scheduler is not None:
             self._scheduler.close()
-        if getattr(self, "_session", None) is not None:
-            self._session.close()
 
     def __enter__(self) -> Captioner:
         return self
@@ -302,16 +318,26 @@ class Captioner:
         self.close()
 
     def __del__(self) -> None:
+        # The garbage collector runs this in any thread (the scheduler's own included) at any allocation, and at
+        # interpreter exit while daemon threads may be inside llama.cpp: here nothing may wait, lock or free. The
+        # closer thread closes it; at exit the atexit hook did already; a forked child has nothing of its own to free.
         try:
-            self.close()
-        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may already be gone
+            scheduler = getattr(self, "_scheduler", None)
+            if scheduler is not None and not scheduler.closed and not sys.is_finalizing() and os.getpid() == scheduler.pid:
+                close_later(scheduler)
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules may already be gone
             pass
 
     # -- internals --
 
     def _live(self) -> Scheduler:
-        assert self._scheduler is not None
-        return self._scheduler
+        """The scheduler; EngineError if this Captioner is closed or was made in another process."""
+        scheduler = self._scheduler
+        assert scheduler is not None  # set by __init__
+        scheduler.check_process()
+        if scheduler.closed:
+            raise EngineError(scheduler.closed)
+        return scheduler
 
     def _options(self, options: dict[str, Any]) -> GenerationOptions:
         opts = make(GenerationOptions, options)

@@ -6,13 +6,19 @@ evaluated), then advances every active caption by one token in a single decode s
 weights are read once for all of them), streams each request's new text to it, and frees the
 sequences of captions that ended. Requests that arrive while others generate join at the next
 turn (continuous batching); beyond the free sequences they wait in order.
+
+Lifetime: closing cancels everything, and the loop frees the session as it leaves (after its
+step or prompt piece), so nothing frees handles a decode is in. At interpreter exit a hook stops
+every loop while all threads still run; a forked child's copies refuse work (no loop there).
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +33,7 @@ from PIL import Image
 from ..errors import Cancelled, CaprlError, EngineError
 from ..options import GenerationOptions
 from ..results import Caption, Timings
+from . import lifetime
 from .backend import LOG
 from .session import Session
 
@@ -38,6 +45,8 @@ _END = None  # closes a request's stream of text pieces
 #: least LOOP_COPIES times, over at least LOOP_SPAN tokens, has fallen into a loop. The span keeps
 #: short legitimate repeats (a table's "| --- |" row, a list of alike items) from counting.
 LOOP_PERIOD, LOOP_COPIES, LOOP_SPAN = 64, 4, 64
+
+_CLOSED = "this Captioner is closed; create a new one"
 
 
 @dataclass(eq=False)
@@ -149,18 +158,33 @@ class Scheduler:
         self._active: list[_Slot] = []
         self._free = list(range(session.slots - 1, -1, -1))
         self._thread: threading.Thread | None = None
-        self._closed: str | None = None  # why no more requests are taken
+        self.closed: str | None = None  # why no more requests are taken
+        self._released = False  # the session is freed
+        self.pid = os.getpid()  # the process it belongs to: after a fork, a child has no loop thread
         self.epoch = 0
         self.generated = 0  # tokens generated since the start, for progress displays
         #: Called with (request, tokens generated so far, logits) after every decode step (tests).
         self.probe: Callable[[Request, int, np.ndarray], None] | None = None
+        lifetime.register(self)
+
+    @property
+    def released(self) -> bool:
+        """The session's handles are freed."""
+        return self._released
+
+    def check_process(self) -> None:
+        """Raise EngineError in a process forked after this scheduler was made: its loop is not there."""
+        if os.getpid() != self.pid:
+            raise EngineError(f"this Captioner was created in another process (pid {self.pid}); "
+                              "create a new one in this process")
 
     # -- from any thread ------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        self.check_process()  # before the lock: a fork may have copied it held
         with self._cond:
-            if self._closed:
-                raise EngineError(self._closed)
+            if self.closed:
+                raise EngineError(self.closed)
             if request.epoch != self.epoch:  # cancel() came between the caller's start and now
                 request.finish(Cancelled(f"{request.name}: cancelled"))
                 return
@@ -172,6 +196,8 @@ class Scheduler:
 
     def cancel(self, request: Request) -> None:
         """Cancel one request: at once if it still waits, else at the next step."""
+        if os.getpid() != self.pid:
+            return
         with self._cond:
             request.cancelled = True
             if request in self._waiting:
@@ -181,6 +207,8 @@ class Scheduler:
 
     def cancel_all(self) -> None:
         """Cancel every request submitted so far (and those whose callers started before now)."""
+        if os.getpid() != self.pid:
+            return
         with self._cond:
             self.epoch += 1
             for request in [*self._waiting, *self._admitting, *(slot.request for slot in self._active)]:
@@ -190,17 +218,26 @@ class Scheduler:
                 request.finish(Cancelled(f"{request.name}: cancelled"))
             self._cond.notify()
 
-    def close(self) -> None:
-        """Cancel everything, stop the loop and wait for it. The session stays the caller's to free."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel everything; the loop stops and frees the session (here if it never ran). Waits up to
+        `timeout` s (None: until freed) from any number of threads, but never in the loop's own thread
+        nor at interpreter exit (a daemon thread may be frozen there). True once freed."""
+        if os.getpid() != self.pid:
+            return False
         with self._cond:
-            self._closed = self._closed or "this Captioner is closed; create a new one"
+            self.closed = self.closed or _CLOSED
             self.cancel_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            if thread is None:  # never started: no loop can be in the handles, and none starts now
+                self._release()
+                return True
+        if thread is not threading.current_thread() and not sys.is_finalizing():
+            thread.join(timeout)
+        return self._released
 
     def activity(self) -> tuple[int, int, int]:
         """(captions generating, captions waiting, tokens generated so far): a snapshot."""
+        self.check_process()
         with self._cond:
             return len(self._active) + len(self._admitting), len(self._waiting), self.generated
 
@@ -211,12 +248,12 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or self._active):
+                    while not (self.closed or self._waiting or self._active):
                         self._cond.wait()
-                    if self._closed and not self._active:
+                    if self.closed and not self._active:
                         return
-                    self._admitting = [self._waiting.popleft()
-                                       for _ in range(min(len(self._free), len(self._waiting)))]
+                    n = min(len(self._free), len(self._waiting))
+                    self._admitting = [self._waiting.popleft() for _ in range(n)]
                 for request in self._admitting:  # outside the lock: an encode is slow, others may submit meanwhile
                     self._admit(request)
                 self._admitting = []
@@ -225,15 +262,34 @@ class Scheduler:
             log.exception("the caption scheduler stopped")
             failure = EngineError(f"the caption engine stopped ({type(exc).__name__}: {exc}); create a new Captioner")
             with self._cond:
-                self._closed = str(failure)
+                self.closed = str(failure)
                 for request in [*self._waiting, *self._admitting, *(slot.request for slot in self._active)]:
                     request.finish(failure)
                 self._waiting.clear()
         finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The loop's last act: end what it still holds, then free the session (no decode runs now)."""
+        with self._cond:
+            self.closed = self.closed or _CLOSED
             for slot in self._active:
                 self.session.free_sampler(slot.sampler)
-                slot.request.finish(Cancelled(f"{slot.request.name}: cancelled"))
-            self._active.clear()
+            for request in [*self._admitting, *self._waiting, *(slot.request for slot in self._active)]:
+                request.finish(Cancelled(f"{request.name}: cancelled"))
+            self._active, self._admitting = [], []
+            self._waiting.clear()
+            self._release()
+
+    def _release(self) -> None:
+        """Free the session's handles, once (with the lock held, so that another closer waits for it)."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.session.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may be half gone; the OS frees the rest
+            log.debug("could not free the llama.cpp handles", exc_info=True)
 
     def _admit(self, request: Request) -> None:
         """Evaluate the request's prompt into a free sequence and sample its first token."""
@@ -245,7 +301,8 @@ class Scheduler:
         LOG.clear()
         sampler = None
         try:
-            prompted = self.session.prompt(seq, request.image, request.options.prompt or "", request.name)
+            prompted = self.session.prompt(seq, request.image, request.options.prompt or "", request.name,
+                                           cancelled=lambda: request.cancelled)
             sampler = self.session.sampler(request.options)
             slot = _Slot(request, seq, sampler, prompted.n_past, t_start)
             slot.image_tokens, slot.prompt_tokens, slot.encode_s = \

@@ -3,7 +3,8 @@
 A Session holds the text model, one context with a sequence per caption in flight (one shared
 KV pool), the vision projector's mtmd context and a token batch. It evaluates a prompt into a
 sequence, decodes a step, samples and frees; it knows nothing of requests or threads (the
-scheduler is its only user once loaded).
+scheduler is its only user once loaded, and frees it when its loop stops: nothing may free the
+handles while a decode may be running in them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
-from ..errors import EngineError, ModelFileError
+from ..errors import Cancelled, EngineError, ModelFileError
 from ..families import kv_bytes_per_token
 from ..ggufmeta import GGUFInfo
 from ..options import EngineOptions, GenerationOptions
@@ -56,6 +59,7 @@ class Session:
         self._ctx: Any = None
         self._mctx: Any = None
         self._batch: Any = None
+        self._close_lock = threading.Lock()
         t0 = time.perf_counter()
         backend.init_backend(verbose=options.verbose)
         try:
@@ -151,11 +155,17 @@ class Session:
 
     # -- one sequence ---------------------------------------------------------------------
 
-    def prompt(self, seq: int, rgb: Image.Image, text: str, name: str) -> Prompted:
-        """Evaluate the chat prompt with the image into sequence `seq` (which must be empty)."""
+    def prompt(self, seq: int, rgb: Image.Image, text: str, name: str,
+               cancelled: Callable[[], bool] = lambda: False) -> Prompted:
+        """Evaluate the chat prompt with the image into sequence `seq` (which must be empty).
+
+        Raises Cancelled between the prompt's pieces (text, image encoding, image tokens) once
+        `cancelled()` is true, so that a cancel or close need not wait for a large image.
+        """
+        self._check_open(name)
         chunks = self._tokenize(rgb, text, name)
         try:
-            return self._eval_chunks(chunks, name, seq)
+            return self._eval_chunks(chunks, name, seq, cancelled)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
@@ -178,7 +188,7 @@ class Session:
             raise EngineError(f"{name}: could not prepare the image for the model: {why}")
         return chunks
 
-    def _eval_chunks(self, chunks: Any, name: str, seq: int) -> Prompted:
+    def _eval_chunks(self, chunks: Any, name: str, seq: int, cancelled: Callable[[], bool]) -> Prompted:
         n_chunks = mtmd.mtmd_input_chunks_size(chunks)
         total = mtmd.mtmd_helper_get_n_tokens(chunks)
         if total + 1 > self.n_ctx:
@@ -189,6 +199,8 @@ class Session:
         n_past, image_tokens, encode_s = 0, 0, 0.0
         new_past = llama_cpp.llama_pos(0)
         for i in range(n_chunks):
+            if cancelled():
+                raise Cancelled(f"{name}: cancelled")
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             new_past.value = n_past
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
@@ -197,6 +209,8 @@ class Session:
                 if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
                     raise EngineError(f"{name}: the vision encoder failed: {LOG.first_error()}")
                 encode_s += time.perf_counter() - t0
+                if cancelled():  # the encoder and the image's tokens are the two slow parts
+                    raise Cancelled(f"{name}: cancelled")
                 embd = mtmd.mtmd_get_output_embd(self._mctx)
                 ret = mtmd.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, chunk, embd, n_past, seq,
                                                           self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None)
@@ -246,6 +260,8 @@ class Session:
     def decode(self, tokens: list[tuple[int, int, int]]) -> None:
         """One decode step: each (token, position, sequence) in a row of its own, all with logits."""
         batch = self._batch
+        if batch is None:
+            self._check_open(f"{len(tokens)} caption(s)")
         for i, (token, pos, seq) in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
             batch.seq_id[i][0], batch.logits[i] = seq, 1
@@ -266,17 +282,21 @@ class Session:
 
     # -- lifetime -------------------------------------------------------------------------
 
+    def _check_open(self, name: str) -> None:
+        if self._ctx is None:  # a last guard: the scheduler never gets here once it has freed the session
+            raise EngineError(f"{name}: the model {self.model_path.name} is closed; create a new Captioner")
+
     def close(self) -> None:
-        """Free every handle. Safe to call twice."""
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._mctx:
-            mtmd.mtmd_free(self._mctx)
-            self._mctx = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        """Free every handle, once; a second caller waits for the first to finish. The caller
+        makes sure nothing decodes meanwhile (the scheduler frees it as its loop stops)."""
+        with self._close_lock:
+            batch, mctx, ctx, model = self._batch, self._mctx, self._ctx, self._model
+            self._batch = self._mctx = self._ctx = self._model = None
+            if batch is not None:
+                llama_cpp.llama_batch_free(batch)
+            if mctx:
+                mtmd.mtmd_free(mctx)
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            if model:
+                llama_cpp.llama_model_free(model)
