@@ -96,5 +96,10 @@ def runs_collapsed(text: str) -> str:
 
 
 def same_but_near_ties(got: dict[str, str], expected: dict[str, str]) -> bool:
-    """Captions decoded together equal those decoded alone, but for how long a run of one token lasts."""
-    return got.keys() == expected.keys() and all(runs_collapsed(got[k]) == runs_collapsed(expected[k]) for k in got)
+    """Captions decoded together equal those decoded alone, but for how long a run of one token lasts
+    (and so, within a token cap, for how far past the run each gets)."""
+    def alike(a: str, b: str) -> bool:
+        a, b = runs_collapsed(a), runs_collapsed(b)
+        return a.startswith(b) or b.startswith(a)
+
+    return got.keys() == expected.keys() and all(alike(got[k], expected[k]) for k in got)
