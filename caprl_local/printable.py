@@ -8,33 +8,33 @@ Everything that reaches a terminal or a one-line message goes through here first
 
 from __future__ import annotations
 
-import re
-
-#: C0 and C1 control characters, DEL, and the Unicode controls that reorder or hide text
-#: (bidirectional overrides and isolates, zero-width joiners used to disguise names), and
-#: lone surrogates (a file name's undecodable bytes, as os.fsdecode gives them).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
-_UNSAFE_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
-
 #: The longest message line shown; the rest is cut with a note of how much was left out.
 MAX_LINE = 2000
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\x1b"}
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(match: re.Match[str]) -> str:
-    ch = match.group()
+def _escaped(ch: str) -> str:
+    """One character that is not printable, as an escape: controls, line and paragraph separators,
+    format characters that reorder or hide text (bidirectional overrides, zero-width joiners), and a
+    lone surrogate, which is an undecodable byte of a file name (os.fsdecode): shown as that byte."""
     code = ord(ch)
     if ch in _NAMED:
         return _NAMED[ch]
-    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a file name: show the byte itself
+    if 0xDC80 <= code <= 0xDCFF:
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _escape(text: str, keep: str = "") -> str:
+    if text.isprintable():  # the common case, at C speed
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escaped(c) for c in text)
 
 
 def printable(text: object, *, limit: int | None = MAX_LINE) -> str:
-    """`text` as one line with every control character escaped (``\\x1b``, ``\\n``), cut to `limit`."""
-    line = _UNSAFE.sub(_escape, str(text))
+    """`text` as one line with every character that is not printable escaped (``\\x1b``, ``\\n``), cut to `limit`."""
+    line = _escape(str(text))
     if limit is not None and len(line) > limit:
         line = f"{line[:limit]}... ({len(line) - limit:,} more characters)"
     return line
@@ -42,4 +42,22 @@ def printable(text: object, *, limit: int | None = MAX_LINE) -> str:
 
 def printable_text(text: str) -> str:
     """Multi-line text (a caption) for a terminal: line breaks and tabs kept, other controls escaped."""
-    return _UNSAFE_KEEP_LINES.sub(_escape, text)
+    return _escape(text, keep="\n\t")
+
+
+def shown(text: object, limit: int = 200) -> str:
+    """Text from outside quoted in a message the library builds: escaped as by printable, a backslash
+    doubled (so that no escape can be faked), cut to `limit` characters."""
+    full = str(text)
+    out = _escape(full[:limit].replace("\\", "\\\\"))
+    return out + (f"... ({len(full):,} characters)" if len(full) > limit else "")
+
+
+def human_size(n: int) -> str:
+    """A byte count for messages: 950 B, 12 KB, 1.5 MB, 2.3 GB."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover

@@ -43,7 +43,14 @@ class ModelSpec:
 
 _REQUIRED = ("repo", "architecture", "default_quant")
 _FIELDS = {f.name: f for f in fields(ModelSpec)}
-_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A Hub repo id: owner/name, each of ASCII letters, digits, . _ - (not starting or ending with . or -), no "..".
+_REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+
+
+def valid_repo_id(text: str) -> bool:
+    """Whether `text` is spelled as a Hub repo id (owner/name) may be: nothing a path could misread."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(_REPO_PART.fullmatch(p) and ".." not in p for p in parts)
 
 
 def user_models_path() -> Path:
@@ -93,8 +100,9 @@ def _parse(text: str, source: str) -> dict[str, dict[str, Any]]:
                 raise ModelFileError(f"{where}: unknown field {key!r} in [{name}]; known fields: {', '.join(_known())}")
             if not isinstance(value, str):
                 raise ModelFileError(f"{where}: field {key!r} in [{name}] must be a string")
-            if key.endswith("repo") and not _REPO.match(value):
-                raise ModelFileError(f"{where}: {key} = {value!r} in [{name}] is not a Hub repo (owner/name)")
+            if key.endswith("repo") and not valid_repo_id(value):
+                raise ModelFileError(f"{where}: {key} = {value!r} in [{name}] is not a Hub repo id (owner/name, of "
+                                     "letters, digits, '.', '_' and '-', without '..')")
         out[name.lower()] = dict(table)
     return out
 
@@ -124,4 +132,4 @@ def _line_of(lines: list[str], key: str, *, table: str | None = None) -> int:
 
 def is_repo_id(text: str) -> bool:
     """True for 'owner/name' (and not for a path that exists on disk)."""
-    return bool(_REPO.match(text)) and not os.path.exists(text)
+    return valid_repo_id(text) and not os.path.exists(text)

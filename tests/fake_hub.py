@@ -6,6 +6,8 @@
 
 Faults for tests: cut a file's transfer after N bytes, stall after the headers, serve corrupted
 bytes, answer a listing with something else (an HTML page, a malformed listing), or go away.
+Hostile modes: raw listing entries (any name, any size), a ``Link: rel="next"`` to any URL, a
+listing redirected elsewhere, a gated repo (403), a file longer than its listing says.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ class FakeHub:
     stall: set[str] = field(default_factory=set)  # filenames whose GET sends the headers, then nothing
     listing_body: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # repo -> (content type, raw body)
     release: threading.Event = field(default_factory=threading.Event)  # ends every stall
+    listing_entries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # repo -> raw entries added
+    link_next: dict[str, str] = field(default_factory=dict)  # repo -> next-page URL ("{n}": the page count)
+    next_pages: int = 1 << 30  # how many listing answers carry that link
+    listing_redirect: dict[str, str] = field(default_factory=dict)  # repo -> where its listing redirects (302)
+    forbidden: set[str] = field(default_factory=set)  # gated repos: 403 to everyone
+    extra_bytes: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent beyond its real size
+    authorization: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization header)
 
     def add(self, repo: str, filename: str, data: bytes | Path) -> None:
         self.repos.setdefault(repo, {})[filename] = data.read_bytes() if isinstance(data, Path) else data
@@ -77,6 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, body: bool) -> None:
         path = unquote(urlparse(self.path).path)
         self.hub.requests.append((self.command, path, self.headers.get("Range")))
+        self.hub.authorization.append((path, self.headers.get("Authorization")))
+        if any(path.startswith((f"/{repo}/", f"/api/models/{repo}/")) for repo in self.hub.forbidden):
+            return self._json(403, {"error": "Access to this repo is restricted"}, body, {"X-Error-Code": "GatedRepo"})
         for repo, token in self.hub.tokens.items():
             mine = path.startswith((f"/{repo}/", f"/api/models/{repo}/"))
             if mine and self.headers.get("Authorization") != f"Bearer {token}":
@@ -90,6 +102,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": "Not found"}, body, {"X-Error-Code": "RepoNotFound"})
 
     def _tree(self, repo: str, body: bool) -> None:
+        if repo in self.hub.listing_redirect:
+            self.send_response(302)
+            self.send_header("Location", self.hub.listing_redirect[repo])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if repo in self.hub.listing_body:  # what a captive portal or a broken proxy sends instead
             kind, raw = self.hub.listing_body[repo]
             self.send_response(200)
@@ -100,8 +118,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(raw)
             return
         files = self.hub.repos.get(repo)
-        if files is None:
+        if files is None and repo not in self.hub.listing_entries:
             return self._json(404, {"error": "Repository not found"}, body, {"X-Error-Code": "RepoNotFound"})
+        files = files or {}
         listing = [
             {
                 "type": "file",
@@ -111,8 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134},
             }
             for name, data in sorted(files.items())
-        ]
-        self._json(200, listing, body)
+        ] + self.hub.listing_entries.get(repo, [])
+        headers: dict[str, str] = {}
+        pages = sum(1 for _, p, _ in self.hub.requests if p.startswith(f"/api/models/{repo}/"))
+        if repo in self.hub.link_next and pages <= self.hub.next_pages:
+            headers["Link"] = f'<{self.hub.link_next[repo].replace("{n}", str(pages))}>; rel="next"'
+        self._json(200, listing, body, headers)
 
     def _file(self, repo: str, filename: str, body: bool) -> None:
         data = self.hub.repos.get(repo, {}).get(filename)
@@ -121,6 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         sha = hashlib.sha256(data).hexdigest()
         if filename in self.hub.corrupt:
             data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        data += bytes(self.hub.extra_bytes.get(filename, 0))
         start = 0
         rng = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
         status = 200

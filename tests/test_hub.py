@@ -18,7 +18,7 @@ from caprl_local import Captioner, DownloadError, OfflineError, UnknownModelErro
 from caprl_local import hub as hub_module
 from caprl_local.errors import HubUnreachableError, NoProjectorError
 from caprl_local.hub import download_model, list_cached, list_models, parse_quant
-from caprl_local.transfer import translate_error
+from caprl_local.hubhttp import translate_error
 
 STATIC, IMATRIX = "mradermacher/CapRL-3B-GGUF", "mradermacher/CapRL-3B-i1-GGUF"
 BIG = "CapRL-3B.Q6_K.gguf"  # padded past the downloader's chunk size, so a cut leaves a partial file

@@ -22,12 +22,14 @@ from .base import cli, model_options
 def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None, cache_dir: str | None) -> None:
     """Download MODEL (a name or owner/repo) and its vision projector, verify and cache them.
 
-    Prints the two local paths. An interrupted pull resumes where it stopped.
+    Prints the two local paths. An interrupted pull resumes where it stopped; files already
+    cached are checked against the Hub's sha256 and downloaded again if damaged.
     """
     from ..hub import download_model
 
+    # A pull checks what is cached against the Hub's sha256 and repairs it: the network is used anyway.
     files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                           cache_dir=cache_dir, progress=console.DownloadBar())
+                           cache_dir=cache_dir, progress=console.DownloadBar(), verify=True)
     click.echo(printable(files.model, limit=None))
     click.echo(printable(files.mmproj, limit=None))
 
