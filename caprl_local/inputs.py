@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from .errors import CaprlError
 
@@ -55,29 +55,45 @@ def collect_inputs(
         items += _expand(arg, recursive)
     if list_file is not None:
         if list_file == "-":
-            items += read_list(_read_stdin(stdin), Path(), "<stdin>")  # paths as given
+            buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
+            text = _read_list_bytes(buffer, "<stdin>") if buffer is not None else (stdin.read() if stdin else "")
+            items += read_list(text, Path(), "<stdin>")  # paths as given
         else:
             try:
-                data = Path(list_file).read_bytes()
+                with open(list_file, "rb") as fh:
+                    text = _read_list_bytes(fh, list_file)
             except OSError as exc:
                 raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
             items += [BatchItem(i.path, i.extra, source=list_file)
-                      for i in read_list(_decode(data), Path(list_file).parent, list_file)]
+                      for i in read_list(text, Path(list_file).parent, list_file)]
     unique: dict[str, BatchItem] = {}
     for item in items:
         unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
     return list(unique.values())
 
 
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # a BOM, as some editors write
+#: Bounds on a list: a stream with no end (`yes | caprl-local caption --from-list -`) or without a
+#: line break (/dev/zero) must not fill the memory. CapRL-2M's own list is about 300 MB.
+MAX_LIST_BYTES = 1 << 30
+MAX_LINE_BYTES = 1 << 20
 
 
-def _read_stdin(stdin: TextIO | None) -> str:
-    if stdin is None:
-        return ""
-    buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
-    return _decode(buffer.read()) if buffer is not None else stdin.read()
+def _read_list_bytes(stream: BinaryIO, source: str) -> str:
+    """A list's text, read in blocks within MAX_LIST_BYTES and MAX_LINE_BYTES a line, decoded as
+    UTF-8 with other bytes standing for themselves (as os.fsdecode reads a name)."""
+    data, line_start = bytearray(), 0
+    while block := stream.read(1 << 20):
+        data += block
+        if len(data) > MAX_LIST_BYTES:
+            raise CaprlError(f"{source}: the list is over {MAX_LIST_BYTES >> 20} MB; split it (--shard, or several lists)")
+        last_break = data.rfind(b"\n", line_start)
+        if last_break >= 0:
+            line_start = last_break + 1
+        if len(data) - line_start > MAX_LINE_BYTES:
+            line = data.count(b"\n", 0, line_start) + 1
+            raise CaprlError(f"{source}:{line}: a line of over {MAX_LINE_BYTES >> 20} MB; a list holds one path or "
+                             "JSON object a line")
+    return bytes(data).decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # a BOM, as some editors write
 
 
 def _expand(arg: str, recursive: bool) -> list[BatchItem]:

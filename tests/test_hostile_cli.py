@@ -173,3 +173,30 @@ def test_sigterm_and_sighup_end_a_batch_like_ctrl_c(model_args: list[str], image
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == \
         sorted(str(p) for p in folder.iterdir())
+
+
+def test_an_endless_list_is_refused(model_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list on stdin (or a FIFO) with no line break, or with no end, is refused within a bound."""
+    import io
+
+    from caprl_local import inputs
+    from caprl_local.errors import CaprlError
+
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run([sys.executable, "-m", "caprl_local", "caption", "--from-list", "-", *model_args],
+                                stdin=zero, capture_output=True, text=True, timeout=HANG_S)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "Error: <stdin>:1: a line of over 1 MB; a list holds one path or JSON object a line"]
+
+    class Endless(io.RawIOBase):  # what `yes | caprl-local caption --from-list -` sends
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+            buffer[:] = b"y\n" * (len(buffer) // 2)
+            return len(buffer)
+
+    monkeypatch.setattr(inputs, "MAX_LIST_BYTES", 8 << 20)
+    stdin = io.TextIOWrapper(io.BufferedReader(Endless()))
+    with pytest.raises(CaprlError, match="the list is over 8 MB"):
+        inputs.collect_inputs([], list_file="-", stdin=stdin)
