@@ -85,7 +85,7 @@ def _read_list_bytes(stream: BinaryIO, source: str) -> str:
     while block := stream.read(1 << 20):
         data += block
         if len(data) > MAX_LIST_BYTES:
-            raise CaprlError(f"{source}: the list is over {MAX_LIST_BYTES >> 20} MB; split it (--shard, or several lists)")
+            raise CaprlError(f"{source}: the list is over {MAX_LIST_BYTES >> 20} MB; split it into several lists")
         last_break = data.rfind(b"\n", line_start)
         if last_break >= 0:
             line_start = last_break + 1

@@ -202,8 +202,8 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
         raise CaprlError(f"--ray needs its extra ({exc.name} is missing): pip install 'caprl-local[ray]'") from exc
     captioner = RayCaptioner(model, address=address or None, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus,
                              **options)
-    click.echo(f"Captioning on Ray ({address or 'this machine'}): {actors} actor{'s' * (actors > 1)} of "
-               f"{captioner.threads} CPU{'s' * (captioner.threads > 1)}" + (f" and {gpus} GPU" if gpus else ""), err=True)
+    console.say(f"Captioning on Ray ({address or 'this machine'}): {actors} actor{'s' * (actors > 1)} of "
+                f"{captioner.threads} CPU{'s' * (captioner.threads > 1)}" + (f" and {gpus} GPU" if gpus else ""))
     return captioner
 
 
@@ -211,8 +211,8 @@ def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None
     from ..endpoints import Endpoint, EndpointCaptioner
 
     captioner = EndpointCaptioner(Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls)
-    click.echo(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "
-               f"{captioner.parallel} requests at once in all", err=True)
+    console.say(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "  # the servers' names
+                f"{captioner.parallel} requests at once in all")
     return captioner
 
 

@@ -68,6 +68,6 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
 
         def ready(url: str) -> None:
             click.echo(url)  # the result, for scripts; the rest is for people
-            click.echo(f"Serving {model_id} (Ctrl-C stops)", err=True)
+            console.say(f"Serving {model_id} (Ctrl-C stops)")  # a file's name: escaped
 
         run_server(captioner, options, on_ready=ready)
