@@ -78,6 +78,8 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, draft_pixels
             st = path.stat()
             if stat.S_ISDIR(st.st_mode):
                 raise ImageError(f"{name}: is a directory, not an image file")
+            if stat.S_ISSOCK(st.st_mode):
+                raise ImageError(f"{name}: is a socket, not an image file")
             if stat.S_ISREG(st.st_mode) and st.st_size > 0:
                 with open(path, "rb") as fh:
                     return _decode(fh, name, max_pixels, draft_pixels)

@@ -80,6 +80,13 @@ class _AppendOutput:
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise CaprlError(f"{path}: is a folder; name a file for the results")
         real = os.path.realpath(path)
+        shared = _standard_stream(st)
+        if shared is not None:
+            # /dev/stderr, /dev/fd/1, or the very file stdout goes to (`-o out.txt >> out.txt`): written through
+            # that descriptor, so its offset is shared, never reopened at 0 over what it wrote, truncated or replaced.
+            self.path, self.device = Path(path), True
+            self.fd = os.dup(shared)
+            return False
         if st is not None and not (stat.S_ISREG(st.st_mode) and _same_stat(st, real)):
             # /dev/null, a FIFO, /dev/stdout: write into it, never replace it (or through
             # /proc/self/fd/1 of a deleted file, which no name reaches).
@@ -285,6 +292,17 @@ def _unquote(header: str) -> str:
             if isinstance(name, str):
                 return name
     return header
+
+
+def _standard_stream(st: os.stat_result | None) -> int | None:
+    """1 or 2 when `st` is the file this process's stdout or stderr writes to, else None."""
+    for fd in (1, 2):
+        try:
+            if st is not None and os.path.samestat(st, os.fstat(fd)):
+                return fd
+        except OSError:
+            continue  # closed
+    return None
 
 
 def _same_stat(st: os.stat_result, other: str) -> bool:

@@ -7,6 +7,7 @@ line in the index joins no later line and leaves the sidecar it named to be writ
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -156,6 +157,7 @@ class SidecarOutput:
         pass  # each sidecar is closed as it is written
 
 
+_ENTRY_START = '{"sidecar": "'
 _ENTRY = re.compile(r'\{"sidecar": "((?:[^"\\]|\\.)*)(")?')
 
 
@@ -166,16 +168,21 @@ def _index_entries(text: str) -> Iterator[dict[str, Any] | tuple[str, bool]]:
     if isinstance(entry, dict) and isinstance(entry.get("sidecar"), str):
         yield entry
         return
-    for match in _ENTRY.finditer(text):
-        entry = _json(text[match.start():])
+    starts = [m.start() for m in re.finditer(re.escape(_ENTRY_START), text)]
+    for start, end in itertools.pairwise([*starts, len(text)]):  # each apart: a cut one never runs into the next
+        piece = text[start:end]
+        entry = _json(piece)
         if isinstance(entry, dict) and isinstance(entry.get("sidecar"), str):
             yield entry
             continue
+        match = _ENTRY.match(piece)
+        if match is None:
+            continue
         name = match.group(1)
-        for end in range(len(name), max(len(name) - 6, -1), -1):  # cut inside an escape: drop its start
-            start = _json(f'"{name[:end]}"')
-            if isinstance(start, str):
-                yield start, bool(match.group(2))
+        for cut in range(len(name), max(len(name) - 6, -1), -1):  # cut inside an escape: drop its start
+            begun = _json(f'"{name[:cut]}"')
+            if isinstance(begun, str):
+                yield begun, bool(match.group(2))
                 break
 
 

@@ -112,6 +112,12 @@ def test_fifos_devices_and_proc_files_are_read_for_what_they_hold(images: Path, 
         load_image("/dev/null")
     with pytest.raises(ImageError, match="not a recognised image format"):
         load_image("/proc/self/status")  # its size says 0 bytes, yet it holds text
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.png"))
+        with pytest.raises(ImageError, match="is a socket, not an image file"):
+            load_image(tmp_path / "sock.png")
     with pytest.raises(ImageError, match="more than 1 MB"):
         from caprl_local.images import read_bounded
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import threading
 from contextlib import nullcontext
@@ -238,6 +239,31 @@ def test_stdout_named_as_an_output_receives_the_results(tiny_model: tuple[Path, 
     assert os.path.islink("/dev/stdout") == was_link
 
 
+def test_the_file_stdout_or_stderr_goes_to_is_written_through_them(tiny_model: tuple[Path, Path], images: Path,
+                                                                    tmp_path: Path) -> None:
+    """`-o /dev/stderr 2>log`, `-o /dev/stdout --overwrite >>file`, `-o file >>file`: the results go through the
+    descriptor the shell opened, so nothing is written over at offset 0, truncated or replaced."""
+    args = [sys.executable, "-m", "caprl_local", "caption", str(images / "pixel.png"), str(images / "alpha.png"),
+            "--model", str(tiny_model[0]), "--mmproj", str(tiny_model[1]), "-t", "1", "-n", "3"]
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as err:
+        done = subprocess.run([*args, "--format", "jsonl", "-o", "/dev/stderr"], stderr=err, stdout=subprocess.PIPE,
+                              timeout=HANG_S)
+    assert done.returncode == 0
+    lines = log.read_text().splitlines()
+    assert [Path(json.loads(line)["path"]).name for line in lines[:2]] == ["pixel.png", "alpha.png"], lines
+    assert lines[2].startswith("Captioned 2 of 2")
+    kept = tmp_path / "app.txt"
+    for output in ("/dev/stdout", str(kept)):
+        kept.write_text("old line kept\n")
+        with open(kept, "a") as out:
+            done = subprocess.run([*args, "-o", output, "--overwrite"], stdout=out, stderr=subprocess.PIPE,
+                                  timeout=HANG_S)
+        assert done.returncode == 0, done.stderr
+        text = kept.read_text()
+        assert text.startswith("old line kept\n==> ") and text.count("==> ") == 2, text
+
+
 def test_planted_sidecar_links_and_nodes_are_replaced_never_written_through(captioner: Captioner, images: Path,
                                                                             tmp_path: Path) -> None:
     outside = tmp_path / "outside"
@@ -410,6 +436,19 @@ def test_a_cut_index_line_never_hides_a_sidecar(captioner: Captioner, images: Pa
     summary = run(captioner, items + more, sidecar=True, prompt="second")
     assert summary is not None and summary.done == (3 if lost else 4)  # captioned for the new prompt
     assert run(captioner, items + more, sidecar=True, prompt="second") is None
+
+
+def test_an_index_line_cut_inside_a_name_never_runs_into_the_next_entry(captioner: Captioner, images: Path,
+                                                                        tmp_path: Path) -> None:
+    """An index from an older writer: a cut entry with the next one on the same line."""
+    folder = tmp_path / "ds"
+    items = copies(images, folder, ["a.png", "c.png", "d.png"])
+    for name in "acd":
+        (folder / f"{name}.txt").write_text("old\n")
+    (folder / INDEX).write_text('{"sidecar": "a.txt", "prompt": "P1"}\n'
+                                '{"sidecar": "c.t{"sidecar": "d.txt", "prompt": "P1"}\n')
+    summary = run(captioner, items, sidecar=True, prompt="P2")
+    assert summary is not None and summary.done == 3  # d.txt was written for P1, c.txt's entry was cut: all redone
 
 
 def test_hand_written_sidecars_stay_done_beside_a_cut_index(captioner: Captioner, images: Path,
