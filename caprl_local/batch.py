@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from .captioning import Captioning
 from .errors import Cancelled
 from .inputs import BatchItem
 from .options import Parallel
@@ -60,7 +61,7 @@ def split_done(items: list[BatchItem], outputs: list[Output], prompt: str) -> tu
 
 
 def run_batch(
-    captioner: Any,
+    captioner: Captioning,
     items: list[BatchItem],
     outputs: list[Output],
     *,
@@ -69,7 +70,7 @@ def run_batch(
     quant: str | None = None,
     on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
     on_done: Callable[[int], None] | None = None,
-    **options: Any,
+    **options: Any,  # caption options (GenerationKwargs less the prompt, a parameter here)
 ) -> BatchSummary:
     """Caption the items, writing each result to every output as it comes.
 
@@ -104,7 +105,7 @@ def run_batch(
 def caption_batch(
     items: list[BatchItem],
     *,
-    load: Callable[[Parallel], AbstractContextManager[Any]],
+    load: Callable[[Parallel], AbstractContextManager[Captioning]],
     outputs: OutputOptions,
     stream: TextIO,
     prompt: str,
@@ -114,7 +115,7 @@ def caption_batch(
     on_start: Callable[[int, int], None] | None = None,
     on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
     on_done: Callable[[int], None] | None = None,
-    **options: Any,
+    **options: Any,  # caption options (GenerationKwargs less the prompt, a parameter here)
 ) -> BatchSummary | None:
     """Caption the items not yet done into the outputs; None when every item was done already.
 

@@ -13,13 +13,18 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
 import click
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from .printable import printable, printable_text
+
+if TYPE_CHECKING:
+    from .captioning import Captioning
+
+C = TypeVar("C", bound="Captioning")
 
 
 def size(n: int | float) -> str:
@@ -109,7 +114,7 @@ class _Shown:
         return getattr(self.stream, name)
 
 
-def loaded(captioner: Any, *, images: int | None = None) -> None:
+def loaded(captioner: Captioning, *, images: int | None = None) -> None:
     """One line on what the load chose (device, captions in flight, threads), on stderr."""
     where = "the GPU" if captioner.on_gpu else "the CPU"
     what = f"{images} image{'s' * (images != 1)}: " if images else ""
@@ -135,13 +140,13 @@ class BatchProgress:
         self.stop = threading.Event()
         self.watcher: threading.Thread | None = None
 
-    def watch(self, captioner: Any) -> None:
+    def watch(self, captioner: Captioning) -> None:
         """Show what `captioner` is doing until the batch ends."""
         if not self.bar.disable:
             self.watcher = threading.Thread(target=self._watch, args=(captioner,), name="caprl-progress", daemon=True)
             self.watcher.start()
 
-    def _watch(self, captioner: Any) -> None:
+    def _watch(self, captioner: Captioning) -> None:
         tokens, at, rate = captioner.activity().tokens, time.monotonic(), None
         while not self.stop.wait(self.POLL_S):
             now = captioner.activity()
@@ -304,7 +309,7 @@ class GracefulInterrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self.captioner: Any = None
+        self.captioner: Captioning | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulInterrupt:
@@ -323,7 +328,7 @@ class GracefulInterrupt:
         self.requested = True
         self.captioner.cancel()
 
-    def watch(self, captioner: Any) -> Any:
+    def watch(self, captioner: C) -> C:
         self.captioner = captioner
         if self.requested:  # Ctrl-C came while the model was loading
             captioner.close()

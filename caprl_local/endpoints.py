@@ -10,8 +10,10 @@ endpoint that stays unreachable is dropped and its image goes to the others.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -20,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+from typing_extensions import Unpack
 
+from .captioning import ClosingContext, ImageFile
 from .errors import Cancelled, CaprlError, EngineError
-from .options import GenerationOptions, make
+from .options import GenerationKwargs, GenerationOptions, make
 from .prompts import resolve_prompt
 from .results import Activity, Caption, CaptionFailure, Timings
 
@@ -30,6 +34,10 @@ log = logging.getLogger("caprl_local")
 
 #: Statuses worth asking again (the server is busy or failing for a moment).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: How each caption option reaches a server, under the names the OpenAI-compatible servers honour (see _body):
+#: an option missing here is refused unless left at its default, never dropped in silence.
+SENT = frozenset({"prompt", "preset", "max_tokens", "temperature", "top_p", "seed", "repeat_penalty", "stop",
+                  "loop_guard", "ignore_eos"})
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class _Down(Exception):
     """This endpoint cannot be used (unreachable after retries, or refusing the key or model)."""
 
 
-class EndpointCaptioner:
+class EndpointCaptioner(ClosingContext):
     """Captions images by sending them to OpenAI-compatible servers; see the module docstring."""
 
     def __init__(self, endpoints: Iterable[Endpoint], *, retries: int = 4, timeout_s: float = 600.0,
@@ -66,9 +74,12 @@ class EndpointCaptioner:
         self._generating = self._tokens = 0
 
     # what the batch runner and progress displays read of a Captioner
-    parallel = property(lambda self: sum(self.widths.values()))
     threads = 0
     on_gpu = False
+
+    @property
+    def parallel(self) -> int:
+        return sum(self.widths.values())
 
     @property
     def model(self) -> str:
@@ -85,21 +96,18 @@ class EndpointCaptioner:
         self.cancel()
         self.http.clear()
 
-    def __enter__(self) -> EndpointCaptioner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def caption_many(self, images: Iterable[str | Path], *, progress: Callable[[int, int | None], None] | None = None,
-                     **options: Any) -> Iterator[Caption | CaptionFailure]:
+    def caption_many(self, images: Iterable[ImageFile], *, on_text: Callable[[str, str], None] | None = None,
+                     progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
+                     **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
         """Caption image files on the endpoints, yielding each result as it comes (match them to
         inputs by ``image``). Raises EngineError once every endpoint is down, and Cancelled after
-        cancel(), in both cases after yielding every result finished before."""
+        cancel(), in both cases after yielding every result finished before. ``on_text`` receives each
+        caption whole, as it comes back; ``prefetch`` is unused (each image is read as it is sent)."""
         opts = make(GenerationOptions, options)
+        _check_sent(opts)
         prompt = resolve_prompt(prompt=opts.prompt, preset=opts.preset, default=self.default_prompt)
         todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        names = [str(image) for image in images]
+        names = [os.fspath(image) for image in images]
         for name in names:
             todo.put(name)
         done: queue.SimpleQueue[Caption | CaptionFailure | tuple[str, BaseException]] = queue.SimpleQueue()
@@ -127,6 +135,8 @@ class EndpointCaptioner:
                 finished += 1
                 if progress is not None:
                     progress(finished, len(names))
+                if on_text is not None and isinstance(item, Caption):
+                    on_text(item.image, item.text)
                 yield item
             if self._cancelled.is_set():
                 raise Cancelled("cancelled")
@@ -165,17 +175,7 @@ class EndpointCaptioner:
         except OSError as exc:
             return CaptionFailure(image=name, error=f"{name}: cannot read the image ({exc.strerror or exc})",
                                   kind="ImageError")
-        body: dict[str, Any] = {
-            "model": self.models[endpoint.url], "temperature": opts.temperature, "top_p": opts.top_p,
-            "max_tokens": opts.max_tokens,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image;base64," + base64.b64encode(data).decode()}},
-                {"type": "text", "text": prompt.replace("<image>", "").strip()}]}],
-        }
-        body.update({k: v for k, v in (("seed", opts.seed), ("stop", list(opts.stop) or None)) if v is not None})
-        if not opts.loop_guard:  # caprl-local serve honours it; other servers have no guard to turn off
-            body["loop_guard"] = False
-        status, answer = self._call(endpoint, "/chat/completions", body)
+        status, answer = self._call(endpoint, "/chat/completions", _body(self.models[endpoint.url], data, prompt, opts))
         if status == 200 and isinstance(answer.get("choices"), list) and answer["choices"]:
             choice, counts = answer["choices"][0], answer.get("usage") or {}
             text = ((choice.get("message") or {}).get("content") or "").strip()
@@ -234,3 +234,29 @@ class EndpointCaptioner:
             raise EngineError(f"{endpoint.url}: GET /models answered HTTP {status} without a model; "
                               "name the model to use")
         return str(data[0]["id"])
+
+
+def _body(model: str, data: bytes, prompt: str, opts: GenerationOptions) -> dict[str, Any]:
+    """The chat-completions request for one image: every option in SENT (prompt and preset are `prompt`)."""
+    body: dict[str, Any] = {
+        "model": model, "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens,
+        # llama-server reads repeat_penalty; vLLM and SGLang read repetition_penalty (each ignores the other's name)
+        "repeat_penalty": opts.repeat_penalty, "repetition_penalty": opts.repeat_penalty,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image;base64," + base64.b64encode(data).decode()}},
+            {"type": "text", "text": prompt.replace("<image>", "").strip()}]}],
+    }
+    body.update({k: v for k, v in (("seed", opts.seed), ("stop", list(opts.stop) or None)) if v is not None})
+    if not opts.loop_guard:  # caprl-local serve honours it; other servers have no guard to turn off
+        body["loop_guard"] = False
+    if opts.ignore_eos:  # vLLM, SGLang, llama-server and caprl-local serve take it under this name
+        body["ignore_eos"] = True
+    return body
+
+
+def _check_sent(opts: GenerationOptions) -> None:
+    """CaprlError for an option the requests would not carry, unless it is left at its default."""
+    for field in dataclasses.fields(opts):
+        if field.name not in SENT and getattr(opts, field.name) != field.default:
+            raise CaprlError(f"the endpoints cannot honour option {field.name!r}: the requests to the servers do not "
+                             "carry it; leave it at its default")

@@ -5,10 +5,15 @@ Pure values, free of llama.cpp: the engine, the batch runner and the CLI all rea
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from .errors import CaprlError
+
+if TYPE_CHECKING:
+    from .transfer import ProgressCallback
 
 GpuLayers = int | Literal["auto"]
 Parallel = int | Literal["auto"]
@@ -88,10 +93,60 @@ class EngineOptions:
         positive("n_ctx", self.n_ctx, minimum=MIN_N_CTX)
 
 
+# The same options as keyword arguments (``**options: Unpack[GenerationKwargs]``), so that an IDE completes them
+# and a type checker catches a misspelt one. tests/test_contract.py keeps each the mirror of its dataclass.
+
+
+class GenerationKwargs(TypedDict, total=False):
+    """The fields of :class:`GenerationOptions`, as keyword arguments."""
+
+    prompt: str | None
+    preset: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    repeat_penalty: float
+    stop: tuple[str, ...]
+    loop_guard: bool
+    ignore_eos: bool
+
+
+class EngineKwargs(TypedDict, total=False):
+    """The fields of :class:`EngineOptions`, as keyword arguments."""
+
+    gpu_layers: GpuLayers
+    threads: int | None
+    n_ctx: int
+    parallel: Parallel
+    flash_attn: bool | None
+    image_min_tokens: int | None
+    image_max_tokens: int | None
+    repack: bool | None
+    warmup: bool
+    verbose: bool
+    isolate: bool
+
+
+class PretrainedKwargs(EngineKwargs, total=False):
+    """What ``Captioner.from_pretrained`` takes: the engine's options, ``download_model``'s and the default prompt."""
+
+    prompt: str | None
+    mmproj: str | os.PathLike[str] | None
+    quant: str | None
+    imatrix: bool
+    mmproj_quant: str | None
+    cache_dir: str | os.PathLike[str] | None
+    offline: bool
+    progress: ProgressCallback | None
+    token: str | None
+    verify: bool
+
+
 Options = TypeVar("Options", GenerationOptions, EngineOptions)
 
 
-def make(cls: type[Options], options: dict[str, Any]) -> Options:
+def make(cls: type[Options], options: Mapping[str, Any]) -> Options:
     """``cls(**options)`` with an unknown name as a CaprlError listing the known ones."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)

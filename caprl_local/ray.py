@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from typing_extensions import Unpack
 
+from .captioning import ClosingContext, ImageFile
 from .errors import Cancelled, CaprlError
 from .hub import download_model
-from .options import EngineOptions, GenerationOptions
+from .options import EngineOptions, GenerationKwargs, GenerationOptions, PretrainedKwargs, make
 from .registry import DEFAULT_MODEL
 from .results import Activity, Caption, CaptionFailure, Timings
 
@@ -127,15 +129,16 @@ def caption_dataset(ds: Any, *, model: str = DEFAULT_MODEL, image_column: str = 
         max_restarts=0)  # an actor that dies fails its images' run, which the same command resumes
 
 
-class RayCaptioner:
+class RayCaptioner(ClosingContext):
     """Captions image files with caption_dataset on a Ray cluster; see the module docstring."""
 
     parallel = 1
     on_gpu = False
 
     def __init__(self, model: str, *, address: str | None = None, actors: int = 1, cpus_per_actor: float | None = None,
-                 gpus_per_actor: float = 0, batch_size: int = 4, **options: Any) -> None:
-        self.source, self.options = model, options
+                 gpus_per_actor: float = 0, batch_size: int = 4, **options: Unpack[PretrainedKwargs]) -> None:
+        self.source = model
+        self.options: dict[str, Any] = dict(options)  # the download and engine options, for each actor
         self.model = Path(model).name if model.lower().endswith(".gguf") else model  # as results name it
         self.actors, self.cpus, self.gpus, self.batch_size = actors, cpus_per_actor, gpus_per_actor, batch_size
         self.threads = int(cpus_per_actor or options.get("threads") or 1)
@@ -159,17 +162,14 @@ class RayCaptioner:
     def close(self) -> None:
         self.cancel()
 
-    def __enter__(self) -> RayCaptioner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def caption_many(self, images: Iterable[str | Path], *, progress: Callable[[int, int | None], None] | None = None,
-                     **options: Any) -> Iterator[Caption | CaptionFailure]:
+    def caption_many(self, images: Iterable[ImageFile], *, on_text: Callable[[str, str], None] | None = None,
+                     progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
+                     **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
         """Caption image files on the cluster, yielding each result as its batch comes back
-        (match them to inputs by ``image``); Cancelled after cancel()."""
-        names = [str(image) for image in images]
+        (match them to inputs by ``image``); Cancelled after cancel(). ``on_text`` receives each
+        caption whole, as it comes back; ``prefetch`` is unused (the actors read the images)."""
+        make(GenerationOptions, options)  # a bad option fails here, before the cluster starts on it
+        names = [os.fspath(image) for image in images]
         ds = ray.data.from_items([{"image": name} for name in names])
         out = caption_dataset(ds, model=self.source, actors=self.actors, cpus_per_actor=self.cpus,
                               gpus_per_actor=self.gpus, batch_size=self.batch_size, **self.options, **options)
@@ -184,6 +184,8 @@ class RayCaptioner:
             if row["error"] is not None:
                 yield CaptionFailure(image=row["image"], error=row["error"], kind=row["error_kind"])
             else:
+                if on_text is not None:
+                    on_text(row["image"], row["caption"])
                 yield Caption(text=row["caption"], image=row["image"], image_tokens=int(row["image_tokens"]),
                               prompt_tokens=int(row["prompt_tokens"]), generated_tokens=int(row["generated_tokens"]),
                               finish_reason=row["finish_reason"], timings=Timings(0, 0, 0, 0, 0, 0, 0))

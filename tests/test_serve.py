@@ -70,6 +70,17 @@ def test_a_served_caption_is_the_cli_caption(client: Any, images: Path, tiny_mod
     assert bare.choices[0].message.content == cli_caption(tiny_model, images / "alpha.png", "-n", "10")
 
 
+@pytest.mark.parametrize("name", ["repetition_penalty", "repeat_penalty"])
+def test_a_repeat_penalty_is_honoured_under_both_names(client: Any, images: Path, tiny_model: tuple[Path, Path],
+                                                      name: str) -> None:
+    """vLLM's name (the CapRL card sends repetition_penalty: 1.0) and llama-server's."""
+    for penalty in ("1.0", "1.3"):
+        answer = client.chat.completions.create(model="caprl", messages=user(data_uri(images / "cmyk.jpg")),
+                                                max_tokens=24, extra_body={name: float(penalty)})
+        assert answer.choices[0].message.content == cli_caption(tiny_model, images / "cmyk.jpg", "-n", "24",
+                                                                "--repeat-penalty", penalty)
+
+
 def test_streaming_gives_the_same_text_and_the_usage(client: Any, images: Path) -> None:
     whole = client.chat.completions.create(model="caprl", messages=user(data_uri(images / "cmyk.jpg")), max_tokens=10)
     stream = client.chat.completions.create(model="caprl", messages=user(data_uri(images / "cmyk.jpg")), max_tokens=10,

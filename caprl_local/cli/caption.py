@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +23,12 @@ from .base import (
     source_options,
     warn_unused,
 )
+
+if TYPE_CHECKING:
+    from ..captioning import Captioning
+    from ..endpoints import EndpointCaptioner
+    from ..engine import Captioner
+    from ..ray import RayCaptioner
 
 
 @cli.command()
@@ -123,13 +130,14 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     if endpoints or ray_address is not None:  # the captions are made elsewhere
         if from_stdin or (endpoints and ray_address is not None):
             raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
+        remote: EndpointCaptioner | RayCaptioner
         if endpoints:
             remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
         else:
             fetch = {"mmproj": mmproj_path, "quant": quant, "imatrix": imatrix, "mmproj_quant": mmproj_quant,
                      "cache_dir": cache_dir, "offline": offline}
             remote = _ray(model, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, parallel=parallel,
-                          **{k: v for k, v in {**fetch, **engine}.items() if v not in (None, False)})
+                          **{k: v for k, v in {**fetch, **engine}.items() if v is not None and v is not False})
         prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=DEFAULT_PROMPT)
         with console.GracefulInterrupt() as interrupt:
             summary = _batch(items, lambda n: interrupt.watch(remote), prompt=prompt_text, model=remote.model,
@@ -143,7 +151,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
 
     with console.GracefulInterrupt() as interrupt:
-        def load(in_flight: str | int, announce: bool = False) -> Any:
+        def load(in_flight: Parallel, announce: bool = False) -> Captioner:
             console.status(f"Loading {files.model.name} ...")
             captioner = Captioner(files.model, files.mmproj, parallel=in_flight, cache_dir=cache_dir, **engine)
             console.status("")
@@ -163,15 +171,16 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     _ended(summary)
 
 
-def _batch(items: list[Any], load: Any, *, prompt: str, model: str, quant: str | None, fmt: str, output: str | None,
-           sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel, progress: bool | None, show: bool,
+def _batch(items: list[Any], load: Callable[[Parallel], Captioning], *, prompt: str, model: str, quant: str | None,
+           fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
+           progress: bool | None, show: bool,
            **options: Any) -> Any:
     """Run the batch with a progress display; `load(parallel)` gives the captioner."""
     from ..batch import OutputOptions, caption_batch
 
     reporter: list[console.BatchProgress] = []
 
-    def loaded(n: Parallel) -> Any:
+    def loaded(n: Parallel) -> Captioning:
         captioner = load(n)
         reporter[0].watch(captioner)
         return captioner
@@ -195,7 +204,7 @@ def _ended(summary: Any) -> None:
         raise SystemExit(EXIT_FAILURE)
 
 
-def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus: float, **options: Any) -> Any:
+def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus: float, **options: Any) -> RayCaptioner:
     try:
         from ..ray import RayCaptioner
     except ImportError as exc:
@@ -207,7 +216,7 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
     return captioner
 
 
-def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None) -> Any:
+def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None) -> EndpointCaptioner:
     from ..endpoints import Endpoint, EndpointCaptioner
 
     captioner = EndpointCaptioner(Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls)
@@ -238,7 +247,7 @@ def _read_stdin() -> bytes:
     return data
 
 
-def _caption_one(cap: Any, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
+def _caption_one(cap: Captioner, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
     on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
     console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
     try:

@@ -7,25 +7,28 @@ in a background one), then decoded together with whatever else is in flight.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import inspect
 import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Unpack
+
+from ..captioning import ClosingContext
 from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
 from ..images import ImageBudget, ImageInput, TiledBudget, describe, load_ahead
-from ..options import EngineOptions, GenerationOptions, make
+from ..options import EngineKwargs, EngineOptions, GenerationKwargs, GenerationOptions, PretrainedKwargs, make
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Activity, Caption, CaptionFailure
+from .handle import CaptionHandle, cancel_on_close
 from .lifetime import close_later
 from .probe import check_first_load
 from .scheduler import Request, Scheduler, pieces
@@ -34,49 +37,7 @@ from .session import Session
 _DOWNLOAD_OPTIONS = frozenset(inspect.signature(download_model).parameters) - {"name"}
 
 
-class CaptionHandle:
-    """A caption submitted with :meth:`Captioner.submit`, generating or waiting its turn.
-
-    Iterate over it for the text as it is generated; ``result()`` waits for the Caption.
-    """
-
-    def __init__(self, request: Request, scheduler: Scheduler) -> None:
-        self._request, self._scheduler = request, scheduler
-
-    @property
-    def image(self) -> str:
-        """The input, as named in messages."""
-        return self._request.name
-
-    def result(self, timeout: float | None = None) -> Caption:
-        """The finished caption. Raises what stopped it (Cancelled, EngineError), or
-        TimeoutError if it is not done within `timeout` seconds."""
-        self._here()
-        try:
-            return self._request.future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"{self.image}: not captioned within {timeout} s") from None
-
-    def done(self) -> bool:
-        return self._request.future.done()
-
-    def cancel(self) -> None:
-        """Stop this caption only; its slot goes to the next request at the next step."""
-        self._scheduler.cancel(self._request)
-
-    def __iter__(self) -> Iterator[str]:
-        """Pieces of text as they are generated; raises at the end if the caption failed."""
-        self._here()
-        yield from pieces(self._request)
-        self.result()
-
-    def _here(self) -> None:
-        """In a forked child, a caption the parent had not finished never will be: say so, not wait."""
-        if os.getpid() != self._scheduler.pid and not self._request.future.done():
-            self._scheduler.check_process()
-
-
-class Captioner:
+class Captioner(ClosingContext):
     """A loaded CapRL model pair that captions images.
 
     One instance may be shared between threads: captions asked for at the same time are
@@ -92,7 +53,8 @@ class Captioner:
     """
 
     def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], *,
-                 prompt: str | None = None, cache_dir: str | os.PathLike[str] | None = None, **options: Any) -> None:
+                 prompt: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                 **options: Unpack[EngineKwargs]) -> None:
         self._scheduler: Scheduler | None = None
         self.options = make(EngineOptions, options)
         self.default_prompt = resolve_prompt(prompt=prompt)
@@ -111,17 +73,18 @@ class Captioner:
             raise
 
     @classmethod
-    def from_pretrained(cls, name: str = DEFAULT_MODEL, **options: Any) -> Captioner:
+    def from_pretrained(cls, name: str = DEFAULT_MODEL, **options: Unpack[PretrainedKwargs]) -> Captioner:
         """Load a model by registry name (``caprl-3b``), Hub repo (``owner/name``) or .gguf path,
         downloading and verifying it first if it is not cached (unless offline).
 
         Options of :func:`~caprl_local.download_model` (mmproj, quant, imatrix, mmproj_quant,
         cache_dir, offline, progress, token) choose and fetch the files; the rest load them.
         """
-        fetch = {key: options.pop(key) for key in _DOWNLOAD_OPTIONS & options.keys()}
+        rest: dict[str, Any] = dict(options)
+        fetch = {key: rest.pop(key) for key in _DOWNLOAD_OPTIONS & rest.keys()}
         files = download_model(name, **fetch)
-        options.setdefault("prompt", files.prompt)
-        captioner = cls(files.model, files.mmproj, cache_dir=fetch.get("cache_dir"), **options)
+        rest.setdefault("prompt", files.prompt)
+        captioner = cls(files.model, files.mmproj, cache_dir=fetch.get("cache_dir"), **rest)
         captioner.files = files
         return captioner
 
@@ -163,14 +126,15 @@ class Captioner:
 
     # -- captions --
 
-    def caption(self, image: ImageInput, *, on_text: Callable[[str], None] | None = None, **options: Any) -> Caption:
+    def caption(self, image: ImageInput, *, on_text: Callable[[str], None] | None = None,
+                **options: Unpack[GenerationKwargs]) -> Caption:
         """Caption one image (a path, bytes, PIL image or numpy array).
 
         Options (see :class:`~caprl_local.options.GenerationOptions`): prompt, preset,
-        max_tokens, temperature, top_p, seed, repeat_penalty, ignore_eos. ``on_text``, if
+        max_tokens, temperature, top_p, seed, repeat_penalty, stop, loop_guard, ignore_eos. ``on_text``, if
         given, receives each piece of text as it is generated, in this thread.
         """
-        handle = self.submit(image, **options)
+        handle = self._start(image, self._options(options))
         try:
             if on_text is not None:
                 for piece in pieces(handle._request):
@@ -180,16 +144,20 @@ class Captioner:
             handle.cancel()
             raise
 
-    def stream(self, image: ImageInput, **options: Any) -> Iterator[str]:
-        """Caption one image, yielding pieces of text as they are generated (options as for caption)."""
-        return _cancel_on_close(self.submit(image, **options))
+    def stream(self, image: ImageInput, **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
+        """Caption one image, yielding pieces of text as they are generated (options as for caption).
+        Closing the generator early cancels the caption."""
+        return cancel_on_close(self._start(image, self._options(options)))
 
-    def submit(self, image: ImageInput, **options: Any) -> CaptionHandle:
+    def submit(self, image: ImageInput, **options: Unpack[GenerationKwargs]) -> CaptionHandle:
         """Start captioning one image and return at once with its handle (options as for caption).
 
         The image is read here, in the calling thread: an unreadable one raises ImageError.
         """
-        opts, epoch = self._options(options), self._live().epoch
+        return self._start(image, self._options(options))
+
+    def _start(self, image: ImageInput, opts: GenerationOptions) -> CaptionHandle:
+        epoch = self._live().epoch
         t0 = time.perf_counter()
         rgb = self._budget.prepare(image)
         return self._submit(Request(rgb, describe(image), opts, load_s=time.perf_counter() - t0, epoch=epoch))
@@ -201,7 +169,7 @@ class Captioner:
         on_text: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         prefetch: int = 2,
-        **options: Any,
+        **options: Unpack[GenerationKwargs],
     ) -> Iterator[Caption | CaptionFailure]:
         """Caption many images, yielding one result per image in input order (options as for caption).
 
@@ -311,12 +279,6 @@ class Captioner:
         if self._scheduler is not None:
             self._scheduler.close()
 
-    def __enter__(self) -> Captioner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         # The garbage collector runs this in any thread (the scheduler's own included) at any allocation, and at
         # interpreter exit while daemon threads may be inside llama.cpp: here nothing may wait, lock or free. The
@@ -339,7 +301,8 @@ class Captioner:
             raise EngineError(scheduler.closed)
         return scheduler
 
-    def _options(self, options: dict[str, Any]) -> GenerationOptions:
+    def _options(self, options: GenerationKwargs) -> GenerationOptions:
+        """The one GenerationOptions of a call, built at its edge; the default prompt filled in."""
         opts = make(GenerationOptions, options)
         prompt = resolve_prompt(prompt=opts.prompt, preset=opts.preset, default=self.default_prompt)
         return dataclasses.replace(opts, prompt=prompt, preset=None)
@@ -363,15 +326,6 @@ def _budget(meta: Mapping[str, Any], options: EngineOptions) -> ImageBudget | Ti
                                       most_tiles=int(meta.get("clip.vision.preproc_max_tiles", 12)))
     return ImageBudget.for_tokens(align=patch * int(meta.get("clip.vision.spatial_merge_size", 2)),
                                   min_tokens=options.image_min_tokens, max_tokens=options.image_max_tokens)
-
-
-def _cancel_on_close(handle: CaptionHandle) -> Iterator[str]:
-    """The handle's text; a caller that stops reading early no longer wants the caption."""
-    try:
-        yield from handle
-    finally:
-        if not handle.done():
-            handle.cancel()
 
 
 class _Tagged:

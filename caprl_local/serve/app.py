@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
@@ -42,6 +42,9 @@ from .protocol import (
     usage,
 )
 
+if TYPE_CHECKING:  # serve submits captions one by one: the local engine itself, not the batch contract
+    from ..engine import Captioner, CaptionHandle
+
 log = logging.getLogger("caprl_local")
 
 
@@ -59,7 +62,7 @@ class ServeOptions:
 
 
 class _State:
-    def __init__(self, captioner: Any, options: ServeOptions) -> None:
+    def __init__(self, captioner: Captioner, options: ServeOptions) -> None:
         self.capacity = captioner.parallel + (captioner.parallel if options.queue is None else options.queue)
         self.taken = 0  # requests admitted and not yet answered: decoding, waiting, or reading their image
         self.lock = threading.Lock()  # released from worker threads and finalizers too
@@ -88,7 +91,7 @@ class _Ticket:
                 self.state.taken -= 1
 
 
-def create_app(captioner: Any, options: ServeOptions) -> Starlette:
+def create_app(captioner: Captioner, options: ServeOptions) -> Starlette:
     """The ASGI app serving `captioner` (which the caller loads, and closes after)."""
     state = _State(captioner, options)
 
@@ -162,9 +165,9 @@ def _too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
-async def _submit(captioner: Any, asked: ChatRequest, policy: ImagePolicy) -> Any:
+async def _submit(captioner: Captioner, asked: ChatRequest, policy: ImagePolicy) -> CaptionHandle:
     """Fetch and read the image (in a worker thread: both may take a while) and submit the caption."""
-    def start() -> Any:
+    def start() -> CaptionHandle:
         data = image_bytes(asked.image_url, policy)
         return captioner.submit(data, **_options(asked))
 
@@ -286,7 +289,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, captioner: Any) -> None:
+    def __init__(self, config: uvicorn.Config, captioner: Captioner) -> None:
         super().__init__(config)
         self.captioner = captioner
 
@@ -298,7 +301,7 @@ class _Server(uvicorn.Server):
         getattr(self, "_captured_signals", []).clear()
 
 
-def serve(captioner: Any, options: ServeOptions, *, on_ready: Callable[[str], None] | None = None) -> None:
+def serve(captioner: Captioner, options: ServeOptions, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM; captions in flight are cancelled on the way out."""
     config = uvicorn.Config(create_app(captioner, options), host=options.host, port=options.port,
                             log_level="warning", lifespan="off", timeout_graceful_shutdown=5)

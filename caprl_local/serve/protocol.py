@@ -87,7 +87,9 @@ def parse_chat(body: Any) -> ChatRequest:
     # ignore_eos (as vLLM and llama-server take it): a fixed caption length, for benchmarks; loop_guard: ours
     for name, value in (("max_tokens", max_tokens), ("temperature", body.get("temperature")),
                         ("top_p", body.get("top_p")), ("seed", body.get("seed")), ("ignore_eos", body.get("ignore_eos")),
-                        ("loop_guard", body.get("loop_guard"))):
+                        ("loop_guard", body.get("loop_guard")),
+                        # llama-server's name, and vLLM's (the CapRL card's)
+                        ("repeat_penalty", body.get("repeat_penalty", body.get("repetition_penalty")))):
         if value is not None:
             options[name] = value
     try:
