@@ -103,3 +103,15 @@ def same_but_near_ties(got: dict[str, str], expected: dict[str, str]) -> bool:
         return a.startswith(b) or b.startswith(a)
 
     return got.keys() == expected.keys() and all(alike(got[k], expected[k]) for k in got)
+
+
+def send_json(handler: object, status: int, body: object) -> None:
+    """Answer a BaseHTTPRequestHandler's request with `body` as JSON (the local stand-in servers)."""
+    import json
+
+    data = json.dumps(body).encode()
+    handler.send_response(status)  # type: ignore[attr-defined]
+    handler.send_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+    handler.send_header("Content-Length", str(len(data)))  # type: ignore[attr-defined]
+    handler.end_headers()  # type: ignore[attr-defined]
+    handler.wfile.write(data)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import send_json
 
 from caprl_local import cli, endpoints, hub, options, transfer
 from caprl_local.captioning import Captioning
@@ -129,12 +130,7 @@ class _Recorder(BaseHTTPRequestHandler):
         self._send({"object": "list", "data": [{"id": "recorded-model", "object": "model"}]})
 
     def _send(self, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, body)
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_S, run_cli, start_server
+from helpers import HANG_S, run_cli, send_json, start_server
 
 from caprl_local.inputs import BatchItem, shard_of
 
@@ -91,12 +91,7 @@ class _Flaky(BaseHTTPRequestHandler):
                              "usage": {"prompt_tokens": 10, "completion_tokens": 4}})
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def log_message(self, *args: Any) -> None:
         pass
