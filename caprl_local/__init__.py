@@ -10,6 +10,7 @@ from .errors import (
     CaprlError,
     DownloadError,
     EngineError,
+    HubUnreachableError,
     ImageError,
     ModelFileError,
     OfflineError,
@@ -20,12 +21,13 @@ if TYPE_CHECKING:
     from .engine import Captioner, CaptionHandle
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
-    from .results import Caption, CaptionFailure, Timings
+    from .results import Activity, Caption, CaptionFailure, Timings
 
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.
 _LAZY = {
     "Captioner": "engine", "CaptionHandle": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
+    "Activity": "results",
     "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
     "ModelSpec": "registry",
 }
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Activity",
     "Caption",
     "CaptionFailure",
     "CaptionHandle",
@@ -54,6 +57,7 @@ __all__ = [
     "CaprlError",
     "DownloadError",
     "EngineError",
+    "HubUnreachableError",
     "ImageError",
     "ModelFileError",
     "OfflineError",

@@ -58,3 +58,8 @@ class EngineError(CaprlError):
 
 class Cancelled(CaprlError):
     """Captioning was stopped by ``Captioner.cancel()`` (the CLI calls it on Ctrl-C)."""
+
+    @classmethod
+    def of(cls, name: str) -> Cancelled:
+        """The caption of `name` (an input, as messages name it) was cancelled."""
+        return cls(f"{name}: cancelled")

@@ -64,14 +64,18 @@ def _options(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], C
     return apply
 
 
+#: Where models are cached (every command that reads or writes the cache).
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
+    help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME].")
+
 #: Options that choose and fetch model files (caption, serve, pull).
 model_options = _options(
     click.option("--quant", help="Quantization, e.g. Q4_K_M (default: the model's default)."),
     click.option("--imatrix", is_flag=True, help="Use the imatrix (i1) quants."),
     click.option("--mmproj-quant", help="Vision projector precision: f16 or Q8_0 (lighter) "
                                         "[default: the model's, see `caprl-local models`]."),
-    click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
-                 help="Where models are cached [default: the platform's cache dir; env CAPRL_LOCAL_HOME]."),
+    cache_dir_option,
 )
 
 #: The model to load, from a name, a repo or files (caption, serve).

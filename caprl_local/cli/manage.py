@@ -13,7 +13,7 @@ from .. import console
 from ..errors import CaprlError
 from ..printable import printable
 from ..registry import DEFAULT_MODEL
-from .base import cli, model_options
+from .base import cache_dir_option, cli, model_options
 
 
 @cli.command()
@@ -37,8 +37,7 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
 @cli.command(name="models")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--offline", is_flag=True, help="Do not ask the Hub; show cached files only.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
-              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+@cache_dir_option
 def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
     """List the known models, their published quants and what is cached."""
     from ..hub import cache_root, list_models
@@ -71,8 +70,7 @@ def bench(ctx: click.Context) -> None:
 @cli.command(name="rm")
 @click.argument("model")
 @click.option("--quant", help="Remove only this quant (default: every file of the model).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), envvar="CAPRL_LOCAL_HOME",
-              help="Where models are cached [env CAPRL_LOCAL_HOME].")
+@cache_dir_option
 def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
     """Delete MODEL's cached files (or one quant) to free disk space."""
     from ..hub import remove_model

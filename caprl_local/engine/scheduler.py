@@ -186,7 +186,7 @@ class Scheduler:
             if self.closed:
                 raise EngineError(self.closed)
             if request.epoch != self.epoch:  # cancel() came between the caller's start and now
-                request.finish(Cancelled(f"{request.name}: cancelled"))
+                request.finish(Cancelled.of(request.name))
                 return
             self._waiting.append(request)
             if self._thread is None:
@@ -202,7 +202,7 @@ class Scheduler:
             request.cancelled = True
             if request in self._waiting:
                 self._waiting.remove(request)
-                request.finish(Cancelled(f"{request.name}: cancelled"))
+                request.finish(Cancelled.of(request.name))
             self._cond.notify()
 
     def cancel_all(self) -> None:
@@ -215,7 +215,7 @@ class Scheduler:
                 request.cancelled = True
             while self._waiting:
                 request = self._waiting.popleft()
-                request.finish(Cancelled(f"{request.name}: cancelled"))
+                request.finish(Cancelled.of(request.name))
             self._cond.notify()
 
     def close(self, timeout: float | None = None) -> bool:
@@ -276,7 +276,7 @@ class Scheduler:
             for slot in self._active:
                 self.session.free_sampler(slot.sampler)
             for request in [*self._admitting, *self._waiting, *(slot.request for slot in self._active)]:
-                request.finish(Cancelled(f"{request.name}: cancelled"))
+                request.finish(Cancelled.of(request.name))
             self._active, self._admitting = [], []
             self._waiting.clear()
             self._release()
@@ -294,7 +294,7 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         """Evaluate the request's prompt into a free sequence and sample its first token."""
         if request.cancelled:
-            request.finish(Cancelled(f"{request.name}: cancelled"))
+            request.finish(Cancelled.of(request.name))
             return
         seq = self._free.pop()
         t_start = time.perf_counter()
@@ -323,7 +323,7 @@ class Scheduler:
         going: list[_Slot] = []
         for slot in list(self._active):
             if slot.request.cancelled:
-                self._end(slot, Cancelled(f"{slot.request.name}: cancelled"))
+                self._end(slot, Cancelled.of(slot.request.name))
             elif self._take(slot):
                 self._end(slot, slot.caption())
             else:

@@ -200,7 +200,7 @@ class Session:
         new_past = llama_cpp.llama_pos(0)
         for i in range(n_chunks):
             if cancelled():
-                raise Cancelled(f"{name}: cancelled")
+                raise Cancelled.of(name)
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             new_past.value = n_past
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
@@ -210,7 +210,7 @@ class Session:
                     raise EngineError(f"{name}: the vision encoder failed: {LOG.first_error()}")
                 encode_s += time.perf_counter() - t0
                 if cancelled():  # the encoder and the image's tokens are the two slow parts
-                    raise Cancelled(f"{name}: cancelled")
+                    raise Cancelled.of(name)
                 embd = mtmd.mtmd_get_output_embd(self._mctx)
                 ret = mtmd.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, chunk, embd, n_past, seq,
                                                           self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None)
