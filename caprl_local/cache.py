@@ -22,17 +22,14 @@ from .errors import CaprlError, DownloadError
 from .hubhttp import translate_error
 from .printable import shown
 from .registry import valid_repo_id
+from .safefiles import write_atomic
 
 log = logging.getLogger("caprl_local")
 
 
 # GGUF quant names as they appear in file names (case-insensitive), e.g. Q4_K_M, IQ4_XS, f16.
 _QUANT = r"(?:I?Q[1-8](?:_[0-9A-Z]+)*|[BF]F?16|F32|TQ[12]_0|MXFP4)"
-
-
 _QUANT_IN_NAME = re.compile(rf"(?:^|[.\-_])(i1-)?({_QUANT})\.gguf$", re.IGNORECASE)
-
-
 PROJECTOR_NAME = re.compile(r"mmproj|vision|projector", re.IGNORECASE)
 
 
@@ -240,15 +237,10 @@ def keep_record(final: Path, root: Path | None, size: int, sha256: str | None) -
     if root is None:
         return
     path = record_path(final, root)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"size": size, "sha256": sha256}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache still works, only without the quick check
+        write_atomic(path, json.dumps({"size": size, "sha256": sha256}))
+    except (OSError, CaprlError) as exc:  # a read-only cache still works, only without the quick check
         log.debug("cannot note %s: %s", path, exc)
 
 

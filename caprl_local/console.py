@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from .printable import printable, printable_text
+from .safefiles import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from .captioning import Captioning
@@ -305,8 +306,6 @@ class GracefulInterrupt:
     callback, where ctypes swallows it, and the Ctrl-C would be lost.)
     """
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
     def __init__(self) -> None:
         self.requested = False
         self.captioner: Captioning | None = None
@@ -314,7 +313,7 @@ class GracefulInterrupt:
 
     def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -47,7 +47,7 @@ from .errors import (
 )
 from .ggufmeta import read_gguf
 from .hubhttp import endpoint_url, read_listing
-from .printable import human_size, shown
+from .printable import human_size, shown, some
 from .registry import DEFAULT_MODEL, ModelSpec, get_model, is_repo_id
 from .transfer import DownloadProgress, ProgressCallback, fetch
 
@@ -144,9 +144,7 @@ def _pick(files: Iterable[RemoteFile], quant: str, *, imatrix: bool, what: str, 
     matches = sorted((f for f in candidates if same_quant(f.quant, quant)), key=lambda f: f.imatrix != imatrix)
     if matches:
         return matches[0]
-    ranked = sorted(candidates, key=lambda f: f.size)
-    available = ", ".join(f"{shown(f.quant, 40)} ({human_size(f.size)})" for f in ranked[:20])
-    available += f" and {len(ranked) - 20:,} more" if len(ranked) > 20 else ""  # a listing may be huge: one line
+    available = some(sorted(candidates, key=lambda f: f.size), lambda f: f"{shown(f.quant, 40)} ({human_size(f.size)})")
     raise UnknownModelError(
         f"{what}: no {'imatrix ' if imatrix else ''}quant {quant} in {where}; "
         + (f"available: {available}" if available else "it has no GGUF quants")
@@ -208,9 +206,7 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
     mmproj = next((c for c in projectors if same_quant(c.quant or "", mmproj_quant)),
                   projectors[0] if projectors else None)
     if model is None or mmproj is None:
-        quants = sorted({c.quant for c in models if c.quant})
-        have = ", ".join(shown(q, 40) for q in quants[:20]) + (f" and {len(quants) - 20} more" if len(quants) > 20 else "")
-        have = have or "nothing"
+        have = some(sorted({c.quant for c in models if c.quant}), lambda q: shown(q, 40)) or "nothing"
         raise OfflineError(
             f"{spec.name} {quant}{' (imatrix)' if imatrix else ''} is not in the cache ({have} cached) and the "
             "network may not be used; download it while online",

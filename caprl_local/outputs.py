@@ -312,22 +312,25 @@ def _same_stat(st: os.stat_result, other: str) -> bool:
         return False
 
 
+def same_file(path: str, other: str) -> bool:
+    """Whether two names reach one file: through symlinks and hardlinks, or, for a file yet to be
+    made, by the path they resolve to."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return os.path.realpath(other) == os.path.realpath(path)
+
+
 def _refuse_inputs(given: str, real: str, items: Iterable[BatchItem], inputs: Iterable[str]) -> None:
     """Results are never written into what the run reads: a list file, or an image."""
-    def same(other: str) -> bool:
-        try:
-            return os.path.samefile(real, other)  # hardlinks too
-        except OSError:
-            return os.path.realpath(other) == real
-
     items = list(items)
     for listed in {*inputs, *(i.source for i in items if i.source)}:
-        if same(listed):
+        if same_file(real, listed):
             raise CaprlError(f"{given}: is the list of images being captioned; write the results to another file "
                              "(each result keeps the list's fields)")
     names = {os.path.basename(given), os.path.basename(real)}
     for item in items:
-        if os.path.basename(item.path) in names and same(item.path):
+        if os.path.basename(item.path) in names and same_file(real, item.path):
             raise CaprlError(f"{given}: is an image being captioned; write the results to another file")
 
 

@@ -8,6 +8,11 @@ Everything that reaches a terminal or a one-line message goes through here first
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
 #: The longest message line shown; the rest is cut with a note of how much was left out.
 MAX_LINE = 2000
 
@@ -51,6 +56,13 @@ def shown(text: object, limit: int = 200) -> str:
     full = str(text)
     out = _escape(full[:limit].replace("\\", "\\\\"))
     return out + (f"... ({len(full):,} characters)" if len(full) > limit else "")
+
+
+def some(items: Sequence[T], show: Callable[[T], str], *, most: int = 20) -> str:
+    """The first `most` items, shown and joined by commas, and how many more there are: a list from
+    outside (a listing of 400,000 files, say) still makes one short line."""
+    text = ", ".join(show(item) for item in items[:most])
+    return text + (f" and {len(items) - most:,} more" if len(items) > most else "")
 
 
 def human_size(n: int) -> str:

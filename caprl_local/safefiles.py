@@ -187,8 +187,9 @@ def write_error(path: str | Path, exc: OSError) -> CaprlError:
 _deferring: list[bool] = []  # the main thread is in a deferred_interrupt block
 
 
-#: The signals that stop a run, held back while a record is written.
-_DEFERRED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: The signals that stop a run (Ctrl-C, a service manager's stop, a closed terminal): held back while
+#: a record is written, and handled by the CLI as a request to end the batch.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextmanager
@@ -200,7 +201,7 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in _DEFERRED}
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in STOP_SIGNALS}
     _deferring.append(True)
     try:
         yield

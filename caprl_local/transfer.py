@@ -88,8 +88,9 @@ def fetch(remote: Fetchable, final: Path, *, token: str | None = None, progress:
         if final.exists() and not final.is_file():  # a folder (or a device) where the file goes
             raise DownloadError(f"{doing}: {final} is {'a folder' if final.is_dir() else 'not a regular file'}, "
                                 "where the downloaded file goes; remove it, then download again")
-        corrupt = _is_complete(final, remote) and verify and _corrupt(final, remote)
-        if _is_complete(final, remote) and not corrupt:
+        complete = _is_complete(final, remote)
+        corrupt = complete and verify and _corrupt(final, remote)
+        if complete and not corrupt:
             keep_record(final, root, remote.size, remote.sha256)
             return final
         if corrupt:

@@ -226,11 +226,11 @@ def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None
 
 
 def _check_output_is_not_an_input(output: str | None, list_file: str | None) -> None:
-    """Results written into the list being read would replace the dataset with its captions."""
-    import os
+    """Results written into the list being read would replace the dataset with its captions: refused
+    before any download (the outputs refuse it too, for the library's callers)."""
+    from ..outputs import same_file
 
-    if output and list_file and list_file != "-" and os.path.exists(output) and os.path.exists(list_file) \
-            and os.path.samefile(output, list_file):
+    if output and list_file and list_file != "-" and same_file(output, list_file):
         raise click.UsageError(f"--output {output} is the --from-list file itself; write the results to another file "
                                "(each result keeps the list's fields)")
 

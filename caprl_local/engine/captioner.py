@@ -285,7 +285,7 @@ class Captioner(ClosingContext):
         # closer thread closes it; at exit the atexit hook did already; a forked child has nothing of its own to free.
         try:
             scheduler = getattr(self, "_scheduler", None)
-            if scheduler is not None and not scheduler.closed and not sys.is_finalizing() and os.getpid() == scheduler.pid:
+            if scheduler is not None and not scheduler.closed and not sys.is_finalizing() and not scheduler.forked:
                 close_later(scheduler)
         except Exception:  # noqa: BLE001 - at interpreter exit the modules may already be gone
             pass

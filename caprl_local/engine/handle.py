@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from collections.abc import Generator, Iterator
 
 from ..results import Caption
@@ -48,7 +47,7 @@ class CaptionHandle:
 
     def _here(self) -> None:
         """In a forked child, a caption the parent had not finished never will be: say so, not wait."""
-        if os.getpid() != self._scheduler.pid and not self._request.future.done():
+        if self._scheduler.forked and not self._request.future.done():
             self._scheduler.check_process()
 
 

@@ -65,7 +65,7 @@ def close_later(scheduler: Scheduler) -> None:
 def _stop_all_at_exit() -> None:
     """Stop every loop, bounded, while all threads still run (atexit runs before finalization, which
     freezes daemon threads wherever they are: from then on neither a join nor a free is safe)."""
-    schedulers = [s for s in list(_schedulers) if s.pid == os.getpid() and not s.released]
+    schedulers = [s for s in list(_schedulers) if not s.forked and not s.released]
     for scheduler in schedulers:
         scheduler.close(timeout=0)  # all stop at once
     deadline = time.monotonic() + EXIT_WAIT_S

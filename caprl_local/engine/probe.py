@@ -31,10 +31,11 @@ from typing import Any
 
 import llama_cpp
 
-from ..errors import EngineError, ModelFileError
+from ..errors import CaprlError, EngineError, ModelFileError
 from ..hub import cache_root
 from ..options import EngineOptions
 from ..printable import printable
+from ..safefiles import write_atomic
 from .backend import default_threads
 from .probe_child import EXIT_FAILED, FAILED, OK
 
@@ -289,15 +290,16 @@ def _record(store: Path, key: str, verdict: str) -> None:
             verdicts[key] = verdict
             for old in list(verdicts)[:max(0, len(verdicts) - MAX_ENTRIES)]:
                 del verdicts[old]
-            _write(store, verdicts)
-    except (OSError, Timeout) as exc:  # Timeout: another process holds the lock; a cache, not worth waiting on
+            write_atomic(store, json.dumps(verdicts, indent=1))
+    except (OSError, CaprlError, Timeout) as exc:  # Timeout: another process holds the lock; a cache, not worth waiting on
+        reason = exc.__cause__ if isinstance(exc, CaprlError) and exc.__cause__ else exc  # the OS's own words
         with _lock:
             _memory[(str(store), key)] = verdict
             first = str(store.parent) not in _warned
             _warned.add(str(store.parent))
         if first:
             log.warning("could not record first-load checks in %s (%s); this process remembers them, "
-                        "and each new one checks its pairs again", store.parent, clean(str(exc)))
+                        "and each new one checks its pairs again", store.parent, clean(str(reason)))
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -324,16 +326,3 @@ def _read(path: Path) -> dict[str, str]:
     return {k: v for k, v in list(data.items())[-MAX_ENTRIES:]
             if isinstance(k, str) and isinstance(v, str) and len(k) <= 8192 and len(v) <= 4096
             and (v == "ok" or v.startswith("aborted: "))}
-
-
-def _write(path: Path, verdicts: dict[str, str]) -> None:
-    """Replace `path` atomically (a temporary name in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump(verdicts, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -172,9 +172,14 @@ class Scheduler:
         """The session's handles are freed."""
         return self._released
 
+    @property
+    def forked(self) -> bool:
+        """This is a process forked after the scheduler was made: its loop thread is not here."""
+        return os.getpid() != self.pid
+
     def check_process(self) -> None:
         """Raise EngineError in a process forked after this scheduler was made: its loop is not there."""
-        if os.getpid() != self.pid:
+        if self.forked:
             raise EngineError(f"this Captioner was created in another process (pid {self.pid}); "
                               "create a new one in this process")
 
@@ -196,7 +201,7 @@ class Scheduler:
 
     def cancel(self, request: Request) -> None:
         """Cancel one request: at once if it still waits, else at the next step."""
-        if os.getpid() != self.pid:
+        if self.forked:
             return
         with self._cond:
             request.cancelled = True
@@ -207,7 +212,7 @@ class Scheduler:
 
     def cancel_all(self) -> None:
         """Cancel every request submitted so far (and those whose callers started before now)."""
-        if os.getpid() != self.pid:
+        if self.forked:
             return
         with self._cond:
             self.epoch += 1
@@ -222,7 +227,7 @@ class Scheduler:
         """Cancel everything; the loop stops and frees the session (here if it never ran). Waits up to
         `timeout` s (None: until freed) from any number of threads, but never in the loop's own thread
         nor at interpreter exit (a daemon thread may be frozen there). True once freed."""
-        if os.getpid() != self.pid:
+        if self.forked:
             return False
         with self._cond:
             self.closed = self.closed or _CLOSED
