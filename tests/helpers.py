@@ -6,8 +6,11 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +118,19 @@ def send_json(handler: object, status: int, body: object) -> None:
     handler.send_header("Content-Length", str(len(data)))  # type: ignore[attr-defined]
     handler.end_headers()  # type: ignore[attr-defined]
     handler.wfile.write(data)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def each_step(scheduler: Any, watch: Callable[[Any, int, Any], None]) -> Iterator[None]:
+    """Call ``watch(request, tokens generated so far, logits)`` at each sampled token of `scheduler`'s loop."""
+    sample = scheduler._sample
+
+    def watched(slot: Any, row: int) -> int:
+        watch(slot.request, slot.n_gen, scheduler.session.logits(row))
+        return sample(slot, row)
+
+    scheduler._sample = watched
+    try:
+        yield
+    finally:
+        scheduler._sample = sample

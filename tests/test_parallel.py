@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import each_step, run_cli
 
 from caprl_local import CaprlError, Caption, Captioner, CaptionFailure
 from caprl_local.engine import backend
@@ -55,8 +55,7 @@ def test_no_cross_talk_between_sequences(one_at_a_time: Captioner, tiny_model: t
 
     def logits(cap: Captioner, together: bool) -> dict[tuple[str, int], np.ndarray]:
         out: dict[tuple[str, int], np.ndarray] = {}
-        cap._live().probe = lambda request, step, row: out.__setitem__((Path(request.name).name, step), row)
-        try:
+        with each_step(cap._live(), lambda request, step, row: out.__setitem__((Path(request.name).name, step), row)):
             if together:  # submitted at once: they start together and decode side by side
                 handles = [cap.submit(p, max_tokens=6, repeat_penalty=1.0) for p in paths]
                 for h in handles:
@@ -64,8 +63,6 @@ def test_no_cross_talk_between_sequences(one_at_a_time: Captioner, tiny_model: t
             else:
                 for p in paths:
                     cap.caption(p, max_tokens=6, repeat_penalty=1.0)
-        finally:
-            cap._live().probe = None
         return out
 
     with Captioner(*tiny_model, threads=1, parallel=4) as four:

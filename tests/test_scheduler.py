@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import HANG_S, same_but_near_ties
+from helpers import HANG_S, each_step, same_but_near_ties
 
 from caprl_local import Cancelled, Captioner, EngineError
 
@@ -24,13 +24,10 @@ def four(tiny_model: tuple[Path, Path]):
 def test_threads_calling_caption_get_what_each_gets_alone(four: Captioner, images: Path) -> None:
     alone = {n: four.caption(images / n, max_tokens=24).text for n in NAMES}
     widths: list[int] = []
-    four._live().probe = lambda request, step, row: widths.append(len(four._live()._active))
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            together = dict(zip(NAMES, pool.map(lambda n: four.caption(images / n, max_tokens=24).text, NAMES),
-                                strict=True))
-    finally:
-        four._live().probe = None
+    with each_step(four._live(), lambda request, step, row: widths.append(len(four._live()._active))), \
+            ThreadPoolExecutor(4) as pool:
+        together = dict(zip(NAMES, pool.map(lambda n: four.caption(images / n, max_tokens=24).text, NAMES),
+                            strict=True))
     assert same_but_near_ties(together, alone)
     assert max(widths) > 1  # batched into shared decode steps, not serialised
 

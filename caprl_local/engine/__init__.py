@@ -6,5 +6,6 @@ scheduler (the one token loop) -> captioner (the public class).
 
 from .backend import RuntimeInfo, runtime_info
 from .captioner import Captioner, CaptionHandle
+from .scheduler import TextSink
 
-__all__ = ["CaptionHandle", "Captioner", "RuntimeInfo", "runtime_info"]
+__all__ = ["CaptionHandle", "Captioner", "RuntimeInfo", "TextSink", "runtime_info"]

@@ -97,15 +97,15 @@ class _LlamaLog:
         return re.sub(r"^(\w+: )+", "", errors[0])
 
 
-LOG = _LlamaLog()
+LLAMA_LOG = _LlamaLog()
 _backend_lock = threading.Lock()
 
 
 @functools.cache
 def _init() -> None:
-    llama_cpp.llama_log_set(LOG.callback, ctypes.c_void_p(0))
-    mtmd.mtmd_log_set(LOG.callback, ctypes.c_void_p(0))
-    mtmd.mtmd_helper_log_set(LOG.callback, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(LLAMA_LOG.callback, ctypes.c_void_p(0))
+    mtmd.mtmd_log_set(LLAMA_LOG.callback, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(LLAMA_LOG.callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
 
 
@@ -113,7 +113,7 @@ def init_backend(*, verbose: bool) -> None:
     """Initialise llama.cpp once per process, with its log routed here; attach this thread."""
     with _backend_lock:
         _init()
-    LOG.attach(verbose=verbose)
+    LLAMA_LOG.attach(verbose=verbose)
 
 
 def runtime_info() -> RuntimeInfo:

@@ -31,7 +31,7 @@ from ..results import Activity, Caption, CaptionFailure
 from .handle import CaptionHandle, cancel_on_close
 from .lifetime import close_later
 from .probe import check_first_load
-from .scheduler import Request, Scheduler, pieces
+from .scheduler import Request, Scheduler, TextSink, text_of
 from .session import Session
 
 _DOWNLOAD_OPTIONS = frozenset(inspect.signature(download_model).parameters) - {"name"}
@@ -137,7 +137,7 @@ class Captioner(ClosingContext):
         handle = self._start(image, self._options(options))
         try:
             if on_text is not None:
-                for piece in pieces(handle._request):
+                for piece in text_of(handle._request):
                     on_text(piece)
             return handle.result()
         except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
@@ -149,18 +149,25 @@ class Captioner(ClosingContext):
         Closing the generator early cancels the caption."""
         return cancel_on_close(self._start(image, self._options(options)))
 
-    def submit(self, image: ImageInput, **options: Unpack[GenerationKwargs]) -> CaptionHandle:
+    def submit(self, image: ImageInput, *, sink: TextSink | None = None,
+               **options: Unpack[GenerationKwargs]) -> CaptionHandle:
         """Start captioning one image and return at once with its handle (options as for caption).
 
-        The image is read here, in the calling thread: an unreadable one raises ImageError.
+        The image is read here, in the calling thread: an unreadable one raises ImageError. With
+        ``sink``, the text goes to ``sink.put(piece)`` as it is generated, then ``sink.put(None)`` once the
+        result is ready (on the decode loop's thread, so put must not block: an event loop's
+        ``call_soon_threadsafe``, say); the handle is then not iterable.
         """
-        return self._start(image, self._options(options))
+        return self._start(image, self._options(options), sink=sink)
 
-    def _start(self, image: ImageInput, opts: GenerationOptions) -> CaptionHandle:
+    def _start(self, image: ImageInput, opts: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch
         t0 = time.perf_counter()
         rgb = self._budget.prepare(image)
-        return self._submit(Request(rgb, describe(image), opts, load_s=time.perf_counter() - t0, epoch=epoch))
+        request = Request(rgb, describe(image), opts, load_s=time.perf_counter() - t0, epoch=epoch)
+        if sink is not None:
+            request.sink = sink
+        return self._submit(request)
 
     def caption_many(
         self,
@@ -239,7 +246,7 @@ class Captioner(ClosingContext):
                     settle(index, _failure(describe(source), item))
                 else:
                     sink = _Tagged(events, index, text=on_text is not None)
-                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch, pieces=sink)
+                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch, sink=sink)
                     running[index] = request
                     self._submit(request)
                 collect(block=len(running) >= window)

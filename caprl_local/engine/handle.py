@@ -6,7 +6,7 @@ import concurrent.futures
 from collections.abc import Generator, Iterator
 
 from ..results import Caption
-from .scheduler import Request, Scheduler, pieces
+from .scheduler import Request, Scheduler, text_of
 
 
 class CaptionHandle:
@@ -42,7 +42,7 @@ class CaptionHandle:
     def __iter__(self) -> Iterator[str]:
         """Pieces of text as they are generated; raises at the end if the caption failed."""
         self._here()
-        yield from pieces(self._request)
+        yield from text_of(self._request)
         self.result()
 
     def _here(self) -> None:

@@ -22,19 +22,18 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from PIL import Image
 
 from ..errors import Cancelled, CaprlError, EngineError
 from ..options import GenerationOptions
 from ..results import Caption, Timings
 from . import lifetime
-from .backend import LOG
+from .backend import LLAMA_LOG
 from .session import Session
 
 log = logging.getLogger("caprl_local")
@@ -59,20 +58,23 @@ class Request:
     load_s: float = 0.0  # seconds spent reading and resizing the image, before submission
     epoch: int = 0  # the scheduler's cancel epoch when the caller started: a later cancel() covers it
     future: Future[Caption] = field(default_factory=Future)
-    pieces: _Sink = field(default_factory=lambda: queue.SimpleQueue[str | None]())  # the text as generated, then _END
+    sink: TextSink = field(default_factory=lambda: queue.SimpleQueue[str | None]())  # the text as generated, then _END
     cancelled: bool = False
 
     def finish(self, outcome: Caption | BaseException) -> None:
         if self.future.done():
             return
-        self.pieces.put(_END)
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, BaseException):  # first the outcome: whoever sees the end may ask for it at once
             self.future.set_exception(outcome)
         else:
             self.future.set_result(outcome)
+        self.sink.put(_END)
 
 
-class _Sink(Protocol):
+class TextSink(Protocol):
+    """Where a request's text goes as it is generated: each piece, then None at its end (called on the
+    scheduler's thread: it must not block)."""
+
     def put(self, item: str | None, /) -> None: ...
 
 
@@ -91,7 +93,7 @@ class _Slot:
         self.loop_keep: int | None = None  # tokens to keep when the caption ended in a loop
         self.pending = 0  # the token sampled but not yet taken into the caption
         self.n_gen = 0
-        self.finish = "length"
+        self.finish_reason = "length"
         self.image_tokens = self.prompt_tokens = 0
         self.encode_s = 0.0
         self.t_prompt = t_start
@@ -111,7 +113,7 @@ class _Slot:
         self.held = text[len(body):]
         if body:
             self.text.append(body)
-            self.request.pieces.put(body)
+            self.request.sink.put(body)
 
     def looped(self, token: int) -> bool:
         """Take `token` into the guard's view; True when the caption has fallen into a loop."""
@@ -136,7 +138,7 @@ class _Slot:
         text = "".join(self.chunks[:self.loop_keep]).strip() if self.loop_keep is not None else "".join(self.text)
         return Caption(
             text=text, image=self.request.name, image_tokens=self.image_tokens, prompt_tokens=self.prompt_tokens,
-            generated_tokens=self.n_gen, finish_reason=self.finish,  # type: ignore[arg-type]
+            generated_tokens=self.n_gen, finish_reason=self.finish_reason,  # type: ignore[arg-type]
             timings=Timings(
                 image_load_s=self.request.load_s, image_encode_s=self.encode_s, prompt_eval_s=prompt_s,
                 generation_s=gen_s, total_s=t_end - self.t_start + self.request.load_s,
@@ -163,8 +165,6 @@ class Scheduler:
         self.pid = os.getpid()  # the process it belongs to: after a fork, a child has no loop thread
         self.epoch = 0
         self.generated = 0  # tokens generated since the start, for progress displays
-        #: Called with (request, tokens generated so far, logits) after every decode step (tests).
-        self.probe: Callable[[Request, int, np.ndarray], None] | None = None
         lifetime.register(self)
 
     @property
@@ -249,7 +249,7 @@ class Scheduler:
     # -- the loop, in its own thread --------------------------------------------------------
 
     def _run(self) -> None:
-        LOG.attach(verbose=self._verbose)
+        LLAMA_LOG.attach(verbose=self._verbose)
         try:
             while True:
                 with self._cond:
@@ -303,7 +303,7 @@ class Scheduler:
             return
         seq = self._free.pop()
         t_start = time.perf_counter()
-        LOG.clear()
+        LLAMA_LOG.clear()
         sampler = None
         try:
             prompted = self.session.prompt(seq, request.image, request.options.prompt or "", request.name,
@@ -335,7 +335,7 @@ class Scheduler:
                 going.append(slot)
         if not going:
             return
-        LOG.clear()
+        LLAMA_LOG.clear()
         try:
             self.session.decode([(slot.pending, slot.n_past, slot.seq) for slot in going])
         except EngineError as exc:
@@ -344,27 +344,29 @@ class Scheduler:
             return
         for row, slot in enumerate(going):
             slot.n_past += 1
-            if self.probe is not None:
-                self.probe(slot.request, slot.n_gen, self.session.logits(row))
-            slot.pending = self.session.sample(slot.sampler, row)
+            slot.pending = self._sample(slot, row)
+
+    def _sample(self, slot: _Slot, row: int) -> int:
+        """The next token of `slot` from its row of logits (a method, so that a test can watch each step)."""
+        return self.session.sample(slot.sampler, row)
 
     def _take(self, slot: _Slot) -> bool:
         """Take the pending token into the caption; True when the caption is complete."""
         opts = slot.request.options
         if not opts.ignore_eos and self.session.is_end(slot.pending):
-            slot.finish = "stop"
+            slot.finish_reason = "stop"
             return True
         slot.n_gen += 1
         self.generated += 1
         chunk = slot.decoder.decode(self.session.token_bytes(slot.pending))
         slot.emit(chunk)
         if slot.stopped:
-            slot.finish = "stop"
+            slot.finish_reason = "stop"
             return True
         if opts.loop_guard and not opts.ignore_eos:
             slot.chunks.append(chunk)
             if slot.looped(slot.pending):
-                slot.finish = "repetition"
+                slot.finish_reason = "repetition"
                 return True
         return slot.n_gen >= opts.max_tokens or slot.n_past >= self.session.n_ctx
 
@@ -390,8 +392,8 @@ def _engine_error(name: str, exc: Exception) -> CaprlError:
     return error
 
 
-def pieces(request: Request) -> Iterator[str]:
+def text_of(request: Request) -> Iterator[str]:
     """The request's text as it is generated, until its end (a request made with the default sink)."""
-    assert isinstance(request.pieces, queue.SimpleQueue)
-    while (piece := request.pieces.get()) is not _END:
+    assert isinstance(request.sink, queue.SimpleQueue)
+    while (piece := request.sink.get()) is not _END:
         yield piece

@@ -30,7 +30,7 @@ from ..ggufmeta import GGUFInfo
 from ..options import EngineOptions, GenerationOptions
 from ..prompts import CHATML, CONTENT, chat_prompt
 from . import backend
-from .backend import LOG
+from .backend import LLAMA_LOG
 
 log = logging.getLogger("caprl_local")
 
@@ -88,7 +88,7 @@ class Session:
             mparams.tensor_buft_overrides = ctypes.cast(layout.overrides, ctypes.c_void_p)
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.model_path), mparams)
         if not self._model:
-            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {LOG.first_error()}")
+            raise EngineError(f"model {self.model_path}: llama.cpp could not load it: {LLAMA_LOG.first_error()}")
 
         # Sized after the weights are in place: on a GPU, the memory left is what counts.
         per_caption = opts.n_ctx * kv_bytes_per_token(model_info)
@@ -106,7 +106,7 @@ class Session:
         mp.image_max_tokens = opts.image_max_tokens or -1
         self._mctx = mtmd.mtmd_init_from_file(os.fsencode(self.mmproj_path), self._model, mp)
         if not self._mctx:
-            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {LOG.first_error()}")
+            raise EngineError(f"projector {self.mmproj_path}: llama.cpp could not load it: {LLAMA_LOG.first_error()}")
         if not mtmd.mtmd_support_vision(self._mctx):
             raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
 
@@ -134,7 +134,7 @@ class Session:
         if not self._ctx:
             raise EngineError(
                 f"model {self.model_path}: could not create a llama.cpp context of {n_seq} x {opts.n_ctx} tokens "
-                f"(out of memory? lower parallel or n_ctx): {LOG.first_error()}"
+                f"(out of memory? lower parallel or n_ctx): {LLAMA_LOG.first_error()}"
             )
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx) // n_seq
@@ -173,7 +173,7 @@ class Session:
         data = rgb.tobytes()
         bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
         if not bitmap:
-            raise EngineError(f"{name}: llama.cpp could not take the image: {LOG.first_error()}")
+            raise EngineError(f"{name}: llama.cpp could not take the image: {LLAMA_LOG.first_error()}")
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             encoded = chat_prompt(self.chat_format, prompt, media_marker=self._marker).encode()
@@ -184,7 +184,7 @@ class Session:
             mtmd.mtmd_bitmap_free(bitmap)
         if ret != 0:
             mtmd.mtmd_input_chunks_free(chunks)
-            why = "the prompt's image placeholders do not match" if ret == 1 else LOG.first_error()
+            why = "the prompt's image placeholders do not match" if ret == 1 else LLAMA_LOG.first_error()
             raise EngineError(f"{name}: could not prepare the image for the model: {why}")
         return chunks
 
@@ -207,7 +207,7 @@ class Session:
                 image_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 t0 = time.perf_counter()
                 if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
-                    raise EngineError(f"{name}: the vision encoder failed: {LOG.first_error()}")
+                    raise EngineError(f"{name}: the vision encoder failed: {LLAMA_LOG.first_error()}")
                 encode_s += time.perf_counter() - t0
                 if cancelled():  # the encoder and the image's tokens are the two slow parts
                     raise Cancelled.of(name)
@@ -218,7 +218,7 @@ class Session:
                 ret = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, n_past, seq, self._n_batch,
                                                          i == n_chunks - 1, ctypes.byref(new_past))
             if ret != 0:
-                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {LOG.first_error()}")
+                raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {LLAMA_LOG.first_error()}")
             n_past = new_past.value
         return Prompted(n_past, image_tokens, total, encode_s)
 
@@ -267,7 +267,7 @@ class Session:
             batch.seq_id[i][0], batch.logits[i] = seq, 1
         batch.n_tokens = len(tokens)
         if llama_cpp.llama_decode(self._ctx, batch) != 0:
-            raise EngineError(f"llama.cpp failed while generating {len(tokens)} caption(s): {LOG.first_error()}")
+            raise EngineError(f"llama.cpp failed while generating {len(tokens)} caption(s): {LLAMA_LOG.first_error()}")
 
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
