@@ -1,26 +1,28 @@
-"""Caption many images: skip what is done, caption the rest, write each result as it comes.
+"""Caption many images: plan what is left to do, caption it, write each result as it comes.
 
-Knows nothing of llama.cpp or the Hub: it drives ``Captioner.caption_many`` and writes
-each result at once to the outputs, so an interrupted run loses only the images in progress
-and the same command, run again, finishes the rest.
+Knows nothing of llama.cpp, the Hub or the terminal: :func:`plan_batch` opens the outputs and
+finds the items that still need a caption (resume by key); :func:`run_batch` drives any
+:class:`~caprl_local.captioning.Captioning` over the plan and writes each result at once to the
+outputs, so an interrupted run loses only the images in progress and the same command, run
+again, finishes the rest. What a person sees of it is the sink's business (the CLI's console).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, TextIO
+
+from typing_extensions import Self
 
 from .captioning import Captioning
-from .errors import Cancelled
+from .errors import Cancelled, CaprlError
 from .inputs import BatchItem
-from .options import Parallel
+from .options import GenerationOptions, Parallel
 from .outputs import Output, OutputOptions, open_outputs
 from .results import Caption, CaptionFailure
 
-__all__ = ["BatchSummary", "OutputOptions", "caption_batch", "run_batch", "split_done"]
+__all__ = ["BatchPlan", "BatchSink", "BatchSummary", "OutputOptions", "caption_batch", "plan_batch", "run_batch"]
 
 
 @dataclass
@@ -38,104 +40,117 @@ class BatchSummary:
         return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
 
 
-def result_record(item: BatchItem, result: Caption | CaptionFailure, *, prompt: str, model: str | None,
-                  quant: str | None) -> dict[str, Any]:
+class BatchSink(Protocol):
+    """Follows a run as it goes (the CLI's progress display is one)."""
+
+    def done(self, finished: int) -> None:
+        """`finished` images of this run are done, in whatever order they finished."""
+
+    def result(self, item: BatchItem, record: dict[str, Any], summary: BatchSummary) -> None:
+        """A result, as written to the outputs (in input order)."""
+
+
+@dataclass
+class BatchPlan:
+    """What a run does: its items, the outputs open for them, and the items still to caption.
+
+    A context manager: the outputs close at its end."""
+
+    items: list[BatchItem]
+    outputs: list[Output]
+    generation: GenerationOptions  # its prompt resolved: results are kept, and resumed, by it
+    model: str | None = None  # what the records name as their model and quant
+    quant: str | None = None
+    todo: list[BatchItem] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        assert self.generation.prompt is not None  # plan_batch checks it
+        return self.generation.prompt
+
+    @property
+    def skipped(self) -> int:
+        """Items every output has a result for already."""
+        return len(self.items) - len(self.todo)
+
+    def width(self, parallel: Parallel) -> Parallel:
+        """Captions in flight for this plan: as asked, never more than there are images to caption."""
+        return 1 if len(self.todo) == 1 else parallel if parallel == "auto" else min(parallel, len(self.todo))
+
+    def close(self) -> None:
+        for output in self.outputs:
+            output.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_batch(items: list[BatchItem], *, outputs: OutputOptions, stream: TextIO, generation: GenerationOptions,
+               model: str | None = None, quant: str | None = None) -> BatchPlan:
+    """Open the outputs for `items` and find what is still to caption: an item is done when every output
+    has its result for this prompt (``outputs.overwrite`` captions everything again). ``stream`` receives
+    the results meant for stdout."""
+    if generation.prompt is None or generation.preset is not None:
+        raise CaprlError("a batch needs its prompt resolved (the results are kept by it); give generation.prompt")
+    opened = open_outputs(outputs, stream=stream, items=items)
+    plan = BatchPlan(items, opened, generation, model=model, quant=quant)
+    plan.todo = [i for i in items if not (opened and all(o.has(i, plan.prompt) for o in opened))]
+    return plan
+
+
+def result_record(item: BatchItem, result: Caption | CaptionFailure, plan: BatchPlan) -> dict[str, Any]:
     """The JSON object written for one image: its input fields, then the caption or the error."""
     record: dict[str, Any] = {**item.extra, "path": item.path}
     if isinstance(result, Caption):
         record.update(
-            caption=result.text, model=model, quant=quant, prompt=prompt,
+            caption=result.text, model=plan.model, quant=plan.quant, prompt=plan.prompt,
             image_tokens=result.image_tokens, prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens, finish_reason=result.finish_reason,
             timings={k: round(v, 4) for k, v in asdict(result.timings).items()},
         )
     else:
-        record.update(error=result.error, error_kind=result.kind, model=model, quant=quant, prompt=prompt)
+        record.update(error=result.error, error_kind=result.kind, model=plan.model, quant=plan.quant, prompt=plan.prompt)
     return record
 
 
-def split_done(items: list[BatchItem], outputs: list[Output], prompt: str) -> tuple[list[BatchItem], int]:
-    """(items still to caption, how many were skipped): an item is done when every output has it."""
-    todo = [i for i in items if not (outputs and all(o.has(i, prompt) for o in outputs))]
-    return todo, len(items) - len(todo)
+def run_batch(captioner: Captioning, plan: BatchPlan, *, sink: BatchSink | None = None) -> BatchSummary:
+    """Caption the plan's items still to do, writing each result to every output as it comes.
 
-
-def run_batch(
-    captioner: Captioning,
-    items: list[BatchItem],
-    outputs: list[Output],
-    *,
-    prompt: str,
-    model: str | None = None,
-    quant: str | None = None,
-    on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
-    on_done: Callable[[int], None] | None = None,
-    **options: Any,  # caption options (GenerationKwargs less the prompt, a parameter here)
-) -> BatchSummary:
-    """Caption the items, writing each result to every output as it comes.
-
-    ``on_result`` follows each result as it is written (in input order); ``on_done(n)`` as each
-    image finishes, in whatever order (for progress displays). Returns the summary; Ctrl-C ends
-    the run early with ``interrupted`` set, everything finished so far already written.
+    Returns the summary; Ctrl-C (or the captioner's cancel) ends the run early with ``interrupted``
+    set, everything finished so far already written.
     """
     summary = BatchSummary()
     started = time.perf_counter()
-    by_name = {item.path: item for item in items}  # results name their input; a cancel leaves gaps
+    todo = plan.todo
     try:
-        progress = None if on_done is None else lambda done, total: on_done(done)
-        for result in captioner.caption_many(list(by_name), prompt=prompt, progress=progress, **options):
-            item = by_name[result.image]
-            record = result_record(item, result, prompt=prompt, model=model, quant=quant)
-            for output in outputs:
+        progress = None if sink is None else lambda done, total: sink.done(done)
+        for result in captioner.caption_many([item.path for item in todo], generation=plan.generation,
+                                             progress=progress):
+            assert result.index is not None  # every Captioning names the input each result is for
+            item = todo[result.index]
+            record = result_record(item, result, plan)
+            for output in plan.outputs:
                 output.write(item, record)
-            if "error" in record:
+            if isinstance(result, CaptionFailure):
                 summary.failed += 1
             else:
                 summary.done += 1
-                summary.repeating += record.get("finish_reason") == "repetition"
+                summary.repeating += result.finish_reason == "repetition"
             summary.seconds = time.perf_counter() - started
-            if on_result is not None:
-                on_result(item, record, summary)
+            if sink is not None:
+                sink.result(item, record, summary)
     except (KeyboardInterrupt, Cancelled):
         summary.interrupted = True
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def caption_batch(
-    items: list[BatchItem],
-    *,
-    load: Callable[[Parallel], AbstractContextManager[Captioning]],
-    outputs: OutputOptions,
-    stream: TextIO,
-    prompt: str,
-    parallel: Parallel = "auto",
-    model: str | None = None,
-    quant: str | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    on_result: Callable[[BatchItem, dict[str, Any], BatchSummary], None] | None = None,
-    on_done: Callable[[int], None] | None = None,
-    **options: Any,  # caption options (GenerationKwargs less the prompt, a parameter here)
-) -> BatchSummary | None:
-    """Caption the items not yet done into the outputs; None when every item was done already.
-
-    ``load(parallel)`` gives the captioner, loaded only if there is work: as many captions in
-    flight as asked for, never more than there are images. ``on_start(total, skipped)`` comes
-    before the first image; ``stream`` receives the results meant for stdout.
-    """
-    opened: list[Output] = []
-    try:
-        opened = open_outputs(outputs, stream=stream, items=items)
-        todo, skipped = split_done(items, opened, prompt)
-        if on_start is not None:
-            on_start(len(items), len(items) - len(todo))
-        if not todo:
-            return None
-        n: Parallel = 1 if len(todo) == 1 else parallel if parallel == "auto" else min(parallel, len(todo))
-        with load(n) as captioner:
-            return run_batch(captioner, todo, opened, prompt=prompt, model=model, quant=quant,
-                             on_result=on_result, on_done=on_done, **options)
-    finally:
-        for out in opened:
-            out.close()
-
+def caption_batch(captioner: Captioning, items: list[BatchItem], *, outputs: OutputOptions, stream: TextIO,
+                  generation: GenerationOptions, model: str | None = None, quant: str | None = None,
+                  sink: BatchSink | None = None) -> BatchSummary | None:
+    """Plan and run in one call; None when every item had its result already."""
+    with plan_batch(items, outputs=outputs, stream=stream, generation=generation, model=model, quant=quant) as plan:
+        return run_batch(captioner, plan, sink=sink) if plan.todo else None

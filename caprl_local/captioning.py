@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from typing_extensions import Self, Unpack
 
-from .options import GenerationKwargs
+from .options import GenerationKwargs, GenerationOptions
 from .results import Activity, Caption, CaptionFailure
 
 #: An image file, as a batch names it.
@@ -41,12 +41,14 @@ class Captioning(Protocol):
         self,
         images: Iterable[ImageFile],
         *,
+        generation: GenerationOptions | None = None,
         on_text: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         prefetch: int = 2,
         **options: Unpack[GenerationKwargs],
     ) -> Iterator[Caption | CaptionFailure]:
-        """One result per image (match them to inputs by ``image``); an image that fails is a CaptionFailure.
+        """One result per image, with its ``index`` in `images`; an image that fails is a CaptionFailure.
+        The caption options come as keywords or as one ``generation`` value.
         ``on_text(image, piece)`` receives caption text as it comes, ``progress(done, total)`` each image as it
         finishes; Cancelled after :meth:`cancel`, once every result finished before it is out."""
         ...

@@ -23,7 +23,9 @@ from .printable import printable, printable_text
 from .safefiles import STOP_SIGNALS
 
 if TYPE_CHECKING:
+    from .batch import BatchSummary
     from .captioning import Captioning
+    from .inputs import BatchItem
 
 C = TypeVar("C", bound="Captioning")
 
@@ -163,11 +165,11 @@ class BatchProgress:
         self.bar.n = self.skipped + finished
         self.bar.refresh()
 
-    def result(self, item: Any, record: dict[str, Any], summary: Any) -> None:
+    def result(self, item: BatchItem, record: dict[str, Any], summary: BatchSummary) -> None:
         if "error" in record:
             tqdm.write(printable(f"Error: {record['error']}"), file=sys.stderr)
 
-    def finish(self, summary: Any) -> None:
+    def finish(self, summary: BatchSummary | None) -> None:
         self.stop.set()
         if self.watcher is not None:
             self.watcher.join()
@@ -176,7 +178,7 @@ class BatchProgress:
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the outputs are whole
                 self._summary(summary)
 
-    def _summary(self, summary: Any) -> None:
+    def _summary(self, summary: BatchSummary | None) -> None:
         if summary is None:
             click.echo(f"Nothing to do: all {self.total} images already have a result "
                        "(--overwrite captions them again).", err=True)

@@ -26,7 +26,7 @@ from typing_extensions import Unpack
 
 from .captioning import ClosingContext, ImageFile
 from .errors import Cancelled, CaprlError, EngineError
-from .options import GenerationKwargs, GenerationOptions, make
+from .options import GenerationKwargs, GenerationOptions, generation_of
 from .prompts import resolve_prompt
 from .results import Activity, Caption, CaptionFailure, Timings
 
@@ -96,20 +96,22 @@ class EndpointCaptioner(ClosingContext):
         self.cancel()
         self.http.clear()
 
-    def caption_many(self, images: Iterable[ImageFile], *, on_text: Callable[[str, str], None] | None = None,
+    def caption_many(self, images: Iterable[ImageFile], *, generation: GenerationOptions | None = None,
+                     on_text: Callable[[str, str], None] | None = None,
                      progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
                      **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
-        """Caption image files on the endpoints, yielding each result as it comes (match them to
-        inputs by ``image``). Raises EngineError once every endpoint is down, and Cancelled after
+        """Caption image files on the endpoints, yielding each result as it comes (with its ``index``
+        in `images`). Raises EngineError once every endpoint is down, and Cancelled after
         cancel(), in both cases after yielding every result finished before. ``on_text`` receives each
         caption whole, as it comes back; ``prefetch`` is unused (each image is read as it is sent)."""
-        opts = make(GenerationOptions, options)
+        opts = generation_of(generation, options)
         _check_sent(opts)
-        prompt = resolve_prompt(prompt=opts.prompt, preset=opts.preset, default=self.default_prompt)
-        todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        prompt = opts.resolved(self.default_prompt).prompt
+        assert prompt is not None
+        todo: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
         names = [os.fspath(image) for image in images]
-        for name in names:
-            todo.put(name)
+        for job in enumerate(names):
+            todo.put(job)
         done: queue.SimpleQueue[Caption | CaptionFailure | tuple[str, BaseException]] = queue.SimpleQueue()
         workers = [threading.Thread(target=self._work, args=(e, todo, done, prompt, opts), daemon=True,
                                     name=f"caprl-endpoint-{i}")
@@ -151,18 +153,18 @@ class EndpointCaptioner(ClosingContext):
 
     # -- workers --
 
-    def _work(self, endpoint: Endpoint, todo: queue.SimpleQueue[str | None], done: queue.SimpleQueue[Any],
+    def _work(self, endpoint: Endpoint, todo: queue.SimpleQueue[tuple[int, str] | None], done: queue.SimpleQueue[Any],
               prompt: str, opts: GenerationOptions) -> None:
         cancelled = self._cancelled
-        while not cancelled.is_set() and (name := todo.get()) is not None:
+        while not cancelled.is_set() and (job := todo.get()) is not None:
             if cancelled.is_set():
                 return
             with self._lock:
                 self._generating += 1
             try:
-                done.put(self._caption(endpoint, name, prompt, opts))
+                done.put(dataclasses.replace(self._caption(endpoint, job[1], prompt, opts), index=job[0]))
             except _Down as exc:
-                todo.put(name)  # another endpoint takes it
+                todo.put(job)  # another endpoint takes it
                 done.put((endpoint.url, exc))
                 return
             finally:

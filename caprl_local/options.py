@@ -5,6 +5,7 @@ Pure values, free of llama.cpp: the engine, the batch runner and the CLI all rea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -67,6 +68,13 @@ class GenerationOptions:
             raise CaprlError(f"stop must be a sequence of at most 8 non-empty strings, not {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))  # a list given by a caller stays hashable
 
+    def resolved(self, default: str) -> GenerationOptions:
+        """These options with the prompt spelt out: the prompt given, the preset's, or `default`."""
+        from .prompts import resolve_prompt
+
+        return dataclasses.replace(self, prompt=resolve_prompt(prompt=self.prompt, preset=self.preset, default=default),
+                                   preset=None)
+
 
 @dataclass(frozen=True, kw_only=True)
 class EngineOptions:
@@ -128,10 +136,9 @@ class EngineKwargs(TypedDict, total=False):
     isolate: bool
 
 
-class PretrainedKwargs(EngineKwargs, total=False):
-    """What ``Captioner.from_pretrained`` takes: the engine's options, ``download_model``'s and the default prompt."""
+class FetchKwargs(TypedDict, total=False):
+    """What ``download_model`` takes besides the name: which files, from where, and how."""
 
-    prompt: str | None
     mmproj: str | os.PathLike[str] | None
     quant: str | None
     imatrix: bool
@@ -141,6 +148,36 @@ class PretrainedKwargs(EngineKwargs, total=False):
     progress: ProgressCallback | None
     token: str | None
     verify: bool
+
+
+class PretrainedKwargs(EngineKwargs, FetchKwargs, total=False):
+    """What ``Captioner.from_pretrained`` takes: the engine's options, ``download_model``'s and the default prompt."""
+
+    prompt: str | None
+
+
+class DatasetKwargs(PretrainedKwargs, GenerationKwargs, total=False):
+    """What ``caption_dataset`` takes: each actor's ``from_pretrained`` options and the caption options."""
+
+
+def split_pretrained(options: Mapping[str, Any]) -> tuple[FetchKwargs, EngineKwargs, dict[str, Any]]:
+    """(download_model's options, the engine's, the rest) of `options`, by the names declared above."""
+    fetch = {k: v for k, v in options.items() if k in FetchKwargs.__optional_keys__}
+    engine = {k: v for k, v in options.items() if k in EngineKwargs.__optional_keys__}
+    rest = {k: v for k, v in options.items() if k not in fetch and k not in engine}
+    return FetchKwargs(**fetch), EngineKwargs(**engine), rest  # type: ignore[typeddict-item]
+
+
+def generation_of(value: GenerationOptions | None, options: Mapping[str, Any]) -> GenerationOptions:
+    """The one GenerationOptions of a call: ``generation=`` as given, or built from keyword options (not both)."""
+    if value is None:
+        return make(GenerationOptions, options)
+    if options:
+        raise CaprlError(f"give the caption options either as generation= or as keywords, not both "
+                         f"(here {', '.join(sorted(options))} too)")
+    if not isinstance(value, GenerationOptions):
+        raise CaprlError(f"generation must be a GenerationOptions, not {type(value).__name__}")
+    return value
 
 
 Options = TypeVar("Options", GenerationOptions, EngineOptions)

@@ -34,9 +34,8 @@ CONTENT = "{content}"
 
 
 def resolve_prompt(*, prompt: str | None = None, preset: str | None = None, default: str = DEFAULT_PROMPT) -> str:
-    """The prompt text for an explicit prompt, a preset name, or the default (CapRL's own)."""
-    if prompt is not None and preset is not None:
-        raise CaprlError("give either a prompt or a preset, not both")
+    """The prompt text for an explicit prompt, else a preset name, else the default (CapRL's own);
+    GenerationOptions refuses both at once."""
     if prompt is not None:
         if not prompt.strip():
             raise CaprlError("the prompt is empty; give some text or leave it out for CapRL's default")

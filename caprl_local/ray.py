@@ -9,7 +9,6 @@ shared ``cache_dir``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -22,16 +21,21 @@ from typing_extensions import Unpack
 
 from .captioning import ClosingContext, ImageFile
 from .errors import Cancelled, CaprlError
-from .hub import download_model
-from .options import EngineOptions, GenerationKwargs, GenerationOptions, PretrainedKwargs, make
+from .options import (
+    DatasetKwargs,
+    EngineKwargs,
+    FetchKwargs,
+    GenerationKwargs,
+    GenerationOptions,
+    PretrainedKwargs,
+    generation_of,
+    split_pretrained,
+)
 from .registry import DEFAULT_MODEL
 from .results import Activity, Caption, CaptionFailure, Timings
 
 log = logging.getLogger("caprl_local")
 
-_DOWNLOAD = frozenset(inspect.signature(download_model).parameters) - {"name", "progress"}
-_ENGINE = frozenset(EngineOptions.__dataclass_fields__)
-_GENERATION = frozenset(GenerationOptions.__dataclass_fields__)
 #: The columns caption_dataset adds.
 COLUMNS = ("caption", "error", "error_kind", "image_tokens", "prompt_tokens", "generated_tokens", "finish_reason")
 
@@ -39,17 +43,17 @@ COLUMNS = ("caption", "error", "error_kind", "image_tokens", "prompt_tokens", "g
 class _CaptionActor:
     """A Ray Data actor: loads the model once, then captions batches of rows."""
 
-    def __init__(self, model: str, image_column: str, fetch: dict[str, Any], engine: dict[str, Any],
-                 generation: dict[str, Any]) -> None:
+    def __init__(self, model: str, image_column: str, fetch: FetchKwargs, engine: EngineKwargs, prompt: str | None,
+                 generation: GenerationOptions) -> None:
         from .engine import Captioner
 
-        self.captioner = Captioner.from_pretrained(model, **fetch, **engine)
+        self.captioner = Captioner.from_pretrained(model, prompt=prompt, **fetch, **engine)
         self.image_column, self.generation = image_column, generation
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = [_plain(x) for x in batch[self.image_column]]
         out: dict[str, list[Any]] = {name: [] for name in COLUMNS}
-        for result in self.captioner.caption_many(images, **self.generation):
+        for result in self.captioner.caption_many(images, generation=self.generation):
             if isinstance(result, Caption):
                 row: dict[str, Any] = {
                     "caption": result.text, "error": None, "error_kind": None, "image_tokens": result.image_tokens,
@@ -108,22 +112,22 @@ def _plain(value: Any) -> Any:
 
 def caption_dataset(ds: Any, *, model: str = DEFAULT_MODEL, image_column: str = "image", actors: int = 1,
                     cpus_per_actor: float | None = None, gpus_per_actor: float = 0, batch_size: int = 8,
-                    **options: Any) -> Any:
+                    generation: GenerationOptions | None = None, **options: Unpack[DatasetKwargs]) -> Any:
     """`ds` with caption columns (``caption``, ``error``, token counts), captioned by `actors` Ray
     actors each holding one loaded Captioner. The image column holds paths (readable on the
-    nodes) or encoded bytes. Options are those of Captioner.from_pretrained (download, engine)
-    and of caption (generation); an actor's llama.cpp threads default to its CPUs."""
-    unknown = set(options) - _DOWNLOAD - _ENGINE - _GENERATION
-    if unknown:
-        raise CaprlError(f"unknown option {sorted(unknown)[0]!r}")
-    fetch = {k: v for k, v in options.items() if k in _DOWNLOAD}
-    engine = {k: v for k, v in options.items() if k in _ENGINE}
-    generation = {k: v for k, v in options.items() if k in _GENERATION}
+    nodes) or encoded bytes. Options are those of Captioner.from_pretrained (download, engine, the
+    default prompt) and of caption (or one ``generation`` value); an actor's llama.cpp threads default
+    to its CPUs."""
+    fetch, engine, rest = split_pretrained(options)
+    if "progress" in fetch:
+        raise CaprlError("caption_dataset takes no progress callback: the actors download on their own nodes")
+    prompt = rest.pop("prompt", None)
+    opts = generation_of(generation, {**rest, "prompt": prompt} if generation is None else rest)
     cpus = cpus_per_actor or engine.get("threads") or 1
     engine.setdefault("threads", max(1, int(cpus)))
     return ds.map_batches(
         _CaptionActor, fn_constructor_kwargs={"model": model, "image_column": image_column, "fetch": fetch,
-                                              "engine": engine, "generation": generation},
+                                              "engine": engine, "prompt": prompt, "generation": opts},
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus_per_actor,
         batch_size=batch_size, batch_format="numpy",
         max_restarts=0)  # an actor that dies fails its images' run, which the same command resumes
@@ -138,7 +142,7 @@ class RayCaptioner(ClosingContext):
     def __init__(self, model: str, *, address: str | None = None, actors: int = 1, cpus_per_actor: float | None = None,
                  gpus_per_actor: float = 0, batch_size: int = 4, **options: Unpack[PretrainedKwargs]) -> None:
         self.source = model
-        self.options: dict[str, Any] = dict(options)  # the download and engine options, for each actor
+        self.options = options  # the download and engine options, for each actor
         self.model = Path(model).name if model.lower().endswith(".gguf") else model  # as results name it
         self.actors, self.cpus, self.gpus, self.batch_size = actors, cpus_per_actor, gpus_per_actor, batch_size
         self.threads = int(cpus_per_actor or options.get("threads") or 1)
@@ -162,17 +166,18 @@ class RayCaptioner(ClosingContext):
     def close(self) -> None:
         self.cancel()
 
-    def caption_many(self, images: Iterable[ImageFile], *, on_text: Callable[[str, str], None] | None = None,
+    def caption_many(self, images: Iterable[ImageFile], *, generation: GenerationOptions | None = None,
+                     on_text: Callable[[str, str], None] | None = None,
                      progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
                      **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
-        """Caption image files on the cluster, yielding each result as its batch comes back
-        (match them to inputs by ``image``); Cancelled after cancel(). ``on_text`` receives each
-        caption whole, as it comes back; ``prefetch`` is unused (the actors read the images)."""
-        make(GenerationOptions, options)  # a bad option fails here, before the cluster starts on it
+        """Caption image files on the cluster, yielding each result as its batch comes back (with its
+        ``index`` in `images`); Cancelled after cancel(). ``on_text`` receives each caption whole, as it
+        comes back; ``prefetch`` is unused (the actors read the images)."""
+        opts = generation_of(generation, options)  # a bad option fails here, before the cluster starts on it
         names = [os.fspath(image) for image in images]
-        ds = ray.data.from_items([{"image": name} for name in names])
+        ds = ray.data.from_items([{"image": name, "index": i} for i, name in enumerate(names)])
         out = caption_dataset(ds, model=self.source, actors=self.actors, cpus_per_actor=self.cpus,
-                              gpus_per_actor=self.gpus, batch_size=self.batch_size, **self.options, **options)
+                              gpus_per_actor=self.gpus, batch_size=self.batch_size, generation=opts, **self.options)
         done = 0
         for row in out.iter_rows():
             if self._cancelled.is_set():
@@ -182,12 +187,13 @@ class RayCaptioner(ClosingContext):
                 progress(done, len(names))
             self._tokens += int(row["generated_tokens"] or 0)
             if row["error"] is not None:
-                yield CaptionFailure(image=row["image"], error=row["error"], kind=row["error_kind"])
+                yield CaptionFailure(image=row["image"], error=row["error"], kind=row["error_kind"], index=int(row["index"]))
             else:
                 if on_text is not None:
                     on_text(row["image"], row["caption"])
                 yield Caption(text=row["caption"], image=row["image"], image_tokens=int(row["image_tokens"]),
                               prompt_tokens=int(row["prompt_tokens"]), generated_tokens=int(row["generated_tokens"]),
-                              finish_reason=row["finish_reason"], timings=Timings(0, 0, 0, 0, 0, 0, 0))
+                              finish_reason=row["finish_reason"], timings=Timings(0, 0, 0, 0, 0, 0, 0),
+                              index=int(row["index"]))
         if self._cancelled.is_set():
             raise Cancelled("cancelled")

@@ -30,6 +30,7 @@ class Caption:
     generated_tokens: int
     finish_reason: Literal["stop", "length", "repetition"]  # repetition: a loop, cut back to its first round
     timings: Timings
+    index: int | None = None  # its image's place in caption_many's input (None from caption)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class CaptionFailure:
     image: str  # the input, as named in messages
     error: str  # one line: what went wrong and what to do
     kind: str  # the error's class: ImageError, EngineError, ...
+    index: int | None = None  # its image's place in caption_many's input
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import threading
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from caprl_local import Captioner
 from caprl_local.batch import BatchSummary, OutputOptions, caption_batch
 from caprl_local.errors import CaprlError
 from caprl_local.inputs import BatchItem, collect_inputs
+from caprl_local.options import GenerationOptions
 from caprl_local.outputs import JsonlOutput, TextOutput, open_outputs, write_atomic
 
 PROMPT = "Please describe this image in detail"
@@ -31,8 +31,8 @@ INDEX = ".caprl-local-sidecars.jsonl"
 
 def run(captioner: Captioner, items: list[BatchItem], prompt: str = PROMPT, **options: Any) -> BatchSummary | None:
     """Caption the items not yet done into the outputs named by `options`, as the CLI's batch does."""
-    return caption_batch(items, load=lambda n: nullcontext(captioner), outputs=OutputOptions(**options),
-                         stream=io.StringIO(), prompt=prompt, max_tokens=3)
+    return caption_batch(captioner, items, outputs=OutputOptions(**options), stream=io.StringIO(),
+                         generation=GenerationOptions(prompt=prompt, max_tokens=3))
 
 
 def copies(images: Path, folder: Path, names: list[str | bytes], source: str = "pixel.png") -> list[BatchItem]:

@@ -10,7 +10,7 @@ import click
 
 from .. import console
 from ..errors import CaprlError
-from ..options import GenerationOptions, Parallel, default
+from ..options import GenerationKwargs, GenerationOptions, Parallel, default
 from ..prompts import PRESETS
 from .base import (
     ENGINE_NAMES,
@@ -25,9 +25,11 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from ..batch import BatchSummary, OutputOptions
     from ..captioning import Captioning
     from ..endpoints import EndpointCaptioner
     from ..engine import Captioner
+    from ..inputs import BatchItem
     from ..ray import RayCaptioner
 
 
@@ -101,8 +103,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     an entry in the --output file. The model is fetched and verified on first use, then cached:
     later runs need no network.
     """
-    if prompt is not None and preset is not None:
-        raise click.UsageError("use either --prompt or --preset, not both")
+    generation = _generation(prompt, preset, options)  # the caption options, checked before anything runs
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
     if output == "-":  # the Unix convention: results to stdout
@@ -111,25 +112,24 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     from_stdin = "-" in images
     if from_stdin and (len(images) > 1 or list_file or sidecar or output or fmt != "text"):
         raise click.UsageError("'-' (an image on stdin) goes alone, with text output to stdout")
+    if (endpoints or ray_address is not None) and (from_stdin or (endpoints and ray_address is not None)):
+        raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
+    from ..batch import OutputOptions
     from ..engine import Captioner  # imported here so that --help stays instant
     from ..hub import download_model
     from ..images import capture_libtiff_messages
-    from ..inputs import collect_inputs, shard_of
-    from ..prompts import DEFAULT_PROMPT, resolve_prompt
+    from ..prompts import DEFAULT_PROMPT
 
     capture_libtiff_messages()  # libtiff prints from C; its lines become log records
     stdin_image = _read_stdin() if from_stdin else b""  # before any download: an endless stream is refused now
     engine = {k: options.pop(k) for k in ENGINE_NAMES}
     # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
-    items = [] if from_stdin else collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
-    if not items and not from_stdin:
-        raise CaprlError(f"{list_file}: the list names no images")
-    if shard is not None:
-        items = shard_of(items, *shard)
+    items = [] if from_stdin else _inputs(images, recursive=recursive, list_file=list_file, shard=shard)
+    outputs = OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
+                            sidecar_ext=sidecar_ext, overwrite=overwrite)
     show = sys.stderr.isatty() if progress is None else progress
+    batch = _Batch(items, outputs, parallel=parallel, show=show, quiet=progress is False)
     if endpoints or ray_address is not None:  # the captions are made elsewhere
-        if from_stdin or (endpoints and ray_address is not None):
-            raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
         remote: EndpointCaptioner | RayCaptioner
         if endpoints:
             remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
@@ -138,16 +138,14 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
                      "cache_dir": cache_dir, "offline": offline}
             remote = _ray(model, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, parallel=parallel,
                           **{k: v for k, v in {**fetch, **engine}.items() if v is not None and v is not False})
-        prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=DEFAULT_PROMPT)
         with console.GracefulInterrupt() as interrupt:
-            summary = _batch(items, lambda n: interrupt.watch(remote), prompt=prompt_text, model=remote.model,
-                             quant=quant, fmt=fmt, output=output, sidecar=sidecar, sidecar_ext=sidecar_ext,
-                             overwrite=overwrite, parallel=parallel, progress=progress, show=show, **options)
+            summary = batch.run(lambda n: interrupt.watch(remote), generation.resolved(DEFAULT_PROMPT),
+                                model=remote.model, quant=quant)
         return _ended(summary)
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
-    prompt_text = resolve_prompt(prompt=prompt, preset=preset, default=files.prompt or DEFAULT_PROMPT)
+    generation = generation.resolved(files.prompt or DEFAULT_PROMPT)
     single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
 
     with console.GracefulInterrupt() as interrupt:
@@ -160,44 +158,58 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             return interrupt.watch(captioner)
 
         if single and fmt == "text" and not (output or sidecar or list_file):
-            source = stdin_image if from_stdin else images[0]
             with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
-                _caption_one(cap, source, prompt_text, options, engine["verbose"])
+                _caption_one(cap, stdin_image if from_stdin else images[0], generation, engine["verbose"])
             return
-        summary = _batch(items, lambda n: load(n, announce=show or engine["verbose"]), prompt=prompt_text,
-                         model=files.name or files.model.name, quant=files.quant, fmt=fmt, output=output,
-                         sidecar=sidecar, sidecar_ext=sidecar_ext, overwrite=overwrite, parallel=parallel,
-                         progress=progress, show=show, **options)
+        summary = batch.run(lambda n: load(n, announce=show or engine["verbose"]), generation,
+                            model=files.name or files.model.name, quant=files.quant)
     _ended(summary)
 
 
-def _batch(items: list[Any], load: Callable[[Parallel], Captioning], *, prompt: str, model: str, quant: str | None,
-           fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
-           progress: bool | None, show: bool,
-           **options: Any) -> Any:
-    """Run the batch with a progress display; `load(parallel)` gives the captioner."""
-    from ..batch import OutputOptions, caption_batch
-
-    reporter: list[console.BatchProgress] = []
-
-    def loaded(n: Parallel) -> Captioning:
-        captioner = load(n)
-        reporter[0].watch(captioner)
-        return captioner
-
-    summary = caption_batch(
-        items, load=loaded, prompt=prompt, parallel=parallel, model=model, quant=quant,
-        stream=console.results_stream(progress=show),
-        outputs=OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
-                              sidecar_ext=sidecar_ext, overwrite=overwrite),
-        on_start=lambda total, skipped: reporter.append(
-            console.BatchProgress(total, skipped, show=show, quiet=progress is False)),
-        on_result=lambda *args: reporter[0].result(*args), on_done=lambda n: reporter[0].done(n), **options)
-    reporter[0].finish(summary)
-    return summary
+def _generation(prompt: str | None, preset: str | None, options: dict[str, Any]) -> GenerationOptions:
+    """The caption options of the command line as one value (the engine's stay in `options`)."""
+    given = {k: options.pop(k) for k in GenerationKwargs.__optional_keys__ & options.keys()}
+    try:
+        return GenerationOptions(prompt=prompt, preset=preset, **given)
+    except CaprlError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
-def _ended(summary: Any) -> None:
+def _inputs(images: tuple[str, ...], *, recursive: bool, list_file: str | None,
+            shard: tuple[int, int] | None) -> list[BatchItem]:
+    from ..inputs import collect_inputs, shard_of
+
+    items = collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
+    if not items:
+        raise CaprlError(f"{list_file}: the list names no images")
+    return items if shard is None else shard_of(items, *shard)
+
+
+class _Batch:
+    """A batch run as the command shows it: the plan, a progress display, the captioner loaded only if
+    there is work (as many captions in flight as asked, never more than there are images)."""
+
+    def __init__(self, items: list[BatchItem], outputs: OutputOptions, *, parallel: Parallel, show: bool,
+                 quiet: bool) -> None:
+        self.items, self.outputs, self.parallel, self.show, self.quiet = items, outputs, parallel, show, quiet
+
+    def run(self, load: Callable[[Parallel], Captioning], generation: GenerationOptions, *, model: str,
+            quant: str | None) -> BatchSummary | None:
+        from ..batch import plan_batch, run_batch
+
+        summary = None
+        with plan_batch(self.items, outputs=self.outputs, stream=console.results_stream(progress=self.show),
+                        generation=generation, model=model, quant=quant) as plan:
+            progress = console.BatchProgress(len(plan.items), plan.skipped, show=self.show, quiet=self.quiet)
+            if plan.todo:
+                with load(plan.width(self.parallel)) as captioner:
+                    progress.watch(captioner)
+                    summary = run_batch(captioner, plan, sink=progress)
+        progress.finish(summary)
+        return summary
+
+
+def _ended(summary: BatchSummary | None) -> None:
     if summary is not None and summary.interrupted:
         raise SystemExit(EXIT_INTERRUPTED)  # the summary said so already
     if summary is not None and summary.failed:
@@ -247,11 +259,11 @@ def _read_stdin() -> bytes:
     return data
 
 
-def _caption_one(cap: Captioner, image: str | bytes, prompt: str, options: dict[str, Any], verbose: bool) -> None:
+def _caption_one(cap: Captioner, image: str | bytes, generation: GenerationOptions, verbose: bool) -> None:
     on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
     console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
     try:
-        result = cap.caption(image, prompt=prompt, on_text=on_text, **options)
+        result = cap.caption(image, on_text=on_text, generation=generation)
     finally:
         if not on_text.started:  # once the caption shows, the line is its own
             console.status("")

@@ -8,7 +8,6 @@ in a background one), then decoded together with whatever else is in flight.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import queue
 import sys
@@ -24,7 +23,16 @@ from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
 from ..images import ImageBudget, ImageInput, TiledBudget, describe, load_ahead
-from ..options import EngineKwargs, EngineOptions, GenerationKwargs, GenerationOptions, PretrainedKwargs, make
+from ..options import (
+    EngineKwargs,
+    EngineOptions,
+    GenerationKwargs,
+    GenerationOptions,
+    PretrainedKwargs,
+    generation_of,
+    make,
+    split_pretrained,
+)
 from ..prompts import resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Activity, Caption, CaptionFailure
@@ -33,8 +41,6 @@ from .lifetime import close_later
 from .probe import check_first_load
 from .scheduler import Request, Scheduler, TextSink, text_of
 from .session import Session
-
-_DOWNLOAD_OPTIONS = frozenset(inspect.signature(download_model).parameters) - {"name"}
 
 
 class Captioner(ClosingContext):
@@ -80,11 +86,12 @@ class Captioner(ClosingContext):
         Options of :func:`~caprl_local.download_model` (mmproj, quant, imatrix, mmproj_quant,
         cache_dir, offline, progress, token) choose and fetch the files; the rest load them.
         """
-        rest: dict[str, Any] = dict(options)
-        fetch = {key: rest.pop(key) for key in _DOWNLOAD_OPTIONS & rest.keys()}
+        fetch, engine, rest = split_pretrained(options)
         files = download_model(name, **fetch)
-        rest.setdefault("prompt", files.prompt)
-        captioner = cls(files.model, files.mmproj, cache_dir=fetch.get("cache_dir"), **rest)
+        prompt = rest.pop("prompt", files.prompt)
+        if rest:  # mypy catches these; a caller without it gets the same answer as Captioner(...) gives
+            make(EngineOptions, rest)
+        captioner = cls(files.model, files.mmproj, prompt=prompt, cache_dir=fetch.get("cache_dir"), **engine)
         captioner.files = files
         return captioner
 
@@ -127,14 +134,15 @@ class Captioner(ClosingContext):
     # -- captions --
 
     def caption(self, image: ImageInput, *, on_text: Callable[[str], None] | None = None,
-                **options: Unpack[GenerationKwargs]) -> Caption:
+                generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
         """Caption one image (a path, bytes, PIL image or numpy array).
 
         Options (see :class:`~caprl_local.options.GenerationOptions`): prompt, preset,
-        max_tokens, temperature, top_p, seed, repeat_penalty, stop, loop_guard, ignore_eos. ``on_text``, if
-        given, receives each piece of text as it is generated, in this thread.
+        max_tokens, temperature, top_p, seed, repeat_penalty, stop, loop_guard, ignore_eos; or all of them
+        as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
+        in this thread.
         """
-        handle = self._start(image, self._options(options))
+        handle = self._start(image, self._options(generation, options))
         try:
             if on_text is not None:
                 for piece in text_of(handle._request):
@@ -144,12 +152,13 @@ class Captioner(ClosingContext):
             handle.cancel()
             raise
 
-    def stream(self, image: ImageInput, **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
+    def stream(self, image: ImageInput, *, generation: GenerationOptions | None = None,
+               **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
         """Caption one image, yielding pieces of text as they are generated (options as for caption).
         Closing the generator early cancels the caption."""
-        return cancel_on_close(self._start(image, self._options(options)))
+        return cancel_on_close(self._start(image, self._options(generation, options)))
 
-    def submit(self, image: ImageInput, *, sink: TextSink | None = None,
+    def submit(self, image: ImageInput, *, sink: TextSink | None = None, generation: GenerationOptions | None = None,
                **options: Unpack[GenerationKwargs]) -> CaptionHandle:
         """Start captioning one image and return at once with its handle (options as for caption).
 
@@ -158,7 +167,7 @@ class Captioner(ClosingContext):
         result is ready (on the decode loop's thread, so put must not block: an event loop's
         ``call_soon_threadsafe``, say); the handle is then not iterable.
         """
-        return self._start(image, self._options(options), sink=sink)
+        return self._start(image, self._options(generation, options), sink=sink)
 
     def _start(self, image: ImageInput, opts: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch
@@ -173,12 +182,14 @@ class Captioner(ClosingContext):
         self,
         images: Iterable[ImageInput],
         *,
+        generation: GenerationOptions | None = None,
         on_text: Callable[[str, str], None] | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         prefetch: int = 2,
         **options: Unpack[GenerationKwargs],
     ) -> Iterator[Caption | CaptionFailure]:
-        """Caption many images, yielding one result per image in input order (options as for caption).
+        """Caption many images, yielding one result per image in input order, each with its ``index`` there
+        (options as for caption).
 
         An image that cannot be read or captioned yields a CaptionFailure instead of raising.
         Up to ``parallel`` captions are in flight at once, a finished one's slot taking the next
@@ -188,10 +199,10 @@ class Captioner(ClosingContext):
         is None when ``images`` has no length); both are called in this thread, while it waits.
         Cancelled (from :meth:`cancel`) ends the run, raised once every result finished before it
         has been yielded (in input order, leaving out the images it cut short: match results to
-        inputs by their ``image``).
+        inputs by their ``index``).
         """
         scheduler = self._live()
-        opts, epoch = self._options(options), scheduler.epoch
+        opts, epoch = self._options(generation, options), scheduler.epoch
         total = len(images) if isinstance(images, Sized) else None
         window = self.parallel + 1  # one more than the slots: the next is ready when a slot frees
         events: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (index, piece or the end)
@@ -202,7 +213,7 @@ class Captioner(ClosingContext):
 
         def settle(index: int, outcome: Caption | CaptionFailure) -> None:
             nonlocal finished
-            results[index] = outcome
+            results[index] = dataclasses.replace(outcome, index=index)
             finished += 1
             if progress is not None:
                 progress(finished, total)
@@ -308,11 +319,9 @@ class Captioner(ClosingContext):
             raise EngineError(scheduler.closed)
         return scheduler
 
-    def _options(self, options: GenerationKwargs) -> GenerationOptions:
+    def _options(self, generation: GenerationOptions | None, options: GenerationKwargs) -> GenerationOptions:
         """The one GenerationOptions of a call, built at its edge; the default prompt filled in."""
-        opts = make(GenerationOptions, options)
-        prompt = resolve_prompt(prompt=opts.prompt, preset=opts.preset, default=self.default_prompt)
-        return dataclasses.replace(opts, prompt=prompt, preset=None)
+        return generation_of(generation, options).resolved(self.default_prompt)
 
     def _submit(self, request: Request) -> CaptionHandle:
         scheduler = self._live()
