@@ -134,17 +134,17 @@ def test_llama_cpp_errors_stay_with_the_thread_that_caused_them() -> None:
     """Two Captioners in one process: one's llama.cpp error never explains the other's failure."""
     import threading
 
-    from caprl_local.engine.backend import LOG
+    from caprl_local.engine.backend import LLAMA_LOG
 
     seen: dict[str, str] = {}
     ready = threading.Barrier(2)
 
     def work(name: str) -> None:
-        LOG.attach(verbose=False)
+        LLAMA_LOG.attach(verbose=False)
         ready.wait()
-        LOG._on_log(4, f"llama_model_load: error for {name}\n".encode(), None)
+        LLAMA_LOG._on_log(4, f"llama_model_load: error for {name}\n".encode(), None)
         ready.wait()
-        seen[name] = LOG.first_error()
+        seen[name] = LLAMA_LOG.first_error()
 
     threads = [threading.Thread(target=work, args=(n,)) for n in ("a", "b")]
     for t in threads:

@@ -12,9 +12,8 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
 
 from typing_extensions import Unpack
 
@@ -22,7 +21,7 @@ from ..captioning import ClosingContext
 from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
-from ..images import ImageBudget, ImageInput, TiledBudget, describe, load_ahead
+from ..images import ImageInput, describe, load_ahead
 from ..options import (
     EngineKwargs,
     EngineOptions,
@@ -64,14 +63,14 @@ class Captioner(ClosingContext):
         self._scheduler: Scheduler | None = None
         self.options = make(EngineOptions, options)
         self.default_prompt = resolve_prompt(prompt=prompt)
-        model_info, mmproj_info = check_model_files(model_path, mmproj_path)
+        pair = check_model_files(model_path, mmproj_path)
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
-        self.architecture = model_info.architecture
+        self.architecture = pair.model.architecture
         self.files = ModelFiles(self.model_path, self.mmproj_path, architecture=self.architecture)
-        self._budget = _budget(mmproj_info.metadata, self.options)
+        self._budget = pair.budget(self.options)
         if self.options.isolate:
             check_first_load(self.model_path, self.mmproj_path, self.options, cache_dir=cache_dir)
-        self._session = Session(self.model_path, self.mmproj_path, model_info, self.options)
+        self._session = Session(self.model_path, self.mmproj_path, pair.model, self.options)
         try:  # from here on the scheduler owns the session, and frees it when closed
             self._scheduler = Scheduler(self._session, verbose=self.options.verbose)
         except BaseException:
@@ -246,9 +245,10 @@ class Captioner(ClosingContext):
                 yielded += 1
 
         def the_rest() -> Iterator[Caption | CaptionFailure]:
-            """After a cancel: every result that was finished, in input order, over the gaps."""
+            """After a cancel: every result that was finished, in input order, over the gaps; then Cancelled."""
             for index in sorted(results):
                 yield results.pop(index)
+            raise cancelled[0]
 
         try:
             for index, (source, item) in enumerate(load_ahead(images, load=self._budget.prepare,
@@ -264,14 +264,10 @@ class Captioner(ClosingContext):
                 yield from in_order()
                 if cancelled:
                     yield from the_rest()
-                    raise cancelled[0]
             while running:
                 collect(block=True)
                 yield from in_order()
-            if cancelled:
-                yield from the_rest()
-                raise cancelled[0]
-            yield from in_order()
+            yield from the_rest() if cancelled else in_order()
         finally:
             for request in running.values():  # stopped early (Cancelled, Ctrl-C, the caller broke off)
                 scheduler.cancel(request)
@@ -327,21 +323,6 @@ class Captioner(ClosingContext):
         scheduler = self._live()
         scheduler.submit(request)
         return CaptionHandle(request, scheduler)
-
-
-def _budget(meta: Mapping[str, Any], options: EngineOptions) -> ImageBudget | TiledBudget:
-    """How images are sized for this projector within the image-token cap."""
-    patch = int(meta["clip.vision.patch_size"])
-    if meta.get("clip.projector_type") == "internvl":  # 448-pixel tiles, pixel-shuffled to 256 tokens each
-        tile = int(meta.get("clip.vision.image_size", 448))
-        per_tile = (tile // patch // int(meta.get("clip.vision.projector.scale_factor", 2))) ** 2
-        if options.image_max_tokens is not None and options.image_max_tokens < per_tile:
-            raise CaprlError(f"InternVL spends {per_tile} tokens on each image tile; the image-token cap "
-                             f"({options.image_max_tokens}) must be at least that")
-        return TiledBudget.for_tokens(tile=tile, per_tile=per_tile, max_tokens=options.image_max_tokens,
-                                      most_tiles=int(meta.get("clip.vision.preproc_max_tiles", 12)))
-    return ImageBudget.for_tokens(align=patch * int(meta.get("clip.vision.spatial_merge_size", 2)),
-                                  min_tokens=options.image_min_tokens, max_tokens=options.image_max_tokens)
 
 
 class _Tagged:

@@ -1,9 +1,4 @@
-"""Which text models and vision projectors fit together, read from their GGUF headers.
-
-Pure: no llama.cpp. Files that llama.cpp would abort the process on (a missing tensor its
-vision graph uses unchecked, mismatched embedding widths) are refused here with a one-line
-error naming the file, before llama.cpp ever sees them.
-"""
+"""The checks that a text model and a vision projector fit together, read from their GGUF headers (see the package)."""
 
 from __future__ import annotations
 
@@ -11,53 +6,28 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelFileError
-from .ggufmeta import GGUFInfo, read_gguf
+from ..errors import ModelFileError
+from ..ggufmeta import GGUFInfo, read_gguf
+from ..images import ImageBudget, TiledBudget
+from ..options import EngineOptions
+from .base import Family
+from .known import FAMILIES, PROJECTOR_NAMES, SUPPORTED_ARCHITECTURES
 
 
 @dataclass(frozen=True)
-class Family:
-    """What the engine knows about one family of vision-language GGUFs."""
+class ModelPair:
+    """A text model and its vision projector, checked to fit together, and their family."""
 
-    name: str
-    projectors: frozenset[str]  # clip.projector_type values of its vision projectors
-    # Projector tensors llama.cpp's vision graph uses without checking that they exist (a
-    # file lacking one would crash the process instead of failing to load): overall, per block.
-    tensors: tuple[str, ...]
-    block_tensors: tuple[str, ...]
-    f32_tensors: tuple[str, ...] = ()  # ... and those it asserts are f32
-    output_bias: str = "mm.2.bias"  # the projector's last bias: its width is what the text model receives
+    model: GGUFInfo
+    mmproj: GGUFInfo
+    family: Family
 
-
-_MERGER = ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
-_PATCH = ("v.patch_embd.weight", "v.patch_embd.weight.1")
-_BLOCK = ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_down.weight")
-
-#: Text model architecture (general.architecture) -> its family.
-FAMILIES = {
-    "qwen2vl": Family(
-        "Qwen2-VL / Qwen2.5-VL", frozenset({"qwen2vl_merger", "qwen2.5vl_merger"}), _PATCH + _MERGER,
-        tuple(f"{n}.{k}" for n in ("attn_q", "attn_k", "attn_v") for k in ("weight", "bias")) + _BLOCK,
-    ),
-    "qwen3vl": Family(
-        "Qwen3-VL", frozenset({"qwen3vl_merger"}), (*_PATCH, "v.patch_embd.bias", "v.position_embd.weight", *_MERGER),
-        ("attn_qkv.weight", "attn_qkv.bias", *_BLOCK), f32_tensors=("v.position_embd.weight",),
-    ),
-    # InternVL3.5 (CapRL-InternVL3.5-8B): InternViT and a Qwen3 text model. llama.cpp asserts the
-    # class and position embeddings exist, and reads the projector's MLP unchecked.
-    "qwen3": Family(
-        "InternVL", frozenset({"internvl"}),
-        ("v.patch_embd.weight", "v.class_embd", "v.position_embd.weight",
-         *(f"mm.model.mlp.{i}.{k}" for i in (0, 1, 3) for k in ("weight", "bias"))),
-        ("attn_q.weight", "attn_k.weight", "attn_v.weight", *_BLOCK), output_bias="mm.model.mlp.3.bias",
-    ),
-}
-SUPPORTED_ARCHITECTURES = frozenset(FAMILIES)
-_PROJECTOR_FAMILY = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL", "qwen3vl_merger": "Qwen3-VL",
-                     "internvl": "InternVL"}
+    def budget(self, options: EngineOptions) -> ImageBudget | TiledBudget:
+        """How images are sized for this pair within the image-token cap."""
+        return self.family.budget(self.mmproj.metadata, options)
 
 
-def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str]) -> tuple[GGUFInfo, GGUFInfo]:
+def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str]) -> ModelPair:
     """Check that the pair is a supported text model and its matching vision projector."""
     model = read_gguf(model_path, role="model")
     mmproj = read_gguf(mmproj_path, role="projector")
@@ -82,7 +52,7 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     proj_type = str(mmproj.metadata.get("clip.projector_type", mmproj.metadata.get("clip.vision.projector_type", "")))
     family = FAMILIES[arch]
     if proj_type not in family.projectors:
-        kind = f"a {_PROJECTOR_FAMILY[proj_type]} projector" if proj_type in _PROJECTOR_FAMILY else \
+        kind = f"a {PROJECTOR_NAMES[proj_type]} projector" if proj_type in PROJECTOR_NAMES else \
             f"a projector of type {proj_type or 'unknown'!r}"
         raise ModelFileError(
             f"projector {mmproj.path}: is {kind}, but {model.path.name} is a {family.name} text model; "
@@ -94,10 +64,10 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
     _check_vision_tensors(mmproj, family)
     # llama.cpp feeds the text model embeddings of n_embd x (1 + deepstack layers); the projector
     # yields its merger's width x (1 + its deepstack mergers): both must agree.
-    n_deepstack = _int(model.metadata.get(f"{arch}.n_deepstack_layers", 0))
-    if n_deepstack >= _int(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
+    n_deepstack = _count(model.metadata.get(f"{arch}.n_deepstack_layers", 0))
+    if n_deepstack >= _count(model.metadata.get(f"{arch}.block_count")):  # llama.cpp would abort
         raise ModelFileError(f"model {model.path}: invalid deepstack layer count {n_deepstack}; download it again")
-    text_width = _int(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
+    text_width = _count(model.metadata.get(f"{arch}.embedding_length")) * (1 + n_deepstack)
     bias_dims = mmproj.tensors[family.output_bias][1]
     if len(bias_dims) != 1 or not 0 < bias_dims[0] <= _MAX_WIDTH:
         raise ModelFileError(f"projector {mmproj.path}: tensor {family.output_bias} has shape {list(bias_dims)}, "
@@ -111,15 +81,15 @@ def check_model_files(model_path: str | os.PathLike[str], mmproj_path: str | os.
             f"projector {mmproj.path}: produces {proj_width}-wide embeddings but {model.path.name} expects "
             f"{text_width}; use the mmproj published with this model"
         )
-    return model, mmproj
+    return ModelPair(model, mmproj, family)
 
 
 def kv_bytes_per_token(model: GGUFInfo) -> int:
     """Bytes of KV cache one token of context takes: K and V in f16, every layer."""
     meta, arch = model.metadata, model.architecture
-    head_dim = _int(meta.get(f"{arch}.attention.key_length")) or \
-        _int(meta.get(f"{arch}.embedding_length")) // max(1, _int(meta.get(f"{arch}.attention.head_count")))
-    return 2 * 2 * _int(meta.get(f"{arch}.block_count")) * _int(meta.get(f"{arch}.attention.head_count_kv")) * head_dim
+    head_dim = _count(meta.get(f"{arch}.attention.key_length")) or \
+        _count(meta.get(f"{arch}.embedding_length")) // max(1, _count(meta.get(f"{arch}.attention.head_count")))
+    return 2 * 2 * _count(meta.get(f"{arch}.block_count")) * _count(meta.get(f"{arch}.attention.head_count_kv")) * head_dim
 
 
 # Bounds on header numbers, checked before any is used: a damaged file must not make the checks
@@ -136,7 +106,8 @@ def _bounded(info: GGUFInfo, role: str, key: str, most: int) -> int:
     return value
 
 
-def _int(value: Any) -> int:
+def _count(value: Any) -> int:
+    """A header count as a number: 0 for anything that is not a whole number."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
