@@ -19,7 +19,7 @@ import click
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
-from .printable import printable, printable_text
+from .printable import human_size, printable, printable_text
 from .safefiles import STOP_SIGNALS
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
     from .inputs import BatchItem
 
 C = TypeVar("C", bound="Captioning")
-
-
-def size(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 def duration(seconds: float) -> str:
@@ -77,7 +73,7 @@ class DownloadBar:
             self.close()
             self.current = p.filename
             if not self.tty:
-                say(f"Downloading {p.filename} ({size(p.total or 0)})")
+                say(f"Downloading {p.filename} ({human_size(p.total or 0)})")
                 return
             clear_status()
             self.bar = tqdm(total=p.total, initial=p.downloaded, desc=printable(p.filename, limit=60), unit="B", unit_scale=True,
@@ -217,14 +213,14 @@ def print_models(listings: list[Any], *, default: str) -> None:
         if item.available is not None:
             quants = [f for f in item.available if not f.projector]
             shown = ", ".join(
-                f"{'i1-' if f.imatrix else ''}{f.quant} {size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
+                f"{'i1-' if f.imatrix else ''}{f.quant} {human_size(f.size)}{' *' if (f.repo, f.filename) in cached else ''}"
                 for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
             )
             _line(f"  quants: {shown or 'none published yet'}")
         elif item.error != "offline":
             _line(f"  quants: not listed ({item.error})")
         for c in item.cached:
-            _line(f"  cached: {c.filename}  {size(c.size)}")
+            _line(f"  cached: {c.filename}  {human_size(c.size)}")
         if not item.cached:
             _line("  cached: nothing")
 

@@ -43,13 +43,15 @@ class NoSpaceError(DownloadError):
 class OfflineError(CaprlError):
     """A needed file is not cached and the network may not be used.
 
-    ``model``, ``quant`` and ``imatrix`` name what was asked for, so that an application can
-    offer to download it.
+    ``model``, ``quant`` (the quant the message names: the default one when none was asked for) and
+    ``imatrix`` name what is missing, so that an application can offer to download it.
     """
 
-    def __init__(self, message: str, *, model: str = "", quant: str | None = None, imatrix: bool = False) -> None:
+    def __init__(self, message: str, *, model: str = "", quant: str | None = None, imatrix: bool = False,
+                 quant_is_default: bool = False) -> None:
         super().__init__(message)
         self.model, self.quant, self.imatrix = model, quant, imatrix
+        self.quant_is_default = quant_is_default  # none was asked for: a download need not name it
 
 
 class EngineError(CaprlError):

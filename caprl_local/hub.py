@@ -210,7 +210,7 @@ def _resolve_cached(spec: ModelSpec, root: Path, *, quant: str | None, imatrix: 
         raise OfflineError(
             f"{spec.name} {quant}{' (imatrix)' if imatrix else ''} is not in the cache ({have} cached) and the "
             "network may not be used; download it while online",
-            model=spec.name, quant=None if quant == spec.default_quant else quant, imatrix=imatrix)
+            model=spec.name, quant=quant, imatrix=imatrix, quant_is_default=quant == spec.default_quant)
     return model, mmproj
 
 # --- the public entry points ---------------------------------------------------------------
@@ -259,10 +259,9 @@ def download_model(
         if damage is None and (offline or not verify):
             return cached
         if damage is not None and offline:
-            asked = quant or spec.default_quant
             raise OfflineError(f"{spec.name}: {damage}, and the network may not be used; download it again while "
-                               "online", model=spec.name, quant=None if asked == spec.default_quant else asked,
-                               imatrix=imatrix)
+                               "online", model=spec.name, quant=quant or spec.default_quant, imatrix=imatrix,
+                               quant_is_default=quant in (None, spec.default_quant))
         if damage is not None:
             log.warning("%s; downloading it again", damage)
     try:

@@ -65,11 +65,11 @@ def some(items: Sequence[T], show: Callable[[T], str], *, most: int = 20) -> str
     return text + (f" and {len(items) - most:,} more" if len(items) > most else "")
 
 
-def human_size(n: int) -> str:
-    """A byte count for messages: 950 B, 12 KB, 1.5 MB, 2.3 GB."""
+def human_size(n: int | float) -> str:
+    """A byte count for people: 950 B, 12 KB, 1.5 MB, 2.05 GB (quants of one model differ by tenths of a GB)."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+    for unit, digits in (("B", 0), ("KB", 0), ("MB", 1)):
+        if size < 1000:
+            return f"{size:.{digits}f} {unit}"
         size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover
+    return f"{size:.2f} GB"

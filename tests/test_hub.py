@@ -171,7 +171,8 @@ def test_missing_files_offline_say_which_pull_fixes_it(hub: FakeHub, images: Pat
     with pytest.raises(OfflineError) as offline:
         download_model("caprl-3b", offline=True)
     assert "caprl-local" not in str(offline.value) and "--" not in str(offline.value)  # the CLI adds its hint
-    assert (offline.value.model, offline.value.quant, offline.value.imatrix) == ("caprl-3b", None, False)
+    assert (offline.value.model, offline.value.quant, offline.value.imatrix) == ("caprl-3b", "Q4_K_M", False)
+    assert offline.value.quant_is_default and "Q4_K_M" in str(offline.value)  # the attribute names what the text does
 
 
 def test_models_lists_quants_and_cache(hub: FakeHub) -> None:

@@ -24,7 +24,8 @@ __all__ = ["ERROR_TABLE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_U
 
 
 def _pull_hint(exc: OfflineError) -> str:
-    args = [exc.model, *(["--quant", exc.quant] if exc.quant else []), *(["--imatrix"] if exc.imatrix else [])]
+    quant = ["--quant", exc.quant] if exc.quant and not exc.quant_is_default else []
+    args = [exc.model, *quant, *(["--imatrix"] if exc.imatrix else [])]
     return f"Error: {exc} (`caprl-local pull {' '.join(args)}`)"
 
 

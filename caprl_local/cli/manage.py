@@ -11,7 +11,7 @@ import click
 
 from .. import console
 from ..errors import CaprlError
-from ..printable import printable
+from ..printable import human_size, printable
 from ..registry import DEFAULT_MODEL
 from .base import cache_dir_option, cli, model_options
 
@@ -78,7 +78,7 @@ def rm(model: str, quant: str | None, cache_dir: str | None) -> None:
     removed = remove_model(model, quant=quant, cache_dir=cache_dir)
     for c in removed:
         click.echo(printable(c.path, limit=None))
-    click.echo(f"Removed {len(removed)} file(s), freed {console.size(sum(c.size for c in removed))}.", err=True)
+    click.echo(f"Removed {len(removed)} file(s), freed {human_size(sum(c.size for c in removed))}.", err=True)
 
 
 @cli.command()
