@@ -25,7 +25,9 @@ from .safefiles import STOP_SIGNALS
 if TYPE_CHECKING:
     from .batch import BatchSummary
     from .captioning import Captioning
+    from .hub import ModelListing
     from .inputs import BatchItem
+    from .transfer import DownloadProgress
 
 C = TypeVar("C", bound="Captioning")
 
@@ -68,7 +70,7 @@ class DownloadBar:
         self.bar: Any = None
         self.tty = sys.stderr.isatty()
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: DownloadProgress) -> None:
         if p.filename != self.current:
             self.close()
             self.current = p.filename
@@ -201,7 +203,7 @@ class Streamer:
         click.echo(printable_text(piece) if self.tty else piece, nl=False)  # click flushes: a pipe sees each piece
 
 
-def print_models(listings: list[Any], *, default: str) -> None:
+def print_models(listings: list[ModelListing], *, default: str) -> None:
     """`caprl-local models` as text: each model, its published quants (* cached) and cached files
     (names from the Hub and the user's registry are escaped)."""
     for item in listings:
@@ -229,7 +231,7 @@ def _line(text: str) -> None:
     click.echo(printable(text, limit=None))
 
 
-def listing_json(item: Any, *, default: str) -> dict[str, Any]:
+def listing_json(item: ModelListing, *, default: str) -> dict[str, Any]:
     """`caprl-local models --json`: one model as a JSON object."""
     cached = {(c.repo, c.filename): c for c in item.cached}
     return {

@@ -31,6 +31,8 @@ from .prompts import resolve_prompt
 from .results import Activity, Caption, CaptionFailure, Timings
 
 log = logging.getLogger("caprl_local")
+#: What a worker reports: a result, or (its endpoint, why it went down).
+_Done = Caption | CaptionFailure | tuple[str, BaseException]
 
 #: Statuses worth asking again (the server is busy or failing for a moment).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -112,7 +114,7 @@ class EndpointCaptioner(ClosingContext):
         names = [os.fspath(image) for image in images]
         for job in enumerate(names):
             todo.put(job)
-        done: queue.SimpleQueue[Caption | CaptionFailure | tuple[str, BaseException]] = queue.SimpleQueue()
+        done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         workers = [threading.Thread(target=self._work, args=(e, todo, done, prompt, opts), daemon=True,
                                     name=f"caprl-endpoint-{i}")
                    for i, e in enumerate(self.endpoints) for _ in range(self.widths[e.url])]
@@ -153,7 +155,7 @@ class EndpointCaptioner(ClosingContext):
 
     # -- workers --
 
-    def _work(self, endpoint: Endpoint, todo: queue.SimpleQueue[tuple[int, str] | None], done: queue.SimpleQueue[Any],
+    def _work(self, endpoint: Endpoint, todo: queue.SimpleQueue[tuple[int, str] | None], done: queue.SimpleQueue[_Done],
               prompt: str, opts: GenerationOptions) -> None:
         cancelled = self._cancelled
         while not cancelled.is_set() and (job := todo.get()) is not None:

@@ -36,6 +36,7 @@ def test_an_applications_type_checker_sees_the_types(tmp_path: Path, monkeypatch
 
 MISSPELT = {  # line of the application file: the misspelt option there
     2: "paralel", 3: "quantt", 4: "max_tokns", 5: "temprature", 6: "sed", 7: "ignore_eoss", 8: "gpu_layer",
+    10: "max_token", 11: "actor", 12: "treads", 13: "max_tokns",
 }
 
 BAD = """from caprl_local import Captioner
@@ -47,7 +48,12 @@ cap.submit("x.jpg", sed=1)
 cap.caption_many(["a.jpg"], ignore_eoss=True)
 Captioner.from_pretrained("caprl-3b", gpu_layer=0)
 cap.caption("x.jpg", max_tokens="5")
+GenerationOptions(max_token=5)
+RayCaptioner("caprl-3b", actor=2)
+RayCaptioner("caprl-3b", treads=2)
+caption_dataset(None, max_tokns=5)
 """
+BAD_IMPORTS = "from caprl_local.options import GenerationOptions\nfrom caprl_local.ray import RayCaptioner, caption_dataset\n"
 
 GOOD = """from caprl_local import Captioner
 from caprl_local.captioning import Captioning
@@ -75,13 +81,23 @@ each: list[Captioning] = [cap, EndpointCaptioner([Endpoint("http://127.0.0.1:9/v
                           RayCaptioner("caprl-3b")]
 with other as entered:
     entered.caption("x.jpg")
-"""
+one = GenerationOptions(prompt="Describe.", max_tokens=5, stop=("END",))
+cap.caption("x.jpg", generation=one)
+cap.stream("x.jpg", generation=one).close()
+cap.submit("x.jpg", generation=one).result()
+for r in cap.caption_many(["a.jpg"], generation=one):
+    r.index
+caption_dataset(None, model="caprl-3b", actors=2, cpus_per_actor=1.0, gpus_per_actor=0, batch_size=4, generation=one,
+                quant="Q4_K_M", threads=2, prompt="Describe.")
+caption_dataset(None, max_tokens=5, temperature=0.5, cache_dir="cache", gpu_layers=0)
+""".replace("from caprl_local.ray import RayCaptioner\n",
+            "from caprl_local.options import GenerationOptions\nfrom caprl_local.ray import RayCaptioner, caption_dataset\n")
 
 
 def test_a_misspelt_option_is_a_type_error_and_every_option_type_checks(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     api = pytest.importorskip("mypy.api")
-    (tmp_path / "bad.py").write_text(BAD)
+    (tmp_path / "bad.py").write_text(BAD + BAD_IMPORTS)  # the imports last: the lines above keep their numbers
     (tmp_path / "good.py").write_text(GOOD)
     (tmp_path / "mypy.ini").write_text("[mypy]\nignore_missing_imports = True\n")
     monkeypatch.chdir(tmp_path)

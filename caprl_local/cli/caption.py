@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+from typing_extensions import Unpack
 
 from .. import console
 from ..errors import CaprlError
-from ..options import GenerationKwargs, GenerationOptions, Parallel, default
+from ..options import GenerationKwargs, GenerationOptions, Parallel, PretrainedKwargs, default
 from ..prompts import PRESETS
 from .base import (
     ENGINE_NAMES,
@@ -216,7 +217,8 @@ def _ended(summary: BatchSummary | None) -> None:
         raise SystemExit(EXIT_FAILURE)
 
 
-def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus: float, **options: Any) -> RayCaptioner:
+def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus: float,
+         **options: Unpack[PretrainedKwargs]) -> RayCaptioner:
     try:
         from ..ray import RayCaptioner
     except ImportError as exc:
