@@ -201,3 +201,12 @@ def test_an_option_the_requests_cannot_carry_is_refused_by_name(recorder: tuple[
     assert len(bodies) == 1
     with pytest.raises(CaprlError, match="unknown option 'max_tokns'"):
         options.make(GenerationOptions, {"max_tokns": 5})
+
+
+def test_the_docstrings_that_list_options_name_every_one() -> None:
+    """An IDE shows these lists: a new option is named there too."""
+    assert Captioner.__doc__ is not None and Captioner.caption.__doc__ is not None
+    for field in dataclasses.fields(EngineOptions):
+        assert field.name in Captioner.__doc__, field.name
+    for field in dataclasses.fields(GenerationOptions):
+        assert field.name in Captioner.caption.__doc__, field.name
