@@ -14,10 +14,12 @@ from .errors import (
     ImageError,
     ModelFileError,
     OfflineError,
+    PromptTooLongError,
     UnknownModelError,
 )
 
 if TYPE_CHECKING:
+    from .chat import ChatImage, ChatMessage, assistant, system, user
     from .engine import Captioner, CaptionHandle
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Captioner": "engine", "CaptionHandle": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
     "Activity": "results",
+    "ChatMessage": "chat", "ChatImage": "chat", "system": "chat", "user": "chat", "assistant": "chat",
     "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
     "ModelSpec": "registry",
 }
@@ -47,6 +50,11 @@ __all__ = [
     "CaptionFailure",
     "CaptionHandle",
     "Captioner",
+    "ChatImage",
+    "ChatMessage",
+    "assistant",
+    "system",
+    "user",
     "Timings",
     "ModelSpec",
     "ModelFiles",
@@ -61,6 +69,7 @@ __all__ = [
     "ImageError",
     "ModelFileError",
     "OfflineError",
+    "PromptTooLongError",
     "UnknownModelError",
     "__version__",
 ]

@@ -58,6 +58,10 @@ class EngineError(CaprlError):
     """llama.cpp failed while loading or running a model."""
 
 
+class PromptTooLongError(EngineError):
+    """A prompt (its text and images) needs more tokens than a caption's context holds."""
+
+
 class Cancelled(CaprlError):
     """Captioning was stopped by ``Captioner.cancel()`` (the CLI calls it on Ctrl-C)."""
 

@@ -21,12 +21,13 @@ PRESETS: dict[str, str] = {
     "tags": "List the subjects, objects, setting, colors and style of this image as comma-separated tags.",
 }
 
-#: Where the image goes in a prompt; without it, the image comes first, as in CapRL's prompt.
+#: Where the image goes in a prompt; without it, the image comes first, as in CapRL's prompt (see
+#: chat.place_images).
 IMAGE_PLACEHOLDER = "<image>"
 
 #: One user turn and the assistant's opening in Qwen's ChatML, with no system turn (CapRL's
 #: captions were trained and evaluated without one). The engine renders each model's own
-#: chat template instead, and falls back to this for a GGUF that carries none.
+#: chat template instead, and falls back to ChatML for a GGUF whose template llama.cpp does not know.
 CHATML = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 #: Where the prompt's content goes in a chat format.
@@ -48,10 +49,11 @@ def resolve_prompt(*, prompt: str | None = None, preset: str | None = None, defa
         raise CaprlError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def chat_prompt(chat_format: str, text: str, *, media_marker: str) -> str:
-    """The full model input for one image and one instruction, in the model's chat format."""
-    if IMAGE_PLACEHOLDER in text:
-        content = text.replace(IMAGE_PLACEHOLDER, media_marker, 1)
-    else:
-        content = media_marker + text
-    return chat_format.replace(CONTENT, content, 1)
+#: A chat turn as a chat template takes it: (role, content).
+Turn = tuple[str, str]
+
+
+def chatml(turns: list[Turn]) -> str:
+    """Turns and the assistant's opening in Qwen's ChatML (what CHATML is for one user turn), for a
+    model whose chat template llama.cpp does not know."""
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns) + "<|im_start|>assistant\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing_extensions import Unpack
 
 from ..captioning import ClosingContext
+from ..chat import ChatMessage, conversation, name_of, prepared, with_prompt
 from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
@@ -167,6 +168,40 @@ class Captioner(ClosingContext):
         ``call_soon_threadsafe``, say); the handle is then not iterable.
         """
         return self._start(image, self._options(generation, options), sink=sink)
+
+    def submit_chat(self, messages: Iterable[ChatMessage], *, sink: TextSink | None = None,
+                    generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> CaptionHandle:
+        """Start answering a conversation (ChatMessage values, see :mod:`caprl_local.chat`: system, user and
+        assistant turns, any number of images in user turns, none too) and return at once with its handle.
+
+        It is rendered through the model's own chat template; the messages' text is always text (typed
+        control tokens or media markers are never markup). The prompt (the one given, a preset's, or the
+        default) is added to the last user turn only when no message carries text of its own, so that
+        ``submit_chat([user(image)])`` is ``submit(image)`` exactly. The images are read and sized here, in
+        the calling thread (a bad one raises ImageError); sink and options as for submit.
+        """
+        epoch = self._live().epoch
+        opts, turns = self._options(generation, options), conversation(messages)
+        name, t0 = name_of(turns), time.perf_counter()  # named by the images as given, before they are read
+        turns = prepared(with_prompt(turns, opts.prompt), self._budget.prepare)
+        request = Request(None, name, opts, load_s=time.perf_counter() - t0, epoch=epoch, messages=turns)
+        if sink is not None:
+            request.sink = sink
+        return self._submit(request)
+
+    def chat(self, messages: Iterable[ChatMessage], *, on_text: Callable[[str], None] | None = None,
+             generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
+        """Answer a conversation (see submit_chat) and return the Caption: its image_tokens are those of all
+        its images. ``on_text`` and options as for caption."""
+        handle = self.submit_chat(messages, generation=generation, **options)
+        try:
+            if on_text is not None:
+                for piece in text_of(handle._request):
+                    on_text(piece)
+            return handle.result()
+        except BaseException:  # Ctrl-C or on_text failing: the answer is not wanted any more
+            handle.cancel()
+            raise
 
     def _start(self, image: ImageInput, opts: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch

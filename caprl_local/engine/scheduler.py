@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from ..chat import ChatMessage, caption_conversation
 from ..errors import Cancelled, CaprlError, EngineError
 from ..options import GenerationOptions
 from ..results import Caption, Timings
@@ -50,9 +51,9 @@ _CLOSED = "this Captioner is closed; create a new one"
 
 @dataclass(eq=False)
 class Request:
-    """One caption asked for: a prepared image, its options, and where its text and result go."""
+    """One caption asked for: a prepared image or conversation, its options, and where its text and result go."""
 
-    image: Image.Image
+    image: Image.Image | None  # None for a conversation
     name: str  # the input, as named in messages
     options: GenerationOptions  # prompt already resolved
     load_s: float = 0.0  # seconds spent reading and resizing the image, before submission
@@ -60,6 +61,14 @@ class Request:
     future: Future[Caption] = field(default_factory=Future)
     sink: TextSink = field(default_factory=lambda: queue.SimpleQueue[str | None]())  # the text as generated, then _END
     cancelled: bool = False
+    messages: tuple[ChatMessage, ...] | None = None  # a conversation to answer (its images prepared), else a caption
+
+    def conversation(self) -> tuple[ChatMessage, ...]:
+        """What the model is prompted with: the conversation, or a caption's one user turn."""
+        if self.messages is None:
+            assert self.image is not None  # a caption has one
+            return caption_conversation(self.image, self.options.prompt or "")
+        return self.messages
 
     def finish(self, outcome: Caption | BaseException) -> None:
         if self.future.done():
@@ -306,8 +315,8 @@ class Scheduler:
         LLAMA_LOG.clear()
         sampler = None
         try:
-            prompted = self.session.prompt(seq, request.image, request.options.prompt or "", request.name,
-                                           cancelled=lambda: request.cancelled)
+            prompted = self.session.prompt_chat(seq, request.conversation(), request.name,
+                                                cancelled=lambda: request.cancelled)
             sampler = self.session.sampler(request.options)
             slot = _Slot(request, seq, sampler, prompted.n_past, t_start)
             slot.image_tokens, slot.prompt_tokens, slot.encode_s = \

@@ -24,11 +24,12 @@ import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
-from ..errors import Cancelled, EngineError, ModelFileError
+from ..chat import ChatMessage, caption_conversation, render_chat
+from ..errors import Cancelled, EngineError, ModelFileError, PromptTooLongError
 from ..families import kv_bytes_per_token
 from ..ggufmeta import GGUFInfo
 from ..options import EngineOptions, GenerationOptions
-from ..prompts import CHATML, CONTENT, chat_prompt
+from ..prompts import CHATML, CONTENT, Turn, chatml
 from . import backend
 from .backend import LLAMA_LOG
 
@@ -110,7 +111,6 @@ class Session:
         if not mtmd.mtmd_support_vision(self._mctx):
             raise ModelFileError(f"projector {self.mmproj_path}: has no vision encoder; use the model's image mmproj")
 
-        self._marker = mtmd.mtmd_default_marker().decode()
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -141,60 +141,108 @@ class Session:
 
     def _chat_format(self) -> str:
         """One user turn and the assistant's opening in the model's own chat format: its GGUF's
-        chat template as llama.cpp renders it (no system turn), with CONTENT for the prompt."""
-        template = llama_cpp.llama_model_chat_template(self._model, None)
-        if template:
-            turn = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(b"user", CONTENT.encode()))
-            buf = ctypes.create_string_buffer(4096)
-            n = llama_cpp.llama_chat_apply_template(template, turn, 1, True, buf, len(buf))
-            rendered = buf.raw[:n].decode(errors="replace") if 0 < n <= len(buf) else ""
-            if rendered.count(CONTENT) == 1:
+        chat template as llama.cpp renders it (no system turn), with CONTENT for the prompt. A
+        template llama.cpp does not know leaves every conversation to ChatML."""
+        self._template: bytes | None = llama_cpp.llama_model_chat_template(self._model, None) or None
+        if self._template:
+            rendered = _apply_template(self._template, [("user", CONTENT)])
+            if rendered is not None and rendered.count(CONTENT) == 1:
                 return rendered
             log.warning("%s: llama.cpp does not know this model's chat template; using ChatML", self.model_path.name)
+            self._template = None
         return CHATML
+
+    def _render(self, turns: list[Turn]) -> str | None:
+        return chatml(turns) if self._template is None else _apply_template(self._template, turns)
 
     # -- one sequence ---------------------------------------------------------------------
 
     def prompt(self, seq: int, rgb: Image.Image, text: str, name: str,
                cancelled: Callable[[], bool] = lambda: False) -> Prompted:
-        """Evaluate the chat prompt with the image into sequence `seq` (which must be empty).
+        """Evaluate a caption's prompt, one user turn of the image and `text`, into sequence `seq`."""
+        return self.prompt_chat(seq, caption_conversation(rgb, text), name, cancelled)
+
+    def prompt_chat(self, seq: int, messages: tuple[ChatMessage, ...], name: str,
+                    cancelled: Callable[[], bool] = lambda: False) -> Prompted:
+        """Evaluate a conversation (its images prepared) and the assistant's opening into sequence
+        `seq` (which must be empty).
 
         Raises Cancelled between the prompt's pieces (text, image encoding, image tokens) once
         `cancelled()` is true, so that a cancel or close need not wait for a large image.
         """
         self._check_open(name)
-        chunks = self._tokenize(rgb, text, name)
+        chunks = self._tokenize(messages, name)
         try:
             return self._eval_chunks(chunks, name, seq, cancelled)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def _tokenize(self, rgb: Image.Image, prompt: str, name: str) -> Any:
+    def chunk_tokens(self, messages: tuple[ChatMessage, ...]) -> list[list[int] | int]:
+        """What prompt_chat would evaluate, chunk by chunk: a text chunk's token ids, an image's token
+        count (for checks of the prompt's layout)."""
+        chunks = self._tokenize(messages, "the conversation")
+        try:
+            layout: list[list[int] | int] = []
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t(0)
+                    ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    layout.append([ids[j] for j in range(n.value)])
+                else:
+                    layout.append(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            return layout
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _tokenize(self, messages: tuple[ChatMessage, ...], name: str) -> Any:
+        """The conversation in the chat template, as mtmd chunks: the template's text with its control
+        tokens, each message's text as plain text (typed control tokens and media markers stay text),
+        each image where it stands (mtmd adds the projector's image delimiters)."""
+        pieces = render_chat(messages, self._render)
+        if pieces is None:
+            raise EngineError(f"{name}: this model's chat template cannot render the conversation "
+                              f"({', '.join(m.role for m in messages)}); send it as user turns only")
+        parts = (ctypes.POINTER(mtmd.mtmd_input_part) * len(pieces))()
+        alive: list[Any] = []  # what the parts point to, until mtmd has read it
+        bitmaps: list[Any] = []
+        try:
+            for i, piece in enumerate(pieces):
+                part = mtmd.mtmd_input_part()
+                if piece.image is not None:
+                    part.bitmap = self._bitmap(piece.image, name)
+                    bitmaps.append(part.bitmap)
+                else:
+                    data = piece.text.encode(errors="replace")  # a lone surrogate from JSON is not UTF-8
+                    text = mtmd.mtmd_input_text(data, len(data), True, piece.kind == "template")
+                    part.text = ctypes.pointer(text)
+                    alive += [data, text]
+                alive.append(part)
+                parts[i] = ctypes.pointer(part)
+            chunks = mtmd.mtmd_input_chunks_init()
+            ret = mtmd.mtmd_tokenize_from_parts(self._mctx, chunks, parts, len(pieces), True)
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        if ret != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise EngineError(f"{name}: could not prepare the prompt for the model: {LLAMA_LOG.first_error()}")
+        return chunks
+
+    def _bitmap(self, rgb: Image.Image, name: str) -> Any:
         data = rgb.tobytes()
         bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
         if not bitmap:
             raise EngineError(f"{name}: llama.cpp could not take the image: {LLAMA_LOG.first_error()}")
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            encoded = chat_prompt(self.chat_format, prompt, media_marker=self._marker).encode()
-            itext = mtmd.mtmd_input_text(encoded, len(encoded), True, True)
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            ret = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
-        finally:
-            mtmd.mtmd_bitmap_free(bitmap)
-        if ret != 0:
-            mtmd.mtmd_input_chunks_free(chunks)
-            why = "the prompt's image placeholders do not match" if ret == 1 else LLAMA_LOG.first_error()
-            raise EngineError(f"{name}: could not prepare the image for the model: {why}")
-        return chunks
+        return bitmap
 
     def _eval_chunks(self, chunks: Any, name: str, seq: int, cancelled: Callable[[], bool]) -> Prompted:
         n_chunks = mtmd.mtmd_input_chunks_size(chunks)
         total = mtmd.mtmd_helper_get_n_tokens(chunks)
-        if total + 1 > self.n_ctx:
-            raise EngineError(
+        if total + 1 > self.n_ctx:  # and one more for the answer's first token
+            raise PromptTooLongError(
                 f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
-                "lower the image-token cap or raise the context size"
+                "shorten the conversation, lower the image-token cap or raise the context size"
             )
         n_past, image_tokens, encode_s = 0, 0, 0.0
         new_past = llama_cpp.llama_pos(0)
@@ -300,3 +348,20 @@ class Session:
                 llama_cpp.llama_free(ctx)
             if model:
                 llama_cpp.llama_model_free(model)
+
+
+def _apply_template(template: bytes, turns: list[Turn]) -> str | None:
+    """Turns and the assistant's opening in a chat template, as llama.cpp renders it (its built-in
+    templates, recognised from the GGUF's); None for a template it does not know."""
+    encoded = [(role.encode(), content.encode()) for role, content in turns]  # alive while llama.cpp reads them
+    messages = (llama_cpp.llama_chat_message * len(turns))(*(llama_cpp.llama_chat_message(r, c) for r, c in encoded))
+    size = 1024 + 2 * sum(len(r) + len(c) for r, c in encoded)
+    for _ in range(2):  # a second time with the size llama.cpp asked for
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(template, messages, len(turns), True, buf, size)
+        if n < 0:
+            return None
+        if n <= size:
+            return buf.raw[:n].decode(errors="replace")
+        size = n
+    return None

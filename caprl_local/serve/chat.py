@@ -1,0 +1,138 @@
+"""OpenAI's chat ``messages`` as the captioner takes them: the JSON list checked and turned into
+ChatMessage values (:mod:`caprl_local.chat`).
+
+Pure: no web framework, no llama.cpp. Strict: roles system, developer (as system), user and assistant;
+content a string or a list of text and image_url parts, images in user messages only and at most
+``max_images`` of them; the last message the user's. Anything else is an ApiError(400) that names the
+message and part. Images named by URL become bytes through the caller's ``fetch``, called only once the
+whole list has passed (so that a request refused costs no fetch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..chat import ChatImage, ChatMessage, Role
+from .protocol import ApiError
+
+#: The most images one conversation may hold (each costs up to the image-token cap, and its decode).
+MAX_IMAGES = 8
+
+_ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_DETAILS = ("auto", "low", "high")
+
+
+@dataclass(frozen=True)
+class ImageUrl:
+    """An image part as the client named it, not yet fetched."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    """One checked message, its images still URLs."""
+
+    role: Role
+    content: tuple[str | ImageUrl, ...]
+
+
+def chat_messages(messages: Any, fetch: Callable[[str], bytes], *, max_images: int = MAX_IMAGES) -> tuple[ChatMessage, ...]:
+    """The conversation a request's ``messages`` holds, its images fetched; ApiError(400) says what is wrong."""
+    return fetch_images(parse_messages(messages, max_images=max_images), fetch)
+
+
+def parse_messages(messages: Any, *, max_images: int = MAX_IMAGES) -> tuple[ParsedMessage, ...]:
+    """Check a request's ``messages`` (fetching nothing); ApiError(400) names what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of messages", "invalid_messages")
+    parsed = tuple(_message(i, m) for i, m in enumerate(messages))
+    n_images = sum(isinstance(part, ImageUrl) for message in parsed for part in message.content)
+    if n_images > max_images:
+        raise _bad(f"the conversation holds {n_images} images; send at most {max_images}", "too_many_images")
+    if parsed[-1].role != "user":
+        raise _bad(f"the last message must be the user's (it is the one answered), not the {parsed[-1].role}'s",
+                   "invalid_messages")
+    return parsed
+
+
+def fetch_images(messages: tuple[ParsedMessage, ...], fetch: Callable[[str], bytes]) -> tuple[ChatMessage, ...]:
+    """The checked messages as ChatMessage values, each image's bytes from ``fetch(url)`` (which raises
+    ApiError for an image it may not or cannot get)."""
+    return tuple(ChatMessage(m.role, tuple(ChatImage(fetch(p.url)) if isinstance(p, ImageUrl) else p for p in m.content))
+                 for m in messages)
+
+
+def _message(i: int, message: Any) -> ParsedMessage:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise _bad(f"{where} must be an object with a role and content", "invalid_messages")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise _bad(f"{where} has role {_show(role)}; use system, developer, user or assistant", "invalid_role")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise _bad(f"{where}: tool calls are not supported by this server", "invalid_messages")
+    content = message.get("content")
+    if isinstance(content, str):
+        return ParsedMessage(_ROLES[role], (_text(where, content),))
+    if not isinstance(content, list):
+        raise _bad(f"{where}: content must be a string or a list of text and image_url parts, not {_kind(content)}",
+                   "invalid_content")
+    parts: list[str | ImageUrl] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = _text(at, part.get("text"))
+            if parts and isinstance(parts[-1], str):  # adjacent text parts read as lines, as llama.cpp joins them
+                text = f"{parts.pop()}\n{text}"
+            parts.append(text)
+        elif kind == "image_url":
+            if role != "user":
+                raise _bad(f"{at}: a {role} message cannot hold an image; put images in user messages", "invalid_content")
+            parts.append(_image_url(at, part.get("image_url")))
+        elif isinstance(part, dict):
+            raise _bad(f"{at}: unsupported part type {_show(kind)} (text and image_url are)", "invalid_content")
+        else:
+            raise _bad(f"{at} must be an object with a type, not {_kind(part)}", "invalid_content")
+    return ParsedMessage(_ROLES[role], tuple(parts))
+
+
+def _text(at: str, text: Any) -> str:
+    if not isinstance(text, str):
+        raise _bad(f"{at}: the text must be a string, not {_kind(text)}", "invalid_content")
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate ("\ud800"); it is no character
+        raise _bad(f"{at}: the text holds a lone surrogate (such as \\ud800), which is not Unicode text",
+                   "invalid_text") from exc
+    return text
+
+
+def _image_url(at: str, image: Any) -> ImageUrl:
+    url = image.get("url") if isinstance(image, dict) else image  # a bare string too, as some clients send
+    if not isinstance(url, str) or not url.strip():
+        raise _bad(f"{at}: an image_url part needs a url (a data URI or an address)", "invalid_image_url")
+    detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
+    if detail not in _DETAILS:
+        raise _bad(f"{at}: image_url.detail must be one of {', '.join(_DETAILS)}, not {_show(detail)}",
+                   "invalid_image_url")
+    return ImageUrl(url)
+
+
+def _bad(message: str, code: str) -> ApiError:
+    return ApiError(400, message, code=code, param="messages")
+
+
+def _show(value: Any) -> str:
+    """A client's value in a one-line message: escaped (ASCII only) and cut short."""
+    shown = ascii(value)
+    return shown if len(shown) <= 40 else shown[:40] + "..."
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, as OpenAI's errors name it."""
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
