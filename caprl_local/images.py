@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar, Union
 
@@ -39,7 +38,7 @@ MAX_STREAM_BYTES = 512 * 1024 * 1024
 
 T = TypeVar("T")
 
-_BACKGROUND = (255, 255, 255)  # transparent areas are shown on white, as viewers do
+BACKGROUND = (255, 255, 255)  # transparent areas are shown on white, as viewers do
 
 
 def describe(source: object) -> str:
@@ -119,94 +118,6 @@ def read_bounded(stream: BinaryIO, name: str, *, what: str = "the stream", limit
     return data
 
 
-def fit_to_budget(size: tuple[int, int], *, align: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The size llama.cpp's Qwen-VL preprocessor gives an image ("smart resize"): sides in
-    multiples of `align`, area within [min_pixels, max_pixels], aspect ratio kept."""
-    w, h = size
-    w_bar, h_bar = max(align, round(w / align) * align), max(align, round(h / align) * align)
-    if w_bar * h_bar > max_pixels:
-        beta = (w * h / max_pixels) ** 0.5
-        w_bar = max(align, int(w / beta / align) * align)
-        h_bar = max(align, int(h / beta / align) * align)
-    elif w_bar * h_bar < min_pixels:
-        beta = (min_pixels / (w * h)) ** 0.5
-        w_bar = -(-w * beta // align) * align
-        h_bar = -(-h * beta // align) * align
-    return int(w_bar), int(h_bar)
-
-
-@dataclass(frozen=True)
-class ImageBudget:
-    """How llama.cpp's Qwen-VL preprocessor sizes an image for a projector and a token cap:
-    sides in multiples of `align` pixels (patch x merge), area between the token limits.
-
-    :meth:`prepare` does that work here instead, where it can run ahead in another thread,
-    leaving llama.cpp nothing to resize.
-    """
-
-    align: int
-    min_pixels: int
-    max_pixels: int
-    max_aspect: float  # a strip more than one token high per this many tokens wide gets padded
-
-    #: llama.cpp's own limits on image tokens for Qwen-VL projectors.
-    LLAMA_MAX_TOKENS = 4096
-    LLAMA_MIN_TOKENS = 8
-
-    @classmethod
-    def for_tokens(cls, *, align: int, min_tokens: int | None, max_tokens: int | None) -> ImageBudget:
-        most = max_tokens or cls.LLAMA_MAX_TOKENS
-        least = min(min_tokens or cls.LLAMA_MIN_TOKENS, most)
-        return cls(align, least * align**2, most * align**2, 0.95 * most)
-
-    def prepare(self, image: ImageInput) -> Image.Image:
-        """Load an image and fit it to the budget the way llama.cpp would: pad strips too thin
-        for the cap (llama.cpp never shrinks a side below one token), then downscale to the
-        exact size llama.cpp's preprocessor picks."""
-        rgb = pad_to_aspect(load_image(image, draft_pixels=self.max_pixels), self.max_aspect)
-        size = fit_to_budget(rgb.size, align=self.align, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        if size[0] * size[1] < rgb.width * rgb.height:
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return rgb
-
-
-@dataclass(frozen=True)
-class TiledBudget:
-    """How llama.cpp's InternVL preprocessor spends tokens: the image cut into a grid of `tile`-pixel
-    tiles plus an overview, `per_tile` tokens each. :meth:`prepare` picks the grid InternVL would
-    (the closest aspect ratio) among those the token cap allows, and resizes the image to it
-    exactly, so that llama.cpp's tiling lands on that grid: a 12-megapixel photo or a 6000x40
-    strip costs no more than the cap."""
-
-    tile: int
-    per_tile: int
-    max_tiles: int
-
-    @classmethod
-    def for_tokens(cls, *, tile: int, per_tile: int, max_tokens: int | None, most_tiles: int = 12) -> TiledBudget:
-        cap = max_tokens or per_tile * (most_tiles + 1)
-        return cls(tile, per_tile, max(1, min(most_tiles, cap // per_tile - 1)))  # one tile's worth for the overview
-
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        """Tiles across and down: InternVL's choice (closest aspect ratio; on a tie, the larger grid if
-        the image has the pixels for it)."""
-        ratio, area = width / height, width * height
-        grids = sorted(((i, j) for i in range(1, self.max_tiles + 1) for j in range(1, self.max_tiles // i + 1)),
-                       key=lambda g: (g[0] * g[1], g))
-        best, best_diff = (1, 1), float("inf")
-        for i, j in grids:
-            diff = abs(ratio - i / j)
-            if diff < best_diff or (diff == best_diff and area > 0.5 * self.tile**2 * i * j):
-                best, best_diff = (i, j), diff
-        return best
-
-    def prepare(self, image: ImageInput) -> Image.Image:
-        rgb = load_image(image, draft_pixels=self.max_tiles * self.tile**2)
-        across, down = self.grid(*rgb.size)
-        size = (across * self.tile, down * self.tile)
-        return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
 def load_ahead(
     sources: Iterable[T], *, load: Callable[[T], Image.Image], ahead: int = 2
 ) -> Iterator[tuple[T, tuple[Image.Image, float] | Exception]]:
@@ -238,22 +149,6 @@ def _result(source: T, future: Future[tuple[Image.Image, float]]) -> tuple[T, tu
         return source, future.result()
     except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it per image
         return source, exc
-
-
-def pad_to_aspect(img: Image.Image, max_ratio: float) -> Image.Image:
-    """Pad the short side with white so that the long side is at most max_ratio times it.
-
-    llama.cpp never shrinks an image side below one token, so a strip thinner than the
-    token budget allows would get more image tokens than asked for; padding keeps the cap.
-    """
-    w, h = img.size
-    if max(w, h) <= max_ratio * min(w, h):
-        return img
-    side = int(np.ceil(max(w, h) / max_ratio))
-    size = (w, side) if w >= h else (side, h)
-    canvas = Image.new("RGB", size, _BACKGROUND)
-    canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
-    return canvas
 
 
 def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
@@ -328,7 +223,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     elif mode in ("RGBa", "La"):
         img = img.convert("RGBA" if mode == "RGBa" else "LA")
     if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, _BACKGROUND)
+        background = Image.new("RGB", img.size, BACKGROUND)
         background.paste(img.convert("RGBA"), mask=img.getchannel("A"))
         return background
     return img.convert("RGB")
@@ -362,71 +257,58 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))  # mode follows the shape: L, RGB or RGBA
 
 
-# --- libtiff's messages -----------------------------------------------------------------------
-
-_TIFF_HANDLERS: list[object] = []  # the ctypes callbacks, kept alive for the life of the process
+# --- an encoded image's header ----------------------------------------------------------------
 
 
-def capture_libtiff_messages(logger_name: str = "caprl_local.tiff") -> bool:
-    """Send the messages libtiff prints from C ("WEBP compression support is not configured")
-    to a logger instead of stderr. Process-wide, so it is the application's (the CLI's) call.
-
-    Pillow raises its own error for the same file, so the messages are logged at DEBUG. Returns
-    whether the handlers were installed (only where Pillow's libtiff can be found and va_list is
-    passed as a pointer: Linux and macOS on x86-64 and ARM).
-    """
-    import ctypes
-    import ctypes.util
-    import logging
-    import platform
-    import sys
-
-    if _TIFF_HANDLERS:
-        return True
-    if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in (
-            "x86_64", "amd64", "aarch64", "arm64"):
-        return False
+def peek_image(data: bytes) -> tuple[str, int, int, int]:
+    """An encoded image's format, width and height from its header (nothing is decoded), and the pixels
+    decoding it holds in memory at full scale: width x height, or a TIFF tile's area where that is larger
+    (a 16x16 TIFF may declare 16384x16384 tiles: 800 MB), and 0 where load_image's reduced-scale decode
+    (``draft_pixels``) bounds it: a sequential JPEG whose one scan holds every component. A progressive,
+    lossless or multi-scan JPEG is decoded whole (libjpeg buffers every coefficient first: 300 MB for 88
+    megapixels). ImageError if the header is unreadable or over Pillow's bomb limit."""
+    name = describe(data)
+    if not data:
+        raise ImageError(f"{name}: no image data (empty input)")
     try:
-        lib = _libtiff(ctypes.util.find_library("tiff"))
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except OSError:
-        return False
-    if lib is None:
-        return False
-    vsnprintf = libc.vsnprintf
-    vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
-    log = logging.getLogger(logger_name)
-    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
-
-    def handle(module: bytes | None, fmt: bytes | None, args: int | None) -> None:
-        buf = ctypes.create_string_buffer(512)
-        if fmt is not None:
-            vsnprintf(buf, len(buf), fmt, args)
-        where = (module or b"").decode("utf-8", "replace")
-        log.debug("libtiff: %s%s", f"{where}: " if where else "", buf.value.decode("utf-8", "replace"))
-
-    callback = handler_type(handle)
-    for setter in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
-        getattr(lib, setter).argtypes = [handler_type]
-        getattr(lib, setter).restype = ctypes.c_void_p
-        getattr(lib, setter)(callback)
-    _TIFF_HANDLERS.append(callback)
-    return True
+        with _WARNINGS_LOCK, warnings.catch_warnings():  # as in _decode: a bomb is an error, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                kind, (width, height) = img.format or "image", img.size
+                tags = getattr(img, "tag_v2", None) if kind == "TIFF" else None
+                tile = (int(tags.get(322, 0)), int(tags.get(323, 0))) if tags is not None else (0, 0)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: image is too large to decode safely (a decompression bomb?); downscale it first") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image format (is it really an image?)") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile header makes Pillow raise is this image's failure
+        raise ImageError(f"{name}: corrupt image header ({type(exc).__name__}: {exc}); re-export or re-download it") from exc
+    if kind == "JPEG" and _jpeg_one_scan(data):
+        return kind, width, height, 0
+    return kind, width, height, max(width * height, tile[0] * tile[1])
 
 
-def _libtiff(system: str | None) -> object | None:
-    """The libtiff Pillow decodes with: the copy bundled in its wheel, else the system's."""
-    import ctypes
-
-    from PIL import features
-
-    if not features.check_codec("libtiff"):
-        return None
-    root = Path(Image.__file__).resolve().parent
-    bundled = sorted([*root.parent.glob("pillow.libs/libtiff*"), *root.glob(".dylibs/libtiff*")])
-    for path in [*map(str, bundled), *([system] if system else [])]:
-        with suppress(OSError, AttributeError):
-            lib = ctypes.CDLL(path)
-            lib.TIFFSetErrorHandler  # noqa: B018 - the symbol must be there
-            return lib
-    return None
+def _jpeg_one_scan(data: bytes) -> bool:
+    """Whether a JPEG's frame is sequential (baseline, extended or arithmetic) and its first scan holds
+    every component (libjpeg's test for a file it can decode without a whole-image coefficient buffer)."""
+    i, components = 2, -1
+    for _ in range(4096):  # the segments before the first scan; a header with more is not one to trust
+        if i + 4 > len(data) or data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length: TEM, RSTn, SOI
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segment = data[i + 4:i + 2 + length]
+        if marker in (0xC0, 0xC1, 0xC9):  # sequential frames
+            components = segment[5] if len(segment) > 5 else -1
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # progressive, lossless, hierarchical
+            return False
+        elif marker == 0xDA:  # the first scan
+            return len(segment) > 0 and segment[0] == components
+        i += 2 + length
+    return False

@@ -79,6 +79,12 @@ if TYPE_CHECKING:
 @click.option("--endpoint-concurrency", type=click.IntRange(min=1),
               help="Requests at once per endpoint [default: the slots the server reports, else 4].")
 @click.option("--api-key", envvar="CAPRL_LOCAL_API_KEY", help="Key for the endpoints [env CAPRL_LOCAL_API_KEY].")
+@click.option("--endpoint-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Deadline of each request to an endpoint; an image past it goes to another endpoint "
+                   "[default: 120 s plus 0.5 s per --max-tokens].")
+@click.option("--endpoint-outage", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              metavar="SECONDS", help="Stop the run (the rest left for a rerun) once no endpoint has answered "
+                                      "for this long.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Caption on Ray: a Ray instance on this machine, or the cluster at ADDRESS ('auto', ray://...).")
 @click.option("--ray-actors", type=click.IntRange(min=1), default=1, show_default=True,
@@ -88,13 +94,16 @@ if TYPE_CHECKING:
 @click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
               help="GPUs Ray reserves per actor.")
 @click.option("--shard", type=ShardType(), metavar="I/N",
-              help="Caption only shard I of N of the inputs: a fixed split, so N machines given the same list "
-                   "never caption an image twice.")
+              help="Caption only shard I of N of the inputs: a fixed split, so N machines given the same inputs "
+                   "caption each image exactly once. An image's shard follows its name inside what was given (a "
+                   "folder: its path inside it; a pattern: its path below the pattern's fixed folder; a list: the "
+                   "entry as written; a file: its file name), however each machine spells the folder or list.")
 def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
             mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
             fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
             progress: bool | None, prompt: str | None, preset: str | None, endpoints: tuple[str, ...],
-            endpoint_model: str | None, endpoint_concurrency: int | None, api_key: str | None, ray_address: str | None,
+            endpoint_model: str | None, endpoint_concurrency: int | None, api_key: str | None,
+            endpoint_timeout: float | None, endpoint_outage: float, ray_address: str | None,
             ray_actors: int, ray_cpus_per_actor: float | None, ray_gpus_per_actor: float,
             shard: tuple[int, int] | None, **options: Any) -> None:
     """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
@@ -118,7 +127,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     from ..batch import OutputOptions
     from ..engine import Captioner  # imported here so that --help stays instant
     from ..hub import download_model
-    from ..images import capture_libtiff_messages
+    from ..libtiff import capture_libtiff_messages
     from ..prompts import DEFAULT_PROMPT
 
     capture_libtiff_messages()  # libtiff prints from C; its lines become log records
@@ -133,7 +142,8 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     if endpoints or ray_address is not None:  # the captions are made elsewhere
         remote: EndpointCaptioner | RayCaptioner
         if endpoints:
-            remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key)
+            remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key, timeout_s=endpoint_timeout,
+                                outage_s=endpoint_outage, image_max_tokens=engine["image_max_tokens"])
         else:
             fetch = {"mmproj": mmproj_path, "quant": quant, "imatrix": imatrix, "mmproj_quant": mmproj_quant,
                      "cache_dir": cache_dir, "offline": offline}
@@ -178,12 +188,12 @@ def _generation(prompt: str | None, preset: str | None, options: dict[str, Any])
 
 def _inputs(images: tuple[str, ...], *, recursive: bool, list_file: str | None,
             shard: tuple[int, int] | None) -> list[BatchItem]:
-    from ..inputs import collect_inputs, shard_of
+    from ..inputs import gather_inputs
 
-    items = collect_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin)
-    if not items:
+    found = gather_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin, shard=shard)
+    if not images and not found.listed:  # an empty shard of a list is no error
         raise CaprlError(f"{list_file}: the list names no images")
-    return items if shard is None else shard_of(items, *shard)
+    return found.items
 
 
 class _Batch:
@@ -230,10 +240,12 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
     return captioner
 
 
-def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None) -> EndpointCaptioner:
+def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None, *,
+               timeout_s: float | None, outage_s: float, image_max_tokens: int | None) -> EndpointCaptioner:
     from ..endpoints import Endpoint, EndpointCaptioner
 
-    captioner = EndpointCaptioner(Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls)
+    captioner = EndpointCaptioner((Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls),
+                                  timeout_s=timeout_s, outage_s=outage_s, image_max_tokens=image_max_tokens)
     console.say(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "  # the servers' names
                 f"{captioner.parallel} requests at once in all")
     return captioner

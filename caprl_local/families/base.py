@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..images import ImageBudget, TiledBudget
+from ..budgets import ImageBudget, TiledBudget
 from ..options import EngineOptions
 
 #: Tensors the Qwen-VL projectors share: the patch embedding (two frames) and the merger's MLP.

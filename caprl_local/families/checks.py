@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ModelFileError
 from ..ggufmeta import GGUFInfo, read_gguf
-from ..images import ImageBudget, TiledBudget
+from ..budgets import ImageBudget, TiledBudget
 from ..options import EngineOptions
 from .base import Family
 from .known import FAMILIES, PROJECTOR_NAMES, SUPPORTED_ARCHITECTURES

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CaprlError
-from ..images import TiledBudget
+from ..budgets import TiledBudget
 from ..options import EngineOptions
 from .base import BLOCK, Family
 
