@@ -103,6 +103,8 @@ def _message(i: int, message: Any) -> ParsedMessage:
 def _text(at: str, text: Any) -> str:
     if not isinstance(text, str):
         raise _bad(f"{at}: the text must be a string, not {_kind(text)}", "invalid_content")
+    if "\x00" in text:  # text crosses into C: a NUL would end it there
+        raise _bad(f"{at}: the text holds a NUL character", "invalid_text")
     try:
         text.encode()
     except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate ("\ud800"); it is no character

@@ -1,0 +1,146 @@
+"""One request's caption, from its image's bytes to its end, without a thread waiting on it.
+
+The image is decoded and the caption submitted in a worker thread (the decode is slow); from then
+on the decode loop hands the text to the job, its sink, which passes each piece to the event loop
+with ``call_soon_threadsafe``. A waiting request is an awaited event, never a parked thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..chat import ChatMessage
+from ..errors import Cancelled, CaprlError, EngineError, ImageError, PromptTooLongError
+from ..options import GenerationOptions
+from ..results import Caption
+from .admission import Place, stopping
+from .protocol import ApiError
+
+if TYPE_CHECKING:
+    from ..engine import Captioner, CaptionHandle
+
+_TOO_LONG = re.compile(r"needs (\d+) tokens but the context holds (\d+)")  # the counts PromptTooLongError names
+_NAME = re.compile(r"^<[^<>]*>: ")  # an input's name as messages give it: "<35137 bytes>: "
+
+
+class Job:
+    """The caption of one request; its room at the engine is given back when the engine is done."""
+
+    def __init__(self, captioner: Captioner, messages: tuple[ChatMessage, ...], generation: GenerationOptions,
+                 place: Place, *, text: bool) -> None:
+        self.captioner, self.messages, self.generation, self.place = captioner, messages, generation, place
+        self.text = text  # the pieces are wanted (a stream), not only the end
+        self.loop = asyncio.get_running_loop()
+        self.handle: CaptionHandle | None = None
+        self.failure: BaseException | None = None
+        self.ended = False
+        self._pieces: deque[str] = deque()
+        self._news = asyncio.Event()
+        self._lock = threading.Lock()  # between the worker thread that submits and close()
+        self._closed = False
+
+    # -- the sink: called on the decode loop's thread (and on the submitting one), must not block --
+
+    def put(self, piece: str | None, /) -> None:
+        if piece is None or self.text:
+            try:
+                self.loop.call_soon_threadsafe(self._arrive, piece)
+            except RuntimeError:  # the event loop is closed: the server has stopped, nobody waits
+                pass
+
+    def _arrive(self, piece: str | None) -> None:
+        if piece is None:
+            self.ended = True
+            self.place.leave_engine()
+        elif not self.ended:
+            self._pieces.append(piece)
+        self._news.set()
+
+    # -- on the event loop --
+
+    async def start(self, limiter: anyio.CapacityLimiter) -> None:
+        """Decode the images and submit the caption (the request holds its turn at the engine)."""
+        try:
+            await anyio.to_thread.run_sync(self._submit, limiter=limiter)  # waits out the thread even if cancelled
+        finally:
+            if self.handle is None:  # it never reached the engine: no end will come to give the room back
+                self.place.leave_engine()
+        if self.failure is not None:
+            raise caption_error(self.failure)
+
+    def _submit(self) -> None:
+        """In a worker thread: the images are read here (the slow part), then the caption joins the loop."""
+        try:
+            handle = self.captioner.submit_chat(self.messages, sink=self, generation=self.generation)
+        except CaprlError as exc:
+            self.failure = exc
+            return
+        finally:
+            self.messages = ()  # decoded now (or refused): the bytes are not needed any more
+        with self._lock:
+            self.handle, closed = handle, self._closed
+        if closed:  # the client went away while its image was decoded
+            handle.cancel()
+
+    async def _news_or_end(self) -> None:
+        while not (self._pieces or self.ended):
+            self._news.clear()
+            await self._news.wait()
+
+    async def first(self) -> None:
+        """Wait for the first piece of text or the end, whichever comes first (nothing is taken)."""
+        await self._news_or_end()
+        if not self._pieces:
+            self.result()  # ended before any text: raise what stopped it, now, as the answer's status
+
+    async def next_piece(self) -> str | None:
+        """The next piece of text, None at the end."""
+        await self._news_or_end()
+        return self._pieces.popleft() if self._pieces else None
+
+    async def end(self) -> Caption:
+        while not self.ended:
+            self._news.clear()
+            await self._news.wait()
+        return self.result()
+
+    def result(self) -> Caption:
+        """The finished caption (the job has ended); its failure as an ApiError."""
+        assert self.handle is not None
+        try:
+            return self.handle.result()
+        except CaprlError as exc:
+            raise caption_error(exc) from exc
+
+    def close(self) -> None:
+        """The answer is done with (sent, or its client gone): stop the caption if it still runs. Thread-safe."""
+        with self._lock:
+            self._closed, handle = True, self.handle
+        if handle is not None and not self.ended:
+            handle.cancel()
+
+
+def caption_error(exc: BaseException) -> ApiError:
+    """The answer to a caption that failed: a message for the client, without the engine's name for its image."""
+    if isinstance(exc, ApiError):
+        return exc
+    message = _NAME.sub("", str(exc))
+    if isinstance(exc, ImageError):
+        return ApiError(400, f"the image: {message}", code="invalid_image")
+    if isinstance(exc, Cancelled):
+        return stopping()
+    if isinstance(exc, PromptTooLongError):
+        counts = _TOO_LONG.search(message)
+        need = f"needs {counts.group(1)} tokens but this server's context holds {counts.group(2)}" if counts else \
+            "needs more tokens than this server's context holds"
+        return ApiError(400, f"the conversation {need}; send a shorter text or fewer images",
+                        code="context_length_exceeded")
+    if isinstance(exc, EngineError) and "closed" in message:
+        return ApiError(503, "the server is stopping", kind="server_error", code="unavailable")
+    return ApiError(500, f"the caption failed: {message}", kind="server_error", code="caption_failed")
