@@ -4,6 +4,10 @@ Pure: reads the file system and list files, touches nothing else. A file, folder
 named directly that gives no image is an error at once (before any model is downloaded); a
 missing file in a list stays an item, reported with the results, so that one stale line does
 not stop a dataset.
+
+Built for lists of millions of lines split over many machines: a list is read line by line and
+only the items of this run's shard are kept (with their fields); each item's shard follows a
+name that is the same on every machine, however its folder or list is spelled there.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
 from .errors import CaprlError
+
+log = logging.getLogger("caprl_local")
 
 #: File name extensions taken from folders (files named explicitly are tried whatever their name).
 IMAGE_EXTENSIONS = frozenset({
@@ -25,14 +33,39 @@ IMAGE_EXTENSIONS = frozenset({
     ".tga", ".ppm", ".pgm", ".pbm", ".ico", ".avif", ".jp2",
 })
 
+class _NoFields(Mapping[str, Any]):
+    """The fields of an item that has none: one mapping shared by all (a plain list has millions)."""
 
-@dataclass(frozen=True)
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+    def __reduce__(self) -> str:
+        return "_NO_FIELDS"  # pickled as the one shared object
+
+
+_NO_FIELDS = _NoFields()
+
+
+@dataclass(frozen=True, slots=True)
 class BatchItem:
-    """One image to caption, with the other fields of its JSONL input line, if any."""
+    """One image to caption, with the other fields of its JSONL input line, if any.
+
+    ``shard_key`` is the name that picks the item's shard (see :func:`shard_name`); the
+    collectors set it, and an item made by hand falls back to its path, normalized."""
 
     path: str
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=lambda: _NO_FIELDS)
     source: str | None = field(default=None, compare=False, repr=False)  # the list file it came from
+    shard_key: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -40,113 +73,291 @@ class BatchItem:
         return os.path.abspath(self.path)
 
 
+@dataclass(frozen=True)
+class Collected:
+    """The items of one run (its shard, each image once), and how many entries its list had in all."""
+
+    items: list[BatchItem]
+    listed: int = 0  # entries (not blank, not comments) of the list file, in every shard
+
+
 def collect_inputs(
-    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None
+    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[BatchItem]:
     """Expand files, folders and glob patterns, then the lines of a list file, into items.
 
     A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
     layout), whose other fields are kept; relative paths are taken from the list's folder.
     A list is UTF-8; bytes that are not (a file name in another encoding) stand for themselves,
-    as os.fsdecode reads them. The same image named twice is captioned once.
+    as os.fsdecode reads them. The same image named twice is captioned once. ``shard=(i, n)``
+    keeps shard i (from 1) of n only, as :func:`shard_of` would, without holding the others.
     """
-    items: list[BatchItem] = []
+    return gather_inputs(args, recursive=recursive, list_file=list_file, stdin=stdin, shard=shard).items
+
+
+def gather_inputs(
+    args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Collected:
+    """:func:`collect_inputs`, also telling how many entries the list had (an empty shard of a list
+    is not an empty list)."""
+    keep = _Keeper(shard)
     for arg in args:
-        items += _expand(arg, recursive)
-    if list_file is not None:
-        if list_file == "-":
-            buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
-            text = _read_list_bytes(buffer, "<stdin>") if buffer is not None else (stdin.read() if stdin else "")
-            items += read_list(text, Path(), "<stdin>")  # paths as given
-        else:
-            try:
-                with open(list_file, "rb") as fh:
-                    text = _read_list_bytes(fh, list_file)
-            except OSError as exc:
-                raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
-            items += [BatchItem(i.path, i.extra, source=list_file)
-                      for i in read_list(text, Path(list_file).parent, list_file)]
-    unique: dict[str, BatchItem] = {}
-    for item in items:
-        unique.setdefault(item.key, item)  # the first mention wins; dicts keep order
-    return list(unique.values())
+        _expand(arg, recursive, keep)
+    if list_file == "-":
+        buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
+        lines = _stream_lines(buffer, "<stdin>") if buffer is not None else _text_lines(stdin, "<stdin>")
+        _read_entries(lines, Path(), "<stdin>", keep, None)  # paths as given
+    elif list_file is not None:
+        try:
+            with open(list_file, "rb") as fh:
+                _read_entries(_stream_lines(fh, list_file), Path(list_file).parent, list_file, keep, list_file)
+        except OSError as exc:
+            raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
+    return Collected(list(keep.kept.values()), keep.listed)
 
 
-#: Bounds on a list: a stream with no end (`yes | caprl-local caption --from-list -`) or without a
-#: line break (/dev/zero) must not fill the memory. CapRL-2M's own list is about 300 MB.
-MAX_LIST_BYTES = 1 << 30
+def read_list(text: str, base: Path, source: str, *, shard: tuple[int, int] | None = None) -> list[BatchItem]:
+    """The items of a list already read (each image once; relative paths taken from `base`)."""
+    keep = _Keeper(shard)
+    _read_entries(iter(text.removeprefix("\ufeff").split("\n")), base, source, keep, None)  # not splitlines: U+0085
+    return list(keep.kept.values())
+
+
+def shard_name(item: BatchItem) -> str:
+    """The name an item's shard is chosen by: the same on every machine and for every spelling of the
+    folder or list it came from. For an image in a folder, its path inside the folder given; for a
+    glob pattern's match, its path below the pattern's fixed folder; for a list's entry, the entry as
+    the list writes it (the ``image`` field or the line); for a file named directly, its file name.
+    Each is normalized (``./a.jpg`` is ``a.jpg``, ``imgs//a.jpg`` is ``imgs/a.jpg``)."""
+    return item.shard_key if item.shard_key is not None else _normal(item.path)
+
+
+def shard_index(name: str, count: int) -> int:
+    """Which of `count` shards (from 0) a name falls in: a hash, so the split is fixed and even."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big") % count
+
+
+def shard_of(items: Iterable[BatchItem], index: int, count: int) -> list[BatchItem]:
+    """Shard `index` (1-based) of `count`: a fixed 1/count of the items, chosen by a hash of each
+    item's :func:`shard_name`, so that the same inputs split on several machines are covered exactly
+    once, whatever the order of a list's lines or how each machine spells its paths, run after run."""
+    _check_shard(index, count)
+    return [item for item in items if shard_index(shard_name(item), count) == index - 1]
+
+
+def _check_shard(index: int, count: int) -> None:
+    if not 1 <= index <= count:
+        raise CaprlError(f"shard {index}/{count}: the shard must be between 1 and {count}")
+
+
+def _normal(name: str) -> str:
+    """A name as every machine writes it, as pathlib spells it: '/' between parts, no '.' parts, no doubled
+    or trailing '/' ('..' stays: through a symlink, a/../b is not b)."""
+    if os.sep != "/":
+        name = name.replace(os.sep, "/")
+    if name.startswith(".") or "/." in name or "//" in name or name.endswith("/"):  # only when it may change it
+        name = str(PurePosixPath(name))
+    return name
+
+
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def loads_line(text: str) -> Any:
+    """json.loads of one line with no blanks around it, without its layers of Python (a list of two
+    million lines spends most of its reading here); raises json.JSONDecodeError or RecursionError."""
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+#: Bounds on a list. It is read a line at a time and keeps only this run's items, so its length costs
+#: time, not memory: the bound on the whole is there so that a stream with no end (`yes | caprl-local
+#: caption --from-list -`) ends in an error, and it lies far past any real list (CapRL-2M's 2 million
+#: lines are under 1 GB, even with long fields: 64 GB would be 32 KB a line). What a run keeps is
+#: bounded apart, and a line (/dev/zero has no line break) by itself.
+MAX_LIST_BYTES = 1 << 36
+MAX_LIST_LINES = 1 << 27
+MAX_KEPT_BYTES = 1 << 30  # the lines of the items one run holds: what used to bound a whole list
 MAX_LINE_BYTES = 1 << 20
+_BLANKS = " \t\r\n\f\v"  # ASCII blanks only: U+0085 may end a file name
 
 
-def _read_list_bytes(stream: BinaryIO, source: str) -> str:
-    """A list's text, read in blocks within MAX_LIST_BYTES and MAX_LINE_BYTES a line, decoded as
+def _size(n: int) -> str:
+    return f"{n >> 30} GB" if n >= 1 << 30 else f"{n >> 20} MB"
+
+
+def _stream_lines(stream: BinaryIO, source: str) -> Iterator[str]:
+    """A list's lines, read one at a time within the bounds above (split at b"\\n" only), decoded as
     UTF-8 with other bytes standing for themselves (as os.fsdecode reads a name)."""
-    data, line_start = bytearray(), 0
-    while block := stream.read(1 << 20):
-        data += block
-        if len(data) > MAX_LIST_BYTES:
-            raise CaprlError(f"{source}: the list is over {MAX_LIST_BYTES >> 20} MB; split it into several lists")
-        last_break = data.rfind(b"\n", line_start)
-        if last_break >= 0:
-            line_start = last_break + 1
-        if len(data) - line_start > MAX_LINE_BYTES:
-            line = data.count(b"\n", 0, line_start) + 1
-            raise CaprlError(f"{source}:{line}: a line of over {MAX_LINE_BYTES >> 20} MB; a list holds one path or "
-                             "JSON object a line")
-    return bytes(data).decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # a BOM, as some editors write
+    total = 0
+    for number in range(1, MAX_LIST_LINES + 2):
+        raw = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        total += len(raw)
+        _check_bounds(source, number, total, len(raw), raw.endswith(b"\n"))
+        text = raw.decode("utf-8", "surrogateescape")
+        yield text.removeprefix("\ufeff") if number == 1 else text  # a BOM, as some editors write
 
 
-def _expand(arg: str, recursive: bool) -> list[BatchItem]:
-    """The images one argument names; raises CaprlError when it names none."""
+def _text_lines(stdin: TextIO | None, source: str) -> Iterator[str]:
+    """The lines of a text stream that has no bytes beneath it (a StringIO), within the same bounds."""
+    total = 0
+    for number in range(1, MAX_LIST_LINES + 2):
+        line = stdin.readline(MAX_LINE_BYTES + 1) if stdin is not None else ""
+        if not line:
+            return
+        total += len(line)
+        _check_bounds(source, number, total, len(line), line.endswith("\n"))
+        yield line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _check_bounds(source: str, number: int, total: int, size: int, ended: bool) -> None:
+    if size > MAX_LINE_BYTES and not ended:
+        raise CaprlError(f"{source}:{number}: a line of over {_size(MAX_LINE_BYTES)}; a list holds one path or "
+                         "JSON object a line")
+    if total > MAX_LIST_BYTES:
+        raise CaprlError(f"{source}: the list is over {_size(MAX_LIST_BYTES)}; split it into several lists")
+    if number > MAX_LIST_LINES:
+        raise CaprlError(f"{source}: the list is over {MAX_LIST_LINES:,} lines; split it into several lists")
+
+
+class _Keeper:
+    """The items one run keeps: those of its shard, each image (by key) once, the first mention winning."""
+
+    def __init__(self, shard: tuple[int, int] | None) -> None:
+        if shard is not None:
+            _check_shard(*shard)
+        self.index, self.count = (shard[0] - 1, shard[1]) if shard is not None else (0, 1)
+        self.kept: dict[str, BatchItem] = {}  # dicts keep order
+        self.listed = 0
+        self.kept_bytes = 0
+
+    def takes(self, name: str) -> bool:
+        return self.count == 1 or shard_index(name, self.count) == self.index
+
+    def add(self, item: BatchItem, cost: int = 0, source: str = "") -> None:
+        key = item.key
+        if key in self.kept:
+            return
+        self.kept_bytes += cost
+        if self.kept_bytes > MAX_KEPT_BYTES:
+            raise CaprlError(f"{source}: the lines kept for this run are over {_size(MAX_KEPT_BYTES)}; caption the "
+                             "list in shards, a part of it in each run")
+        self.kept[key] = item
+
+
+def _read_entries(lines: Iterator[str], base: Path, source: str, keep: _Keeper, list_file: str | None) -> None:
+    """Add a list's entries of this shard to `keep`; every line is checked, only this shard's are kept."""
+    for number, line in enumerate(lines, 1):
+        line = line.strip(_BLANKS)
+        if not line or line.startswith("#"):
+            continue
+        keep.listed += 1
+        extra: dict[str, Any] | None = None
+        if line.startswith("{"):
+            try:
+                extra = loads_line(line)
+            except json.JSONDecodeError as exc:
+                raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise CaprlError(f"{source}:{number}: not valid JSON (nested too deeply)") from exc
+            if not isinstance(extra, dict) or not isinstance(extra.get("image"), str):
+                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
+            entry: str = extra["image"]
+        else:
+            entry = line
+        name = _normal(entry)
+        if not keep.takes(name):
+            continue
+        path = Path(entry)
+        with suppress(RuntimeError):  # ~user of no such user: the name stays as written (and is not found)
+            path = path.expanduser()
+        keep.add(BatchItem(str(path if path.is_absolute() else base / path), extra or _NO_FIELDS, source=list_file,
+                           shard_key=name), len(line), source)
+
+
+def _expand(arg: str, recursive: bool, keep: _Keeper) -> None:
+    """Add the images of this shard that one argument names; raises CaprlError when it names none."""
     path = Path(arg)
     if path.is_dir():
-        found = path.rglob("*") if recursive else path.iterdir()
-        files = sorted(
-            p for p in found
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
+        found = []
+        seen = False
+        for parts in _images_in(arg, recursive):
+            seen = True
+            name = "/".join(parts)
+            if keep.takes(name):
+                found.append(parts)
+        if not seen:
             deeper = not recursive and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
             raise CaprlError(f"{arg}: no images in this folder" + (", only in its sub-folders (search them "
                                                                    "recursively)" if deeper else ""))
-        return [BatchItem(str(p)) for p in files]
+        for parts in sorted(found):  # as pathlib sorts paths: part by part
+            keep.add(BatchItem(str(path.joinpath(*parts)), shard_key="/".join(parts)))
+        return
     if path.exists():
-        return [BatchItem(arg)]
+        name = os.path.basename(_normal(arg))
+        if keep.takes(name):
+            keep.add(BatchItem(arg, shard_key=name))
+        return
     if glob.has_magic(arg):
-        matched = [BatchItem(p) for p in sorted(glob.glob(arg, recursive=True)) if Path(p).is_file()]
-        if not matched:
+        root = _pattern_root(arg)
+        matched: list[tuple[str, str]] = []
+        seen = False
+        for match in glob.iglob(arg, recursive=True):
+            name = _normal(os.path.relpath(match, root))
+            if keep.takes(name):
+                if os.path.isfile(match):
+                    matched.append((match, name))
+                    seen = True
+            elif not seen:
+                seen = os.path.isfile(match)
+        if not seen:
             raise CaprlError(f"{arg}: no file matches this pattern")
-        return matched
+        for match, name in sorted(matched):
+            keep.add(BatchItem(match, shard_key=name))
+        return
     raise CaprlError(f"{arg}: no such file or folder")
 
 
-def read_list(text: str, base: Path, source: str) -> list[BatchItem]:
-    items = []
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a path may hold U+0085
-        line = line.strip(" \t\r\f\v")  # ASCII blanks only: U+0085 may end a file name
-        if not line or line.startswith("#"):
+def _images_in(folder: str, recursive: bool, within: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The images in a folder, as their parts below it: hidden names skipped, links to folders not
+    followed (as pathlib's rglob), in no particular order."""
+    here = os.path.join(folder, *within)
+    try:
+        with os.scandir(here) as entries:
+            listed = list(entries)
+    except OSError as exc:
+        if not within:
+            raise CaprlError(f"{folder}: cannot read this folder ({exc.strerror or exc})") from exc
+        log.warning("%s: cannot read this folder (%s); its images are left out", here, exc.strerror or exc)
+        return
+    for entry in listed:
+        if entry.name.startswith("."):
             continue
-        extra: dict[str, Any] = {}
-        if line.startswith("{"):
-            try:
-                extra = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(extra.get("image"), str):
-                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
-            line = extra["image"]
-        path = Path(line).expanduser()
-        items.append(BatchItem(str(path if path.is_absolute() else base / path), extra))
-    return items
+        try:
+            if recursive and entry.is_dir(follow_symlinks=False):
+                yield from _images_in(folder, recursive, (*within, entry.name))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                yield (*within, entry.name)
+        except OSError:
+            continue  # gone since it was listed
 
 
-def shard_of(items: list[BatchItem], index: int, count: int) -> list[BatchItem]:
-    """Shard `index` (1-based) of `count`: a fixed 1/count of the items, chosen by a hash of each
-    image's path as given, so that the same list split on several machines is covered exactly
-    once, whatever the order of its lines, run after run."""
-    if not 1 <= index <= count:
-        raise CaprlError(f"shard {index}/{count}: the shard must be between 1 and {count}")
-    return [item for item in items
-            if int.from_bytes(hashlib.sha256(item.path.encode("utf-8", "surrogateescape")).digest()[:8], "big")
-            % count == index - 1]
+def _pattern_root(pattern: str) -> str:
+    """The folder a glob pattern starts from: its leading parts without wildcards."""
+    drive, rest = os.path.splitdrive(pattern)
+    parts = rest.replace(os.altsep, os.sep).split(os.sep) if os.altsep else rest.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return drive + (os.sep.join(fixed) or (os.sep if rest.startswith(os.sep) else "."))

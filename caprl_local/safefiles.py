@@ -15,7 +15,7 @@ import secrets
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -45,36 +45,44 @@ def as_text(text: str) -> str:
     return _SURROGATE.sub(u_escape, text)
 
 
-def read_bytes(path: Path, shown: str) -> bytes:
-    """An output's bytes (nothing when it does not exist yet); `shown` names it in the error."""
+def iter_lines(path: Path, shown: str, limit: int) -> Iterator[bytes]:
+    """An output's lines one at a time (nothing when it does not exist yet), each with its newline,
+    split at b"\\n" only. A line that does not end in one is the last, or longer than `limit`: then
+    its first ``limit + 1`` bytes come, and the rest of it as further pieces, never the whole in memory."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as fh:
+            while line := fh.readline(limit + 1):
+                yield line
     except FileNotFoundError:
-        return b""
+        return
     except OSError as exc:
         raise CaprlError(f"{shown}: cannot read the results in it ({exc.strerror or exc}); check the file, "
                          "or write to another one") from exc
 
 
-def read_lines(path: Path, shown: str) -> list[bytes]:
-    """The file's lines as bytes, each with its newline (the last may have none): split at b"\\n"
-    only, since a line may hold other line breaks (U+0085 in a file name)."""
-    lines = [line + b"\n" for line in read_bytes(path, shown).split(b"\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
-
-
-def read_regular(path: Path) -> list[bytes]:
-    """The lines of a file of ours in a folder from outside (a sidecar index); nothing when it is
-    not a regular file (a planted symlink, a FIFO that would never end), or cannot be read."""
+def read_regular(path: Path, limit: int = 16 << 20) -> Iterator[bytes]:
+    """The lines of a file of ours in a folder from outside (a sidecar index), one at a time and
+    without their newlines, as ``split(b"\\n")`` gives them (a line over `limit` bytes cut to it);
+    nothing when it is not a regular file (a planted symlink, a FIFO that would never end), or from
+    where it cannot be read."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
-            return []
+            return
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as fh:
-            return fh.read().split(b"\n")
+            whole = True  # the piece read begins a line
+            while True:
+                piece = fh.readline(limit)
+                if whole:
+                    yield piece.removesuffix(b"\n")
+                if not piece.endswith(b"\n"):
+                    if len(piece) < limit:
+                        return  # the end: a last line without a newline (b"" when the file ends with one)
+                    whole = False
+                else:
+                    whole = True
     except OSError:
-        return []
+        return
 
 
 def append_line(path: Path, data: bytes) -> None:
@@ -97,14 +105,16 @@ def append_line(path: Path, data: bytes) -> None:
         raise write_error(path, exc) from exc
 
 
-def write_atomic(path: Path, data: str | bytes, *, shown: str | None = None) -> None:
+def write_atomic(path: Path, data: str | bytes | Iterable[bytes], *, shown: str | None = None) -> None:
     """Write a file so that it appears whole or not at all: temporary name, fsync, rename.
 
-    The temporary name is short (whatever the length of `path`'s) and unique across threads and
+    `data` may come in pieces (a file rewritten a line at a time, never whole in memory). The
+    temporary name is short (whatever the length of `path`'s) and unique across threads and
     processes. A symlink at `path` is replaced, not followed: pass the resolved path to write its target.
     """
     if isinstance(data, str):
         data = as_text(data).encode("utf-8")
+    pieces = [data] if isinstance(data, bytes) else data
     tmp = path.with_name(f".caprl-{secrets.token_hex(8)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
@@ -117,7 +127,8 @@ def write_atomic(path: Path, data: str | bytes, *, shown: str | None = None) -> 
                     old = os.lstat(path)
                     if stat.S_ISREG(old.st_mode):
                         os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode))
-                fh.write(data)
+                for piece in pieces:
+                    fh.write(piece)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

@@ -56,6 +56,8 @@ class SidecarOutput:
         self.overwrite = overwrite
         self.paths: dict[str, Path] = {}  # item key -> its sidecar
         self.prompts: dict[Path, tuple[dict[str, str | None], list[str]]] = {}  # folder -> (index, cut names)
+        self.wanted: dict[Path, set[str]] = {}  # folder -> the sidecars this run asks about (its index keeps those)
+        self.partial: set[Path] = set()  # folders whose index was read for `wanted` only
         self.warned: set[Path] = set()
         items = list(items)
         natural = {item.key: self._sidecar(item, shared=False) for item in items}
@@ -71,6 +73,8 @@ class SidecarOutput:
             log.warning("%s would all be captioned into %s; writing %s instead",
                         ", ".join(Path(i.path).name for i in sharing), natural[sharing[0].key][1],
                         ", ".join(self.paths[i.key].name for i in sharing))
+        for path in self.paths.values():
+            self.wanted.setdefault(path.parent, set()).add(path.name)
         keys = {item.key for item in items}
         for item in items:
             if os.path.abspath(self.paths[item.key]) in keys:  # --sidecar-ext .jpg beside a .png
@@ -101,7 +105,7 @@ class SidecarOutput:
         path = self.path_for(item)
         if self.overwrite or not is_file(path):  # a link to a file counts: someone put it there
             return False
-        index, cut = self._index(path.parent)
+        index, cut = self._index(path.parent, path.name)
         if path.name not in index:
             return not any(path.name.startswith(name) for name in cut)  # unknown: written by hand
         written = index[path.name]
@@ -134,24 +138,39 @@ class SidecarOutput:
                     raise
                 log.warning("%s: cannot write the index of sidecars (%s); its sidecars count as written by hand",
                             index, getattr(exc.__cause__, "strerror", exc))
-        self._index(path.parent)[0][path.name] = prompt
+        self._index(path.parent, path.name)[0][path.name] = prompt
 
-    def _index(self, folder: Path) -> tuple[dict[str, str | None], list[str]]:
-        """(sidecar name -> its prompt, None when unknown; names, or their beginnings, on cut lines)."""
-        if folder not in self.prompts:
-            known: dict[str, str | None] = {}
-            cut: list[str] = []
-            for line in read_regular(folder / self.INDEX):
-                text = line.decode("utf-8", "surrogateescape")
-                for entry in _index_entries(text):
-                    if isinstance(entry, dict):
-                        known[entry["sidecar"]] = str(entry.get("prompt", ""))  # the last one written wins
-                    elif entry[1]:
+    def _index(self, folder: Path, name: str) -> tuple[dict[str, str | None], list[str]]:
+        """(sidecar name -> its prompt, None when unknown; names, or their beginnings, on cut lines).
+
+        Read a line at a time, keeping the sidecars this run asks about only (a folder of a
+        million images has an index of a million lines); a name outside them reads it all."""
+        cached = self.prompts.get(folder)
+        names = self.wanted.get(folder)
+        if cached is not None and (folder not in self.partial or (names is not None and name in names)):
+            return cached
+        only = names if cached is None and names is not None and name in names else None
+        known: dict[str, str | None] = {}
+        cut: list[str] = []
+        prompts: dict[str, str] = {}  # one string for each prompt, however many sidecars
+        for line in read_regular(folder / self.INDEX):
+            text = line.decode("utf-8", "surrogateescape")
+            for entry in _index_entries(text):
+                if isinstance(entry, dict):
+                    if only is None or entry["sidecar"] in only:
+                        prompt = str(entry.get("prompt", ""))
+                        known[entry["sidecar"]] = prompts.setdefault(prompt, prompt)  # the last one written wins
+                elif entry[1]:
+                    if only is None or entry[0] in only:
                         known[entry[0]] = None  # a whole name on a cut line: its prompt is lost
-                    elif entry[0]:
-                        cut.append(entry[0])
-            self.prompts[folder] = known, cut
-        return self.prompts[folder]
+                elif entry[0]:
+                    cut.append(entry[0])
+        if only is None:
+            self.partial.discard(folder)
+        else:
+            self.partial.add(folder)
+        self.prompts[folder] = known, cut
+        return known, cut
 
     def close(self) -> None:
         pass  # each sidecar is closed as it is written

@@ -112,14 +112,20 @@ def test_interrupted_run_resumes_with_one_result_per_image(model_args: list[str]
     assert f"{len(done)} skipped" in finish.stderr
 
 
-def test_failed_images_are_retried_and_keep_one_line(model_args: list[str], folder: Path, images: Path) -> None:
+def test_failed_images_are_retried_and_their_last_record_counts(model_args: list[str], folder: Path,
+                                                                images: Path) -> None:
     out = folder.parent / "out.jsonl"
     run_cli("caption", str(folder), *model_args, "--format", "jsonl", "-o", str(out))
+    first = out.read_bytes()
     shutil.copy(images / "photo.jpg", folder / "truncated.jpg")  # repaired
     second = run_cli("caption", str(folder), *model_args, "--format", "jsonl", "-o", str(out))
+    assert out.read_bytes().startswith(first)  # appended to, never rewritten
     records = jsonl(out.read_text())
-    assert len(records) == 13 and len({r["path"] for r in records}) == 13
-    assert "caption" in next(r for r in records if r["path"].endswith("truncated.jpg"))
+    assert len(records) == 13 + 4  # the four failures tried again, each a new record after its old one
+    last = {r["path"]: r for r in records}
+    assert len(last) == 13 and "caption" in last[str(folder / "truncated.jpg")]
+    captions = [r["path"] for r in records if "caption" in r]
+    assert len(captions) == len(set(captions)) == 10  # each image captioned once
     assert "9 skipped" in second.stderr
     nothing = run_cli("caption", str(folder / "photo.jpg"), *model_args, "--format", "jsonl", "-o", str(out))
     assert nothing.returncode == 0 and "Nothing to do" in nothing.stderr

@@ -79,7 +79,7 @@ def test_a_jsonl_output_holding_other_data_is_refused_and_left_alone(tmp_path: P
     assert os.listdir(tmp_path) == ["notes.md"]  # not even a lock file is left beside it
 
 
-def test_only_our_failed_lines_and_a_record_cut_by_a_crash_are_dropped(tmp_path: Path) -> None:
+def test_failed_lines_stay_and_only_a_record_cut_by_a_crash_is_dropped(tmp_path: Path) -> None:
     caption = b'{"path": "/data/caf\xff.jpg", "caption": "raw bytes from another run", "prompt": "p"}\n'
     other_prompt = b'{"id": 1, "path": "/data/b.jpg", "caption": "b", "prompt": "q"}\n'
     failed = json.dumps({"path": "/data/c.jpg", "error": "c.jpg: truncated", "error_kind": "ImageError"}).encode()
@@ -92,7 +92,8 @@ def test_only_our_failed_lines_and_a_record_cut_by_a_crash_are_dropped(tmp_path:
         assert not output.has(BatchItem("/data/c.jpg"), "")
     finally:
         output.close()
-    assert out.read_bytes() == caption + b"\n" + other_prompt  # byte for byte, blank line and all
+    # byte for byte, blank line and all: the failed line stays (a later caption is appended after it)
+    assert out.read_bytes() == caption + b"\n" + failed + b"\n" + other_prompt
 
 
 def test_overwrite_replaces_the_records_of_the_images_captioned_only(captioner: Captioner, images: Path,
@@ -218,11 +219,11 @@ def test_a_symlinked_output_keeps_its_link_and_its_target_gets_the_results(capti
         link.symlink_to(os.path.relpath(target, link.parent))  # dangling at first: the target is made
         first = run(captioner, items, format=fmt, path=str(link))
         assert first is not None and first.done == 2 and first.failed == 1
-        second = run(captioner, items, format=fmt, path=str(link))  # JSONL: the failed line is rewritten out
+        second = run(captioner, items, format=fmt, path=str(link))  # JSONL: the failure is tried again, appended
         assert second is not None and second.done == 0 and second.failed == 1
         assert link.is_symlink() and target.is_file() and not target.is_symlink()
         if fmt == "jsonl":
-            assert sorted(r["path"] for r in records(target)) == sorted(i.path for i in items)
+            assert sorted(r["path"] for r in records(target)) == sorted([*(i.path for i in items), items[2].path])
         assert target.read_text().count(f"==> {items[0].path} <==") == (fmt == "text")
     assert sorted(os.listdir(tmp_path / "work")) == ["out.jsonl", "out.text"]  # the locks are beside the targets
     assert not [n for n in os.listdir(tmp_path / "data") if n.endswith(".tmp")]
