@@ -106,13 +106,15 @@ def result_record(item: BatchItem, result: Caption | CaptionFailure, plan: Batch
     record: dict[str, Any] = {**item.extra, "path": item.path}
     if isinstance(result, Caption):
         record.update(
-            caption=result.text, model=plan.model, quant=plan.quant, prompt=plan.prompt,
+            caption=result.text, model=result.model or plan.model, quant=plan.quant, prompt=plan.prompt,
             image_tokens=result.image_tokens, prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens, finish_reason=result.finish_reason,
             timings={k: round(v, 4) for k, v in asdict(result.timings).items()},
         )
     else:
         record.update(error=result.error, error_kind=result.kind, model=plan.model, quant=plan.quant, prompt=plan.prompt)
+    if result.source is not None:  # made on a server: which one (a local run's records stay as they were)
+        record["endpoint"] = result.source
     return record
 
 

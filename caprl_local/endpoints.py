@@ -1,45 +1,63 @@
 """Caption through a fleet of OpenAI-compatible servers (vLLM, SGLang, llama-server, caprl-local serve).
 
-:class:`EndpointCaptioner` offers what the batch runner uses of a Captioner (``caption_many``,
-``cancel``, ``close``, ``activity``), so a run over endpoints writes the same outputs, resumes
-the same way and isolates failures the same way as a local one. Each endpoint gets a bounded
-number of requests at once; urllib3 retries connection errors, 429 and 5xx with backoff; an
-endpoint that stays unreachable is dropped and its image goes to the others.
+:class:`EndpointCaptioner` satisfies the :class:`~caprl_local.captioning.Captioning` contract, so a run over
+endpoints writes the same outputs, resumes the same way and isolates failures the same way as a local one.
+Each image is sent as the local engine would see it, with every caption option under the names each server
+honours (wire.py), so that the captions equal a local run's. One dispatcher thread hands each image to an
+endpoint with room (a bounded number of requests each) and sorts what comes back:
+
+- a caption, or a 4xx about the image: that image's result;
+- a 5xx, garbage with status 200, a hang past the deadline, a dropped connection: a fault of that endpoint;
+  the image goes to another one, and fails only after faults on ``attempts`` endpoints (a poison image);
+  an endpoint that faults ``drop_after`` times in a row is dropped for a while (fleet.py);
+- 429 or 503: the endpoint is busy (its Retry-After honoured within bounds), the image waits for room;
+- out of reach: the endpoint is down, probed again with backoff, and rejoins when it answers.
+
+Nothing is ever re-sent blindly: a request that may have reached a server is never repeated by the HTTP
+layer, only handed (once decided here) to the next endpoint. The run fails only when no endpoint has been
+usable for ``outage_s``: the images not yet captioned get no result, so the same command resumes them.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
 import os
-import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import urllib3
 from typing_extensions import Unpack
 
+from . import wire
+from .budgets import ImageBudget, TiledBudget
 from .captioning import ClosingContext, ImageFile
-from .errors import Cancelled, CaprlError, EngineError
-from .options import GenerationKwargs, GenerationOptions, generation_of
+from .dispatch import Job, Limits, Run, guarded, note_probe
+from .errors import CaprlError, ImageError
+from .fleet import Fleet, Member, Policy
+from .options import DEFAULT_MAX_IMAGE_TOKENS, GenerationKwargs, GenerationOptions, generation_of, positive
 from .prompts import resolve_prompt
-from .results import Activity, Caption, CaptionFailure, Timings
+from .results import Activity, Caption, CaptionFailure
+from .wire import Answer, Faulty, Reply, Server
 
 log = logging.getLogger("caprl_local")
-#: What a worker reports: a result, or (its endpoint, why it went down).
-_Done = Caption | CaptionFailure | tuple[str, BaseException]
 
-#: Statuses worth asking again (the server is busy or failing for a moment).
-RETRY_STATUSES = (429, 500, 502, 503, 504)
-#: How each caption option reaches a server, under the names the OpenAI-compatible servers honour (see _body):
-#: an option missing here is refused unless left at its default, never dropped in silence.
+#: How each caption option reaches a server, under the names the OpenAI-compatible servers honour (see
+#: wire.request_body): an option missing here is refused unless left at its default, never dropped in silence.
 SENT = frozenset({"prompt", "preset", "max_tokens", "temperature", "top_p", "seed", "repeat_penalty", "stop",
                   "loop_guard", "ignore_eos"})
+#: Seconds a probe (GET /models and the like) may take.
+PROBE_TIMEOUT_S = 10.0
+#: The default deadline of one caption request: a generous time for the image and the prompt, and for each
+#: new token allowed (a CPU server decoding several captions at once makes a few tokens a second each).
+BASE_TIMEOUT_S, TIMEOUT_PER_TOKEN_S = 120.0, 0.5
+#: The default time a run rides out with no endpoint usable before it stops (a vLLM restart takes minutes).
+DEFAULT_OUTAGE_S = 300.0
+#: The Qwen-VL grid (patch 14 x merge 2): how CapRL-3B and CapRL 2.0 images are sized.
+QWEN_VL_ALIGN = 28
 
 
 @dataclass(frozen=True)
@@ -52,28 +70,49 @@ class Endpoint:
     concurrency: int | None = None  # requests at once; None: the server's slots if it says, else 4
 
 
-class _Down(Exception):
-    """This endpoint cannot be used (unreachable after retries, or refusing the key or model)."""
+def request_timeout(opts: GenerationOptions) -> float:
+    """The default deadline of one caption request, from the work asked of it."""
+    return BASE_TIMEOUT_S + TIMEOUT_PER_TOKEN_S * opts.max_tokens
 
 
 class EndpointCaptioner(ClosingContext):
-    """Captions images by sending them to OpenAI-compatible servers; see the module docstring."""
+    """Captions images by sending them to OpenAI-compatible servers; see the module docstring.
 
-    def __init__(self, endpoints: Iterable[Endpoint], *, retries: int = 4, timeout_s: float = 600.0,
-                 prompt: str | None = None) -> None:
+    ``timeout_s``: the deadline of each request (None: from the work, see request_timeout); ``attempts``: the
+    endpoints an image may fail on before it is that image's failure; ``outage_s``: how long a run waits with
+    no endpoint usable; ``image_max_tokens``/``image_min_tokens``: the image-token cap the images are sized to
+    (as the local engine's options), on the Qwen-VL grid unless ``image_budget`` says otherwise.
+    """
+
+    def __init__(self, endpoints: Iterable[Endpoint], *, timeout_s: float | None = None, attempts: int = 2,
+                 outage_s: float = DEFAULT_OUTAGE_S, prompt: str | None = None,
+                 image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, image_min_tokens: int | None = None,
+                 image_budget: ImageBudget | TiledBudget | None = None, policy: Policy | None = None,
+                 connect_timeout_s: float = 10.0) -> None:
         self.endpoints = list(endpoints)
         if not self.endpoints:
             raise CaprlError("no endpoint given")
-        retry = urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
-                              allowed_methods=None, raise_on_status=False, respect_retry_after_header=True)
-        self.http = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=10, read=timeout_s),
-                                        maxsize=64)
+        positive("attempts", attempts)
+        positive("image_max_tokens", image_max_tokens, allow_none=True)
+        positive("image_min_tokens", image_min_tokens, allow_none=True)
+        for value, name in ((timeout_s, "timeout_s"), (outage_s, "outage_s"), (connect_timeout_s, "connect_timeout_s")):
+            if value is not None and not value > 0:
+                raise CaprlError(f"{name} must be a number of seconds above 0, not {value!r}")
+        self.timeout_s, self.attempts, self.outage_s, self.connect_s = timeout_s, attempts, outage_s, connect_timeout_s
+        self.budget = image_budget or ImageBudget.for_tokens(align=QWEN_VL_ALIGN, min_tokens=image_min_tokens,
+                                                              max_tokens=image_max_tokens)
+        self.http = urllib3.PoolManager(maxsize=64, block=False)
         self.default_prompt = resolve_prompt(prompt=prompt)
-        self.models = {e.url: e.model or self._first_model(e) for e in self.endpoints}
-        self.widths = {e.url: e.concurrency or self._slots(e) or 4 for e in self.endpoints}
+        self.fleet = Fleet([Member(e.url, e.model, e.concurrency) for e in self.endpoints], policy or Policy())
+        self._by_url = {e.url: e for e in self.endpoints}
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._generating = self._tokens = 0
+        # Given its model and width, an endpoint is asked nothing until a run; the others are probed now, so that
+        # the model and the width are known (one that does not answer is probed again as the run goes).
+        unknown = [m for m in self.fleet.members if not (m.given_model and m.given_width)]
+        if unknown:
+            self._probe_now(unknown)
 
     # what the batch runner and progress displays read of a Captioner
     threads = 0
@@ -81,11 +120,15 @@ class EndpointCaptioner(ClosingContext):
 
     @property
     def parallel(self) -> int:
-        return sum(self.widths.values())
+        return sum(m.width for m in self.fleet.members if m.state != "refused")
 
     @property
     def model(self) -> str:
-        return self.models[self.endpoints[0].url]
+        """The model of the first endpoint that named one (each result's ``source`` names its server)."""
+        for member in self.fleet.members:
+            if member.server is not None or member.given_model:
+                return member.server.model if member.server else str(member.given_model)
+        return "unknown"
 
     def activity(self) -> Activity:
         with self._lock:
@@ -102,165 +145,96 @@ class EndpointCaptioner(ClosingContext):
                      on_text: Callable[[str, str], None] | None = None,
                      progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
                      **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
-        """Caption image files on the endpoints, yielding each result as it comes (with its ``index``
-        in `images`). Raises EngineError once every endpoint is down, and Cancelled after
-        cancel(), in both cases after yielding every result finished before. ``on_text`` receives each
-        caption whole, as it comes back; ``prefetch`` is unused (each image is read as it is sent)."""
+        """Caption image files on the endpoints, yielding each result as it comes (in the order they finish,
+        each with its ``index`` in `images` and its ``source``). Raises EngineError once no endpoint has been
+        usable for ``outage_s`` (or every one refuses us), and Cancelled after cancel(), in both cases after
+        yielding every result finished before. ``on_text`` receives each caption whole, as it comes back;
+        ``prefetch`` is unused (each image is read as it is sent)."""
         opts = generation_of(generation, options)
         _check_sent(opts)
         prompt = opts.resolved(self.default_prompt).prompt
         assert prompt is not None
-        todo: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
-        names = [os.fspath(image) for image in images]
-        for job in enumerate(names):
-            todo.put(job)
-        done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
-        workers = [threading.Thread(target=self._work, args=(e, todo, done, prompt, opts), daemon=True,
-                                    name=f"caprl-endpoint-{i}")
-                   for i, e in enumerate(self.endpoints) for _ in range(self.widths[e.url])]
-        alive = dict(self.widths)
-        for worker in workers:
-            worker.start()
-        remaining, finished, down = len(names), 0, []
+        run = Run(self.fleet, probe=self._probe, attempt=self._attempt, opts=opts, prompt=prompt, count=self._count,
+                  limits=Limits(self.timeout_s or request_timeout(opts), self.attempts, self.outage_s))
         try:
-            while remaining and any(alive.values()) and not self._cancelled.is_set():
-                try:
-                    item = done.get(timeout=0.2)
-                except queue.Empty:  # look at cancel() now and then: a caption may take minutes
-                    continue
-                if isinstance(item, tuple):  # a worker's endpoint went down; its image went back in line
-                    url, exc = item
-                    if alive[url] == self.widths[url]:
-                        log.warning("%s is down (%s); its images go to the other endpoints", url, exc)
-                    alive[url] -= 1
-                    down.append(f"{url}: {exc}")
-                    continue
-                remaining -= 1
-                finished += 1
-                if progress is not None:
-                    progress(finished, len(names))
-                if on_text is not None and isinstance(item, Caption):
-                    on_text(item.image, item.text)
-                yield item
-            if self._cancelled.is_set():
-                raise Cancelled("cancelled")
-            if remaining:
-                raise EngineError(f"every endpoint is down ({'; '.join(dict.fromkeys(down))}); "
-                                  f"{remaining} images were not captioned")
+            for result in run.results([os.fspath(image) for image in images], self._cancelled, progress):
+                if on_text is not None and isinstance(result, Caption):
+                    on_text(result.image, result.text)
+                yield result
         finally:
-            self._cancelled.set()  # stop the workers (the next run clears it)
-            for _ in workers:
-                todo.put(None)
-            self._cancelled = threading.Event()
+            self._cancelled = threading.Event()  # the next run starts afresh
 
-    # -- workers --
+    def _count(self, requests: int, tokens: int) -> None:
+        with self._lock:
+            self._generating += requests
+            self._tokens += tokens
 
-    def _work(self, endpoint: Endpoint, todo: queue.SimpleQueue[tuple[int, str] | None], done: queue.SimpleQueue[_Done],
-              prompt: str, opts: GenerationOptions) -> None:
-        cancelled = self._cancelled
-        while not cancelled.is_set() and (job := todo.get()) is not None:
-            if cancelled.is_set():
-                return
-            with self._lock:
-                self._generating += 1
+    # -- what runs in worker threads --
+
+    def _headers(self, url: str) -> dict[str, str]:
+        key = self._by_url[url].api_key
+        return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def _probe(self, member: Member) -> Server:
+        """Ask an endpoint what it serves (and how many captions at once, unless given); an Answer if it cannot."""
+        url = member.url.rstrip("/")
+        timeout = min(PROBE_TIMEOUT_S, self.timeout_s or PROBE_TIMEOUT_S)
+        status, _, data = wire.exchange(self.http, "GET", url + "/models", self._headers(member.url), None,
+                                        timeout_s=timeout, connect_s=self.connect_s)
+        if status == 404 and member.given_model:  # no model list here: the model asked for is taken on trust
+            model, kind = member.given_model, ""
+        else:
+            model, kind = wire.probe_models(status, data, member.given_model)
+        slots = None
+        if member.given_width is None:  # llama-server's /props, caprl-local serve's /health
+            root = url.removesuffix("/v1")
+            for path, key in (("/props", "total_slots"), ("/health", "slots")):
+                try:
+                    status, _, data = wire.exchange(self.http, "GET", root + path, self._headers(member.url), None,
+                                                    timeout_s=min(5.0, timeout), connect_s=self.connect_s)
+                except Answer:
+                    continue
+                slots = wire.slots_of(data, key) if status == 200 else None
+                if slots:
+                    break
+        return Server(model=model, slots=slots, kind=kind)
+
+    def _probe_now(self, members: list[Member]) -> None:
+        """Probe `members` at once, side by side, and note what each answered."""
+        answers: dict[int, Server | Answer] = {}
+
+        def probe(i: int, member: Member) -> None:
+            answers[i] = guarded(lambda: self._probe(member))
+
+        threads = [threading.Thread(target=probe, args=(i, m), daemon=True) for i, m in enumerate(members)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(PROBE_TIMEOUT_S * 4 + self.connect_s)
+        now = time.monotonic()
+        for i, member in enumerate(members):
+            note_probe(self.fleet, member, answers.get(i, Faulty("did not answer a probe")), now)
+
+    def _attempt(self, member: Member, job: Job, prompt: str, opts: GenerationOptions,
+                 timeout_s: float) -> Reply | Answer | ImageError:
+        """One request for one image to one endpoint: its reply, or what it came to instead."""
+        if job.png is None:
             try:
-                done.put(dataclasses.replace(self._caption(endpoint, job[1], prompt, opts), index=job[0]))
-            except _Down as exc:
-                todo.put(job)  # another endpoint takes it
-                done.put((endpoint.url, exc))
-                return
-            finally:
-                with self._lock:
-                    self._generating -= 1
-
-    def _caption(self, endpoint: Endpoint, name: str, prompt: str, opts: GenerationOptions) -> Caption | CaptionFailure:
-        try:
-            data = Path(name).read_bytes()
-        except OSError as exc:
-            return CaptionFailure(image=name, error=f"{name}: cannot read the image ({exc.strerror or exc})",
-                                  kind="ImageError")
-        status, answer = self._call(endpoint, "/chat/completions", _body(self.models[endpoint.url], data, prompt, opts))
-        if status == 200 and isinstance(answer.get("choices"), list) and answer["choices"]:
-            choice, counts = answer["choices"][0], answer.get("usage") or {}
-            text = ((choice.get("message") or {}).get("content") or "").strip()
-            generated = int(counts.get("completion_tokens", 0))
-            with self._lock:
-                self._tokens += generated
-            return Caption(text=text, image=name, image_tokens=0, prompt_tokens=int(counts.get("prompt_tokens", 0)),
-                           generated_tokens=generated, finish_reason=choice.get("finish_reason") or "stop",
-                           timings=Timings(0, 0, 0, 0, 0, 0, 0))
-        message = (answer.get("error") or {}).get("message") if isinstance(answer.get("error"), dict) else None
-        if status in (401, 403, 404):  # the key or the model is wrong: nothing will work here
-            raise _Down(f"HTTP {status}: {message or 'refused'}")
-        return CaptionFailure(image=name, error=f"{name}: {endpoint.url} answered HTTP {status}: {message or answer}",
-                              kind="ImageError" if status in (400, 413, 422) else "EngineError")
-
-    def _call(self, endpoint: Endpoint, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        """POST `body` as JSON (GET without one); (status, JSON answer). _Down when the server stays out of reach."""
-        headers = {"Content-Type": "application/json"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        url = endpoint.url.rstrip("/") + path
-        try:
-            response = self.http.request("POST" if body is not None else "GET", url, headers=headers,
-                                         body=None if body is None else json.dumps(body).encode())
-        except urllib3.exceptions.HTTPError as exc:  # connection refused or reset, after every retry
-            raise _Down(f"cannot reach it ({type(exc).__name__})") from exc
-        try:
-            answer = json.loads(response.data or b"{}")
-        except ValueError:
-            answer = {"error": {"message": response.data[:200].decode("utf-8", "replace")}}
-        if response.status in RETRY_STATUSES:  # still failing after every retry
-            raise _Down(f"HTTP {response.status}, again after retries")
-        return response.status, answer if isinstance(answer, dict) else {}
-
-    def _slots(self, endpoint: Endpoint) -> int | None:
-        """How many requests the server decodes at once, where it says: llama-server's /props
-        (total_slots), caprl-local serve's /health (slots)."""
-        root = endpoint.url.rstrip("/").removesuffix("/v1")
-        for path, key in (("/props", "total_slots"), ("/health", "slots")):
-            try:
-                response = self.http.request("GET", root + path, retries=False, timeout=5)
-                value = json.loads(response.data).get(key) if response.status == 200 else None
-            except (urllib3.exceptions.HTTPError, ValueError, AttributeError):
-                continue
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-    def _first_model(self, endpoint: Endpoint) -> str:
-        try:
-            status, answer = self._call(endpoint, "/models")
-        except _Down as exc:
-            raise EngineError(f"{endpoint.url}: {exc}") from exc
-        data = answer.get("data") if status == 200 else None
-        if not data or not isinstance(data[0], dict) or "id" not in data[0]:
-            raise EngineError(f"{endpoint.url}: GET /models answered HTTP {status} without a model; "
-                              "name the model to use")
-        return str(data[0]["id"])
-
-
-def _body(model: str, data: bytes, prompt: str, opts: GenerationOptions) -> dict[str, Any]:
-    """The chat-completions request for one image: every option in SENT (prompt and preset are `prompt`)."""
-    body: dict[str, Any] = {
-        "model": model, "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens,
-        # llama-server reads repeat_penalty; vLLM and SGLang read repetition_penalty (each ignores the other's name)
-        "repeat_penalty": opts.repeat_penalty, "repetition_penalty": opts.repeat_penalty,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image;base64," + base64.b64encode(data).decode()}},
-            {"type": "text", "text": prompt.replace("<image>", "").strip()}]}],
-    }
-    body.update({k: v for k, v in (("seed", opts.seed), ("stop", list(opts.stop) or None)) if v is not None})
-    if not opts.loop_guard:  # caprl-local serve honours it; other servers have no guard to turn off
-        body["loop_guard"] = False
-    if opts.ignore_eos:  # vLLM, SGLang, llama-server and caprl-local serve take it under this name
-        body["ignore_eos"] = True
-    return body
+                job.png, job.load_s = wire.prepare_image(job.name, self.budget)
+            except ImageError as exc:
+                return exc
+        job.sent_at = time.monotonic()
+        assert member.server is not None
+        body = json.dumps(wire.request_body(member.server, job.png, prompt, opts)).encode()
+        status, headers, data = wire.exchange(self.http, "POST", member.url.rstrip("/") + "/chat/completions",
+                                         self._headers(member.url), body, timeout_s=timeout_s,
+                                         connect_s=self.connect_s)
+        return wire.read_reply(status, headers, data, member.server, opts)
 
 
 def _check_sent(opts: GenerationOptions) -> None:
     """CaprlError for an option the requests would not carry, unless it is left at its default."""
-    for field in dataclasses.fields(opts):
-        if field.name not in SENT and getattr(opts, field.name) != field.default:
-            raise CaprlError(f"the endpoints cannot honour option {field.name!r}: the requests to the servers do not "
+    for field_ in dataclasses.fields(opts):
+        if field_.name not in SENT and getattr(opts, field_.name) != field_.default:
+            raise CaprlError(f"the endpoints cannot honour option {field_.name!r}: the requests to the servers do not "
                              "carry it; leave it at its default")

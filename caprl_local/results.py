@@ -31,6 +31,8 @@ class Caption:
     finish_reason: Literal["stop", "length", "repetition"]  # repetition: a loop, cut back to its first round
     timings: Timings
     index: int | None = None  # its image's place in caption_many's input (None from caption)
+    source: str | None = None  # the server that made it (an endpoint's URL); None: made here
+    model: str | None = None  # the model that server reports, where it says
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class CaptionFailure:
     error: str  # one line: what went wrong and what to do
     kind: str  # the error's class: ImageError, EngineError, ...
     index: int | None = None  # its image's place in caption_many's input
+    source: str | None = None  # the server that answered last (an endpoint's URL); None: here
 
 
 @dataclass(frozen=True)
