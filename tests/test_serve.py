@@ -241,7 +241,8 @@ def test_images_by_url_and_path_only_when_allowed_and_sigterm_stops_cleanly(
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    proc, url = start_server(tiny_model, "--allow-remote-images", "--allow-image-network", "127.0.0.0/8", "--allowed-local-dir", str(images))
+    proc, url = start_server(tiny_model, "--allow-remote-images", "--allow-image-network", "127.0.0.0/8",
+                             "--allowed-local-dir", str(images))
     try:
         remote = raw(url, "/v1/chat/completions", chat_body(f"http://127.0.0.1:{files.server_port}/photo.jpg"), key=None)
         local = raw(url, "/v1/chat/completions", chat_body(str(images / "photo.jpg")), key=None)

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..budgets import ImageBudget, TiledBudget
 from ..errors import ModelFileError
 from ..ggufmeta import GGUFInfo, read_gguf
-from ..budgets import ImageBudget, TiledBudget
 from ..options import EngineOptions
 from .base import Family
 from .known import FAMILIES, PROJECTOR_NAMES, SUPPORTED_ARCHITECTURES

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CaprlError
 from ..budgets import TiledBudget
+from ..errors import CaprlError
 from ..options import EngineOptions
 from .base import BLOCK, Family
 
