@@ -78,6 +78,7 @@ def test_caption_dataset_adds_caption_columns(tiny_model: tuple[Path, Path], ima
     assert [row["caption"] for row in rows] == expected
     assert rows[-1]["error_kind"] == "ImageError" and "empty" in rows[-1]["error"]
     assert all(row["generated_tokens"] == 10 for row in rows[:-1])
+    assert all(row["error"] is None and row["error_kind"] is None for row in rows[:-1])  # None, never NaN
 
 
 def _descendants(root: int) -> set[int]:
