@@ -439,6 +439,9 @@ def test_the_conversation_is_rendered_as_sent(served: tuple[subprocess.Popen[str
     assert tokens([{"role": "user", "content": "Say hello."}]) < alone  # text only: no image at all
     first = client.chat.completions.create(model="caprl", messages=[{"role": "user", "content": [image]}], max_tokens=2)
     assert first.usage is not None and first.usage.prompt_tokens > 0  # an image alone: the model's own caption prompt
+    _, raw, _ = post(url, body_for(pixel))
+    assert 0 < raw["usage"]["prompt_tokens_details"]["image_tokens"] < raw["usage"]["prompt_tokens"]
+    assert raw["choices"][0]["native_finish_reason"] in ("stop", "length", "repetition")  # ours, beside OpenAI's
 
 
 def test_markup_typed_in_a_message_is_text(served: tuple[subprocess.Popen[str], str], pixel: str) -> None:

@@ -178,8 +178,9 @@ def create_app(captioner: Captioner, options: ServeOptions) -> Starlette:
                 return _Stream(_events(job, asked, options.model_id, admission), lambda: _end(state, job, place))
             result = job.result()
             admission.record(result.timings.total_s)
-            counts = usage(result.prompt_tokens, result.generated_tokens)
-            return JSONResponse(completion(completion_id(), options.model_id, result.text, _finish(result), counts))
+            counts = usage(result.prompt_tokens, result.generated_tokens, result.image_tokens)
+            return JSONResponse(completion(completion_id(), options.model_id, result.text, _finish(result), counts,
+                                           native_finish_reason=result.finish_reason))
         finally:
             state.aborts.discard(abort)
             if not handed:
@@ -332,9 +333,9 @@ async def _events(job: Job, asked: ChatRequest, model: str, admission: Admission
         yield _sse(exc.body())
         return
     admission.record(result.timings.total_s)
-    yield _sse(chunk(cid, model, {}, _finish(result)))
+    yield _sse(chunk(cid, model, {}, _finish(result), native_finish_reason=result.finish_reason))
     if asked.include_usage:
-        yield _sse(chunk(cid, model, {}, counts=usage(result.prompt_tokens, result.generated_tokens)))
+        yield _sse(chunk(cid, model, {}, counts=usage(result.prompt_tokens, result.generated_tokens, result.image_tokens)))
     yield "data: [DONE]\n\n"
 
 

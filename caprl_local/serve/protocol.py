@@ -216,27 +216,35 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, image_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's token counts; the prompt's image tokens among them, in prompt_tokens_details (as vLLM reports them)."""
+    counts: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    if image_tokens:
+        counts["prompt_tokens_details"] = {"image_tokens": image_tokens}
+    return counts
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, counts: dict[str, int]) -> dict[str, Any]:
-    """A whole (non-streamed) chat completion."""
-    return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                     "logprobs": None}],
-        "usage": counts,
-    }
+def completion(cid: str, model: str, text: str, finish_reason: str, counts: dict[str, Any],
+               native_finish_reason: str | None = None) -> dict[str, Any]:
+    """A whole (non-streamed) chat completion; ``native_finish_reason`` our own reason beside OpenAI's (a caption
+    the loop guard ended says "repetition" there, "stop" in finish_reason)."""
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": finish_reason, "logprobs": None}
+    if native_finish_reason is not None:
+        choice["native_finish_reason"] = native_finish_reason
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": counts}
 
 
 def chunk(cid: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-          counts: dict[str, int] | None = None) -> dict[str, Any]:
+          counts: dict[str, Any] | None = None, native_finish_reason: str | None = None) -> dict[str, Any]:
     """One server-sent event of a streamed completion (the last, with usage, has no choices)."""
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    if native_finish_reason is not None:
+        choice["native_finish_reason"] = native_finish_reason
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                            "choices": [] if counts is not None and not delta and finish_reason is None else
-                            [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+                            "choices": [] if counts is not None and not delta and finish_reason is None else [choice]}
     if counts is not None:
         body["usage"] = counts
     return body
