@@ -25,10 +25,11 @@ from helpers import HANG_S, ROOT, run_cli, send_json, start_server
 from PIL import Image
 from test_fleet import Stub, completion, free_port, started
 
+from caprl_local import Captioner
 from caprl_local.budgets import ImageBudget
 from caprl_local.endpoints import Endpoint, EndpointCaptioner
 from caprl_local.inputs import BatchItem, shard_of
-from caprl_local.loopguard import LOOP_COPIES, LOOP_PERIOD, LOOP_SPAN
+from caprl_local.loopguard import LoopGuard
 from caprl_local.results import Caption, CaptionFailure
 from caprl_local.wire import NO_SYSTEM_TEMPLATE, REPEAT_LAST_N
 
@@ -169,7 +170,7 @@ def test_every_option_goes_under_each_servers_name(stand_ins: list[Stub], images
     from caprl_local.engine import scheduler, session
 
     assert REPEAT_LAST_N == session._REPEAT_LAST_N  # the engine's penalty window
-    assert (LOOP_PERIOD, LOOP_COPIES, LOOP_SPAN) == (scheduler.LOOP_PERIOD, scheduler.LOOP_COPIES, scheduler.LOOP_SPAN)
+    assert scheduler.LoopGuard is LoopGuard  # the engine guards by the very rule the fleet client runs
     llama = started(stand_ins, "llama", owned_by="llamacpp")
     body, _ = _sent(llama, images / "photo.jpg", stop=("END",), seed=5)
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.05 and body["repeat_last_n"] == 256
@@ -239,8 +240,8 @@ def test_each_result_names_its_server_and_what_it_reported(stand_ins: list[Stub]
 
 LLAMA_SERVER = Path(os.environ.get("CAPRL_LLAMA_SERVER", ROOT / "build/llama.cpp/build/bin/llama-server"))
 SAME = ["photo.jpg", "rotated.jpg", "alpha.png", "cmyk.jpg", "palette.png", "deep16.png"]
-#: Greedy, and no repeat penalty: llama-server counts the prompt's tokens as repeats too, the engine only the caption's.
-EQUAL = ["-n", "120", "--repeat-penalty", "1"]
+#: Greedy at the default repeat penalty (1.05 over 256 tokens): both count the prompt's text tokens as repeats.
+EQUAL = ["-n", "120"]
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_a_mixed_fleet_equals_a_local_run(llama_server: str, tiny_model: tuple[P
     try:
         paths = sorted(str(p) for p in folder.iterdir())
         with EndpointCaptioner([Endpoint(llama_server), Endpoint(ours_url)]) as fleet:
-            results = list(fleet.caption_many(paths, max_tokens=120, repeat_penalty=1.0))
+            results = list(fleet.caption_many(paths, max_tokens=120))
     finally:
         ours.send_signal(signal.SIGINT)
         ours.wait(timeout=HANG_S)
@@ -324,6 +325,20 @@ def test_a_mixed_fleet_equals_a_local_run(llama_server: str, tiny_model: tuple[P
     assert all(r.finish_reason == local[p]["finish_reason"] for p, r in got.items() if r.source == llama_server)
     assert all(r.timings.generation_s > 0 for r in got.values() if r.source == llama_server)  # its own timings
 
+
+
+@pytest.mark.parametrize("penalty", [1.3, 2.0])
+def test_llama_server_counts_the_prompt_as_repeats_as_the_engine_does(llama_server: str, tiny_model: tuple[Path, Path],
+                                                                      images: Path, penalty: float) -> None:
+    """A strong penalty, prompts within and beyond its 256-token window: llama-server's captions are the engine's."""
+    prompts = ["Describe the building.", "Describe the legend. " + "1 " * 100, "Describe the of. " + ". " * 300]
+    paths = [str(images / name) for name in ("photo.jpg", "pixel.png", "palette.png", "alpha.png")]
+    with EndpointCaptioner([Endpoint(llama_server)]) as fleet, Captioner(*tiny_model, threads=1, parallel=1) as local:
+        for prompt in prompts:
+            served = {paths[r.index]: (r.text, r.generated_tokens) for r in fleet.caption_many(
+                paths, prompt=prompt, max_tokens=80, repeat_penalty=penalty) if isinstance(r, Caption) and r.index is not None}
+            here = {p: local.caption(p, prompt=prompt, max_tokens=80, repeat_penalty=penalty) for p in paths}
+            assert served == {p: (r.text, r.generated_tokens) for p, r in here.items()}, prompt
 
 def test_the_documented_template_is_the_one_tested() -> None:
     assert NO_SYSTEM_TEMPLATE in (ROOT / "docs" / "scale-out.md").read_text()

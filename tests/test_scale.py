@@ -199,7 +199,10 @@ items = collect_inputs([], list_file=sys.argv[2], shard=(1, 1000))
 out = JsonlOutput(sys.argv[3], items=items)
 done = sum(out.has(i, sys.argv[4]) for i in items)
 out.close()
-print(json.dumps({"items": len(items), "done": done, "mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# This process's own peak (VmHWM: its memory since exec; ru_maxrss would carry the forking parent's, pytest's, over)
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"items": len(items), "done": done, "mb": peak / 1024}))
 """
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..chat import ChatMessage, caption_conversation
 from ..errors import Cancelled, CaprlError, EngineError
+from ..loopguard import LoopGuard
 from ..options import GenerationOptions
 from ..results import Caption, Timings
 from . import lifetime
@@ -40,11 +41,6 @@ from .session import Session
 log = logging.getLogger("caprl_local")
 
 _END = None  # closes a request's stream of text pieces
-
-#: The loop guard: a caption whose last tokens repeat one cycle of up to LOOP_PERIOD tokens at
-#: least LOOP_COPIES times, over at least LOOP_SPAN tokens, has fallen into a loop. The span keeps
-#: short legitimate repeats (a table's "| --- |" row, a list of alike items) from counting.
-LOOP_PERIOD, LOOP_COPIES, LOOP_SPAN = 64, 4, 64
 
 _CLOSED = "this Captioner is closed; create a new one"
 
@@ -96,9 +92,8 @@ class _Slot:
         self.text: list[str] = []
         self.held = ""  # held back: whitespace until text follows it, and what may begin a stop string
         self.stopped = False  # a stop string came: the caption ends before it
-        self.ids: list[int] = []  # the tokens taken, and the text each one added, for the loop guard
+        self.guard = LoopGuard()  # the tokens taken, and the text each one added, for the loop guard
         self.chunks: list[str] = []
-        self.runs = [0] * (LOOP_PERIOD + 1)  # runs[p]: how many latest tokens equal the one p before them
         self.loop_keep: int | None = None  # tokens to keep when the caption ended in a loop
         self.pending = 0  # the token sampled but not yet taken into the caption
         self.n_gen = 0
@@ -126,16 +121,8 @@ class _Slot:
 
     def looped(self, token: int) -> bool:
         """Take `token` into the guard's view; True when the caption has fallen into a loop."""
-        self.ids.append(token)
-        n = len(self.ids)
-        for p in range(1, min(LOOP_PERIOD, n - 1) + 1):
-            self.runs[p] = self.runs[p] + 1 if self.ids[-1] == self.ids[-1 - p] else 0
-            if self.runs[p] >= (LOOP_COPIES - 1) * p and self.runs[p] + p >= LOOP_SPAN:
-                # The shortest cycle that spans the same tail ("of of of" is also a cycle of 6 "of"s).
-                q = next(q for q in range(1, p + 1) if self.runs[q] + q >= self.runs[p] + p)
-                self.loop_keep = n - self.runs[q]  # everything before the repeats, and one round of the cycle
-                return True
-        return False
+        self.loop_keep = self.guard.take(token)  # then: everything before the repeats, and one round of the cycle
+        return self.loop_keep is not None
 
     def caption(self) -> Caption:
         if not self.stopped:
@@ -317,7 +304,7 @@ class Scheduler:
         try:
             prompted = self.session.prompt_chat(seq, request.conversation(), request.name,
                                                 cancelled=lambda: request.cancelled)
-            sampler = self.session.sampler(request.options)
+            sampler = self.session.sampler(request.options, prompted.text_tokens)  # the penalty sees the prompt
             slot = _Slot(request, seq, sampler, prompted.n_past, t_start)
             slot.image_tokens, slot.prompt_tokens, slot.encode_s = \
                 prompted.image_tokens, prompted.prompt_tokens, prompted.encode_s

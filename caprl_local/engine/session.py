@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ log = logging.getLogger("caprl_local")
 
 _N_BATCH = 2048  # logical batch, as llama-mtmd-cli uses
 _N_UBATCH = 512
-_REPEAT_LAST_N = 256
+_REPEAT_LAST_N = 256  # the repeat penalty's window: the prompt's last text tokens, then the caption's
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 
 
@@ -49,6 +49,7 @@ class Prompted:
     image_tokens: int
     prompt_tokens: int
     encode_s: float  # of which the vision encoder
+    text_tokens: tuple[int, ...] = ()  # the prompt's text tokens in order, images left out (for the repeat penalty)
 
 
 class Session:
@@ -186,9 +187,7 @@ class Session:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t(0)
-                    ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                    layout.append([ids[j] for j in range(n.value)])
+                    layout.append(_text_ids(chunk))
                 else:
                     layout.append(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             return layout
@@ -245,6 +244,7 @@ class Session:
                 "shorten the conversation, lower the image-token cap or raise the context size"
             )
         n_past, image_tokens, encode_s = 0, 0, 0.0
+        text_tokens: list[int] = []
         new_past = llama_cpp.llama_pos(0)
         for i in range(n_chunks):
             if cancelled():
@@ -263,12 +263,13 @@ class Session:
                 ret = mtmd.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, chunk, embd, n_past, seq,
                                                           self._n_batch, ctypes.byref(new_past), _NO_CALLBACK, None)
             else:
+                text_tokens += _text_ids(chunk)
                 ret = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, n_past, seq, self._n_batch,
                                                          i == n_chunks - 1, ctypes.byref(new_past))
             if ret != 0:
                 raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {LLAMA_LOG.first_error()}")
             n_past = new_past.value
-        return Prompted(n_past, image_tokens, total, encode_s)
+        return Prompted(n_past, image_tokens, total, encode_s, tuple(text_tokens))
 
     def forget(self, seq: int) -> None:
         """Drop a sequence's tokens from the KV cache, so that another caption can use it."""
@@ -276,15 +277,21 @@ class Session:
 
     # -- sampling and decoding ------------------------------------------------------------
 
-    def sampler(self, opts: GenerationOptions) -> Any:
-        """A sampler chain for one caption; free it with free_sampler."""
+    def sampler(self, opts: GenerationOptions, prompt: Sequence[int] = ()) -> Any:
+        """A sampler chain for one caption, its repeat penalty already fed the `prompt`'s text tokens (as
+        llama-server, vLLM and Transformers count the prompt as repeats too); free it with free_sampler."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
         if opts.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, _REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0))
+            penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, _REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0)
+            # llama-server accepts every text token of the prompt in order before it samples; the window
+            # keeps only the last _REPEAT_LAST_N, so those alone leave it in the same state.
+            for token in prompt[-_REPEAT_LAST_N:]:
+                llama_cpp.llama_sampler_accept(penalties, token)
+            add(penalties)
         if opts.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -348,6 +355,13 @@ class Session:
                 llama_cpp.llama_free(ctx)
             if model:
                 llama_cpp.llama_model_free(model)
+
+
+def _text_ids(chunk: Any) -> list[int]:
+    """A text chunk's token ids."""
+    n = ctypes.c_size_t(0)
+    ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+    return [ids[j] for j in range(n.value)]
 
 
 def _apply_template(template: bytes, turns: list[Turn]) -> str | None:
