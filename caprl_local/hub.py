@@ -268,7 +268,11 @@ def download_model(
         model_r, mmproj_r = resolve(spec, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant, token=token)
     except HubUnreachableError as exc:
         if cached is None or damage is not None:
-            raise
+            # Nothing whole to fall back on, so going offline would not help either: say what is missing and the way left.
+            missing = damage or (f"{spec.name} {quant or spec.default_quant}{' (imatrix)' if imatrix else ''} "
+                                 "is not cached")
+            raise HubUnreachableError(f"{exc}; {missing}: to caption without the Hub, give the path of a .gguf model "
+                                      "file you already have in place of the name") from exc
         log.warning("%s; the cached files could not be verified against it", exc)  # still whole, so still usable
         return cached
     # The projector first: it is small, so a bad token or a full disk shows before the big download.

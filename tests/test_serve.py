@@ -230,7 +230,8 @@ def test_serve_without_its_extra_says_how_to_install_it(tiny_model: tuple[Path, 
                              "serve", "-m", str(model), "--port", "0"], capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 1
     assert result.stderr.strip() == ("Error: caprl-local serve needs its extra (starlette is missing): "
-                                     "pip install 'caprl-local[serve]'")
+                                     "pip install '.[serve]' in a caprl-local checkout, or 'caprl-local[serve]' once "
+                                     "caprl-local is on your package index")
 
 
 def test_images_by_url_and_path_only_when_allowed_and_sigterm_stops_cleanly(

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import click
 
 from .. import console
-from ..errors import CaprlError
+from ..errors import CaprlError, HubUnreachableError, OfflineError
 from ..printable import human_size, printable
 from ..registry import DEFAULT_MODEL
 from .base import cache_dir_option, cli, model_options
@@ -28,8 +28,15 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
     from ..hub import download_model
 
     # A pull checks what is cached against the Hub's sha256 and repairs it: the network is used anyway.
-    files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
-                           cache_dir=cache_dir, progress=console.DownloadBar(), verify=True)
+    try:
+        files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
+                               cache_dir=cache_dir, progress=console.DownloadBar(), verify=True)
+    except HubUnreachableError as exc:
+        # Not the general hint (--offline): a pull has no such option, and nothing whole is cached to use offline.
+        raise CaprlError(f"{exc} (`caprl-local caption -m PATH.gguf`); or pull again once the Hub answers") from exc
+    except OfflineError as exc:
+        # Only HF_HUB_OFFLINE makes a pull offline: the general hint (`caprl-local pull ...`) would send it back here.
+        raise CaprlError(f"{exc}: HF_HUB_OFFLINE is set, unset it to pull") from exc
     click.echo(printable(files.model, limit=None))
     click.echo(printable(files.mmproj, limit=None))
 

@@ -124,14 +124,14 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
 
     Prints the API's base URL on stdout once it listens; Ctrl-C stops it, cancelling the
-    captions in flight. Needs the serve extra: pip install 'caprl-local[serve]'.
+    captions in flight. Needs the serve extra: pip install '.[serve]' in a caprl-local checkout.
     """
     try:
         from ..serve import ImagePolicy, ServeOptions
         from ..serve import serve as run_server
     except ImportError as exc:
-        raise CaprlError(f"caprl-local serve needs its extra ({exc.name} is missing): "
-                         "pip install 'caprl-local[serve]'") from exc
+        raise CaprlError(f"caprl-local serve needs its extra ({exc.name} is missing): pip install '.[serve]' in a "
+                         "caprl-local checkout, or 'caprl-local[serve]' once caprl-local is on your package index") from exc
     from pathlib import Path
 
     from ..engine import Captioner

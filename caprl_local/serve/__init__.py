@@ -1,6 +1,6 @@
 """An OpenAI-compatible server for a Captioner: ``caprl-local serve``, or :func:`serve` from Python.
 
-Needs the ``serve`` extra (starlette and uvicorn): ``pip install 'caprl-local[serve]'``.
+Needs the ``serve`` extra (starlette and uvicorn): ``pip install '.[serve]'`` in a caprl-local checkout.
 """
 
 from __future__ import annotations
