@@ -104,6 +104,8 @@ class AppendOutput:
                 with deferred_interrupt():
                     self.fh.write(data.decode("utf-8"))
                     self.fh.flush()
+            except BrokenPipeError:
+                raise  # the reader went away (`| head`): as for print(), the caller decides (the CLI stops quietly)
             except OSError as exc:
                 raise write_error("<stdout>", exc) from exc
             return
@@ -115,6 +117,8 @@ class AppendOutput:
                     written += os.write(self.fd, data[written:])
                 if not self.device:
                     os.fsync(self.fd)
+            except BrokenPipeError:
+                raise  # a pipe or FIFO whose reader went away (-o /dev/stdout | head): as above
             except OSError as exc:
                 if start >= 0:
                     with suppress(OSError):  # best effort: take the partial record back out

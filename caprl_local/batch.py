@@ -22,7 +22,8 @@ from .options import GenerationOptions, Parallel
 from .outputs import Output, OutputOptions, open_outputs
 from .results import Caption, CaptionFailure
 
-__all__ = ["BatchPlan", "BatchSink", "BatchSummary", "OutputOptions", "caption_batch", "plan_batch", "run_batch"]
+__all__ = ["BatchPlan", "BatchSink", "BatchSummary", "OutputOptions", "caption_batch", "caption_field_taken", "plan_batch",
+           "result_record", "run_batch"]
 
 
 @dataclass
@@ -62,6 +63,7 @@ class BatchPlan:
     model: str | None = None  # what the records name as their model and quant
     quant: str | None = None
     todo: list[BatchItem] = field(default_factory=list)
+    caption_field: str = "caption"  # the record's field for the caption (the list's own fields are kept)
 
     @property
     def prompt(self) -> str:
@@ -92,26 +94,43 @@ def plan_batch(items: list[BatchItem], *, outputs: OutputOptions, stream: TextIO
                model: str | None = None, quant: str | None = None) -> BatchPlan:
     """Open the outputs for `items` and find what is still to caption: an item is done when every output
     has its result for this prompt (``outputs.overwrite`` captions everything again). ``stream`` receives
-    the results meant for stdout."""
+    the results meant for stdout. JSONL records keep each item's fields: one that has the caption's
+    field already is refused (see :func:`caption_field_taken`)."""
     if generation.prompt is None or generation.preset is not None:
         raise CaprlError("a batch needs its prompt resolved (the results are kept by it); give generation.prompt")
+    taken = caption_field_taken(items, outputs)
+    if taken is not None:
+        raise CaprlError(f"{taken.source or taken.path}: its records have a \"{outputs.caption_field}\" field already, "
+                         "which the new caption would replace; give the caption another field (caption_field)")
     opened = open_outputs(outputs, stream=stream, items=items)
-    plan = BatchPlan(items, opened, generation, model=model, quant=quant)
+    plan = BatchPlan(items, opened, generation, model=model, quant=quant, caption_field=outputs.caption_field)
     plan.todo = [i for i in items if not (opened and all(o.has(i, plan.prompt) for o in opened))]
     return plan
 
 
+def caption_field_taken(items: list[BatchItem], outputs: OutputOptions) -> BatchItem | None:
+    """The first item whose own fields (a JSONL list's) hold the caption's field, when JSONL is written:
+    its record would lose the field to the new caption. Text and sidecars write the caption alone."""
+    if outputs.format != "jsonl":
+        return None
+    name = outputs.caption_field
+    return next((item for item in items if name in item.extra), None)
+
+
 def result_record(item: BatchItem, result: Caption | CaptionFailure, plan: BatchPlan) -> dict[str, Any]:
-    """The JSON object written for one image: its input fields, then the caption or the error."""
+    """The JSON object written for one image: its input fields, then the caption (in the plan's
+    caption_field) or the error."""
     record: dict[str, Any] = {**item.extra, "path": item.path}
     if isinstance(result, Caption):
+        record[plan.caption_field] = result.text
         record.update(
-            caption=result.text, model=result.model or plan.model, quant=plan.quant, prompt=plan.prompt,
+            model=result.model or plan.model, quant=plan.quant, prompt=plan.prompt,
             image_tokens=result.image_tokens, prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens, finish_reason=result.finish_reason,
             timings={k: round(v, 4) for k, v in asdict(result.timings).items()},
         )
     else:
+        record.pop(plan.caption_field, None)  # a failure has no caption (text and sidecar outputs look for one)
         record.update(error=result.error, error_kind=result.kind, model=plan.model, quant=plan.quant, prompt=plan.prompt)
     if result.source is not None:  # made on a server: which one (a local run's records stay as they were)
         record["endpoint"] = result.source

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .captioning import Captioning
     from .hub import ModelListing
     from .inputs import BatchItem
+    from .results import Activity, Caption
     from .transfer import DownloadProgress
 
 C = TypeVar("C", bound="Captioning")
@@ -39,6 +40,7 @@ def duration(seconds: float) -> str:
 
 
 _status_shown = False  # a transient line is on the terminal, with no newline after it yet
+_LINE = threading.RLock()  # a status line redrawn from a watcher thread never lands inside another message
 
 
 def status(message: str) -> None:
@@ -46,8 +48,9 @@ def status(message: str) -> None:
     (`message` is escaped: it may name a file)."""
     global _status_shown
     if sys.stderr.isatty():
-        click.echo(f"\r\033[K{printable(message, limit=200)}", nl=False, err=True)
-        _status_shown = bool(message)
+        with _LINE:
+            click.echo(f"\r\033[K{printable(message, limit=200)}", nl=False, err=True)
+            _status_shown = bool(message)
 
 
 def clear_status() -> None:
@@ -58,8 +61,9 @@ def clear_status() -> None:
 
 def say(text: object) -> None:
     """One message line on stderr: escaped, and never glued to a status line."""
-    clear_status()
-    click.echo(printable(text), err=True)
+    with _LINE:
+        clear_status()
+        click.echo(printable(text), err=True)
 
 
 class DownloadBar:
@@ -92,11 +96,13 @@ class DownloadBar:
 
 
 def results_stream(*, progress: bool) -> TextIO:
-    """Where results for stdout go: with a progress bar showing, through tqdm, which clears
-    the bar before each line and redraws it after; on a terminal, with control characters shown
-    rather than obeyed (a caption is a model's text, a path a folder's name). A pipe gets the bytes."""
-    stream: TextIO = DummyTqdmFile(sys.stdout) if progress else sys.stdout
-    return cast(TextIO, _Shown(stream)) if sys.stdout.isatty() else stream
+    """Where results for stdout go. On a terminal: with a progress bar showing, through tqdm, which
+    clears the bar before each line and redraws it after, and with control characters shown rather
+    than obeyed (a caption is a model's text, a path a folder's name). A pipe or a file gets the bytes,
+    straight: the bar is drawn on stderr only, and nothing of it ever goes into the results."""
+    if not sys.stdout.isatty():
+        return sys.stdout
+    return cast(TextIO, _Shown(DummyTqdmFile(sys.stdout) if progress else sys.stdout))
 
 
 class _Shown:
@@ -128,8 +134,8 @@ def loaded(captioner: Captioning, *, images: int | None = None) -> None:
 class BatchProgress:
     """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr.
 
-    The bar moves as images finish, in any order, and a watcher thread shows the captions in
-    flight and the tokens per second from the start, long before the first image is done.
+    The bar moves as images finish, in any order, and a watcher thread names what the engine does from
+    the start, long before the first image is done: reading images, encoding one, or generating (tokens/s).
     """
 
     POLL_S = 0.5
@@ -148,14 +154,17 @@ class BatchProgress:
             self.watcher.start()
 
     def _watch(self, captioner: Captioning) -> None:
-        tokens, at, rate = captioner.activity().tokens, time.monotonic(), None
+        before = captioner.activity()
+        at, rate = time.monotonic(), None
         while not self.stop.wait(self.POLL_S):
             now = captioner.activity()
             t = time.monotonic()
-            recent = (now.tokens - tokens) / max(t - at, 1e-6)
-            rate = recent if rate is None else 0.8 * rate + 0.2 * recent  # steady, yet follows changes
-            tokens, at = now.tokens, t
-            self.bar.set_postfix_str(f"{now.generating} in flight, {rate:.1f} tokens/s", refresh=False)
+            # Measured over generating alone: reading or encoding an image makes no tokens, and says so instead.
+            if not (now.encoding or before.encoding) and (before.generating or now.tokens > before.tokens):
+                recent = (now.tokens - before.tokens) / max(t - at, 1e-6)
+                rate = recent if rate is None else 0.8 * rate + 0.2 * recent  # steady, yet follows changes
+            before, at = now, t
+            self.bar.set_postfix_str(stage(now, rate), refresh=False)
             self.bar.refresh()
 
     def done(self, finished: int) -> None:
@@ -181,26 +190,104 @@ class BatchProgress:
             click.echo(f"Nothing to do: all {self.total} images already have a result "
                        "(--overwrite captions them again).", err=True)
             return
-        ended = "Interrupted after" if summary.interrupted else "Captioned"
         looped = f", {summary.repeating} cut short for repeating themselves" if summary.repeating else ""
-        click.echo(f"{ended} {summary.done} of {self.total} images ({self.skipped} skipped, {summary.failed} failed"
-                   f"{looped}) in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.", err=True)
+        done, failed, skipped = summary.done, summary.failed, self.skipped
+        left = self.total - skipped - done - failed  # every image counted once, as on the bar
+        if summary.interrupted:
+            counts = f"Interrupted: {done} captioned, {failed} failed, {left} not finished ({skipped} skipped"
+        else:
+            counts = f"Captioned {done} of {self.total} images ({skipped} skipped, {failed} failed" + \
+                (f", {left} not finished" if left else "")
+        click.echo(f"{counts}{looped}) in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.",
+                   err=True)
+
+
+def stage(now: Activity, rate: float | None) -> str:
+    """What the engine is doing, in a few words (the bar's postfix)."""
+    if now.encoding:
+        busy = now.generating - now.encoding
+        return f"encoding {now.encoding} image{'s' * (now.encoding > 1)}" + (f", {busy} generating" if busy else "")
+    if now.generating:  # the rate once measured over generating alone
+        return f"{now.generating} generating" + ("" if rate is None else f", {rate:.1f} tokens/s")
+    if rate:  # captions made elsewhere, counted as their tokens come back
+        return f"{rate:.1f} tokens/s"
+    return "reading images"
 
 
 class Streamer:
-    """Writes caption pieces to stdout as they come (to a terminal or a pipe alike)."""
+    """Writes caption pieces to stdout as they come (to a terminal or a pipe alike), and keeps what it wrote."""
 
     def __init__(self) -> None:
-        self.started = False
-        self.tty = False
+        self.started = self.tty = False
+        self.pieces: list[str] = []
+        self.lock = threading.Lock()  # the first piece and a status line from CaptionStages: one at a time
 
     def __call__(self, piece: str) -> None:
         if not self.started:
-            self.started = True
-            self.tty = sys.stdout.isatty()
-            status("")  # the caption replaces the "Reading the image" line
+            with self.lock:
+                self.started = True
+                self.tty = sys.stdout.isatty()
+                if self.tty:
+                    status("")  # the caption replaces the status line; with stdout elsewhere, the line goes on
+        self.pieces.append(piece)
         # A caption is the model's text: on a terminal its control characters are shown, not obeyed.
         click.echo(printable_text(piece) if self.tty else piece, nl=False)  # click flushes: a pipe sees each piece
+
+    def ended(self, result: Caption) -> None:
+        """When the loop guard cut the caption back, say so on stderr, and where: the text streamed
+        went on past the cut (it was out before the loop showed)."""
+        streamed, text = "".join(self.pieces), result.text
+        if result.finish_reason == "repetition" and streamed.strip() != text:
+            say(f"Note: the caption fell into a loop and was cut back to its first round: it is the first {len(text)} "
+                f"characters ({_words(text)}) of the text {'above' if self.tty else 'on stdout'}, and the "
+                f"{_words(streamed[len(text):])} streamed after them are not part of it (-o, --sidecar and --format "
+                "jsonl save the cut caption)")
+
+
+def _words(text: str) -> str:
+    return f"{(n := len(text.split()))} word{'s' * (n != 1)}"
+
+
+class CaptionStages:
+    """The status line while one caption is made (stderr, when a person watches): reading the image, encoding
+    it (a minute on a CPU), generating, from the captioner's activity. Once the caption streams to this terminal
+    it is the line; with stdout elsewhere the line goes on, with the tokens so far, until the caption ends."""
+
+    POLL_S = 0.25
+
+    def __init__(self, captioner: Captioning, streamer: Streamer) -> None:
+        self.captioner, self.streamer = captioner, streamer
+        self.stop = threading.Event()
+        self.watcher: threading.Thread | None = None
+
+    def __enter__(self) -> CaptionStages:
+        status("Reading the image ...")
+        if sys.stderr.isatty():
+            self.watcher = threading.Thread(target=self._watch, name="caprl-stages", daemon=True)
+            self.watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        base, shown = self.captioner.activity().tokens, ""
+        while not self.stop.wait(self.POLL_S):
+            now = self.captioner.activity()
+            if not (now.encoding or now.generating or self.streamer.started):
+                continue  # still reading it, in the caller's thread
+            line = "Encoding the image ..." if now.encoding else f"Generating the caption ({now.tokens - base} tokens) ..."
+            with self.streamer.lock:
+                if self.stop.is_set() or (self.streamer.started and self.streamer.tty):
+                    return
+                if line != shown:
+                    status(line)
+                    shown = line
+
+    def __exit__(self, *exc: object) -> None:
+        with self.streamer.lock:
+            self.stop.set()
+        if self.watcher is not None:
+            self.watcher.join()
+        if not (self.streamer.started and self.streamer.tty):  # once the caption shows, the line is its own
+            status("")
 
 
 def print_models(listings: list[ModelListing], *, default: str) -> None:
@@ -268,8 +355,9 @@ class _TerminalHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
-        clear_status()
-        super().emit(record)
+        with _LINE:
+            clear_status()
+            super().emit(record)
 
 
 def configure_logging(verbose: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import threading
 import time
@@ -28,8 +29,8 @@ _WARNINGS_LOCK = threading.Lock()
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
-#: Refuse images above this many pixels before decoding them (a 12-MP photo is 12e6;
-#: Pillow's own bomb limit is 89e6 and only warns below twice that).
+#: Refuse images above this many pixels before decoding them (a 12-MP photo is 12e6). Pillow's own bomb
+#: limit, 89e6, holds for images decoded whole; a baseline JPEG, decoded at a reduced scale, may have up to this.
 MAX_PIXELS = 150_000_000
 
 #: The most bytes read from a stream, a FIFO or a device for one image (held in memory whole
@@ -153,21 +154,17 @@ def _result(source: T, future: Future[tuple[Image.Image, float]]) -> tuple[T, tu
 
 def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) -> Image.Image:
     try:
-        # Pillow only warns about a decompression bomb below twice its pixel limit: make that an
-        # error. catch_warnings changes process-wide state, so it is held briefly (open reads the
-        # header only) and by one thread at a time (images are read in several threads).
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fh)
+        img = _open(fh, name, max_pixels)
         _check_size(img, name, max_pixels)
-        if draft_pixels and img.format == "JPEG" and img.width * img.height > 4 * draft_pixels:
-            scale = (draft_pixels / (img.width * img.height)) ** 0.5
-            img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
+        if img.format in _REDUCIBLE:
+            scale = _draft_scale(img.width, img.height, draft_pixels)
+            if scale > 1:  # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: far less memory and time
+                img.draft("RGB", (img.width // scale, img.height // scale))
         img.load()  # decode now, while the file is open, so truncation is caught here
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image is too large to decode safely (a decompression bomb?); downscale it first") from exc
+        raise _bomb(name, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image format (is it really an image?)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -176,6 +173,78 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int, draft_pixels: int | None) 
     except Exception as exc:  # noqa: BLE001 - whatever else hostile input makes Pillow raise is this image's failure
         raise _unreadable(name, exc) from exc
     return _normalise(img, name, max_pixels)
+
+
+#: Formats libjpeg decodes at a reduced scale (an MPO is a camera's JPEG with a second picture after it).
+_REDUCIBLE = ("JPEG", "MPO")
+
+#: How much of a JPEG's start is read to find its first scan (its metadata segments come before it).
+_HEAD_BYTES = 2 * 1024 * 1024
+
+
+def _open(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Image.open (which reads the header only), with Pillow's decompression-bomb warning an error, except
+    for a JPEG that is decoded at a reduced scale (see _draft_scale): one of those up to `max_pixels` is
+    taken. catch_warnings changes process-wide state, so it is held briefly and by one thread at a time
+    (images are read in several threads)."""
+    start = fh.tell()
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fh)
+    except Image.DecompressionBombWarning as exc:
+        warning = exc
+    fh.seek(start)
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(fh)
+    _check_size(img, name, max_pixels)  # over our own limit: said as such
+    if img.format not in _REDUCIBLE or not _jpeg_one_scan(_head(fh, start)):
+        raise _bomb(name, warning, max_pixels, img)
+    return img
+
+
+def _head(fh: BinaryIO, start: int) -> bytes:
+    """The first bytes of the file from `start`, leaving its position where it was (Pillow's reader)."""
+    at = fh.tell()
+    try:
+        fh.seek(start)
+        return fh.read(_HEAD_BYTES)
+    finally:
+        fh.seek(at)
+
+
+def _draft_scale(width: int, height: int, draft_pixels: int | None) -> int:
+    """The reduced scale (1, 2, 4 or 8) to decode a JPEG at: as small as the budget allows (the image is
+    shrunk to about ``draft_pixels`` anyway, and stays at least that big), and small enough to stay within
+    Pillow's decompression-bomb limit whatever the budget (a 108-megapixel photo decodes at 1/2 scale)."""
+    pixels, scale = width * height, 1
+    if draft_pixels and pixels > 4 * draft_pixels:
+        f = (draft_pixels / pixels) ** 0.5
+        fits = min(width // (int(width * f) + 1), height // (int(height * f) + 1))  # as Pillow's draft picks
+        scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+    limit = Image.MAX_IMAGE_PIXELS
+    while limit and scale < 8 and pixels > limit * scale * scale:
+        scale *= 2
+    return scale
+
+
+def _bomb(name: str, exc: Exception, max_pixels: int, img: Image.Image | None = None) -> ImageError:
+    """The one-line refusal of an image over the pixels decoded whole safely, stating the limit."""
+    limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    if img is not None:
+        kind = "progressive or multi-scan JPEG" if img.format in _REDUCIBLE else (img.format or "image")
+        return ImageError(
+            f"{name}: image is too large to decode safely (a decompression bomb?): a {img.width}x{img.height} {kind} "
+            f"({img.width * img.height / 1e6:.0f} megapixels) is decoded whole, and the limit for that is "
+            f"{limit / 1e6:.0f} megapixels (a baseline JPEG, read at a reduced scale, may have up to {max_pixels / 1e6:.0f}); "
+            "downscale it first")
+    if isinstance(exc, Image.DecompressionBombError):  # over twice Pillow's limit, so over ours too
+        limit = min(max_pixels, 2 * limit)
+    found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's message names the size it saw
+    size = f"{int(found.group(1)) / 1e6:.0f} megapixels, " if found else ""
+    return ImageError(f"{name}: image is too large to decode safely (a decompression bomb?): {size}over the "
+                      f"{limit / 1e6:.0f}-megapixel limit; downscale it first")
 
 
 def _unreadable(name: str, exc: Exception) -> ImageError:
@@ -266,24 +335,25 @@ def peek_image(data: bytes) -> tuple[str, int, int, int]:
     (a 16x16 TIFF may declare 16384x16384 tiles: 800 MB), and 0 where load_image's reduced-scale decode
     (``draft_pixels``) bounds it: a sequential JPEG whose one scan holds every component. A progressive,
     lossless or multi-scan JPEG is decoded whole (libjpeg buffers every coefficient first: 300 MB for 88
-    megapixels). ImageError if the header is unreadable or over Pillow's bomb limit."""
+    megapixels). ImageError if the header is unreadable, over MAX_PIXELS, or over Pillow's bomb limit and not such
+    a JPEG."""
     name = describe(data)
     if not data:
         raise ImageError(f"{name}: no image data (empty input)")
     try:
-        with _WARNINGS_LOCK, warnings.catch_warnings():  # as in _decode: a bomb is an error, not a warning
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                kind, (width, height) = img.format or "image", img.size
-                tags = getattr(img, "tag_v2", None) if kind == "TIFF" else None
-                tile = (int(tags.get(322, 0)), int(tags.get(323, 0))) if tags is not None else (0, 0)
+        with _open(io.BytesIO(data), name, MAX_PIXELS) as img:  # as in _decode: a bomb is refused, a large JPEG taken
+            kind, (width, height) = img.format or "image", img.size
+            tags = getattr(img, "tag_v2", None) if kind == "TIFF" else None
+            tile = (int(tags.get(322, 0)), int(tags.get(323, 0))) if tags is not None else (0, 0)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image is too large to decode safely (a decompression bomb?); downscale it first") from exc
+        raise _bomb(name, exc, MAX_PIXELS) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image format (is it really an image?)") from exc
     except Exception as exc:  # noqa: BLE001 - whatever a hostile header makes Pillow raise is this image's failure
         raise ImageError(f"{name}: corrupt image header ({type(exc).__name__}: {exc}); re-export or re-download it") from exc
-    if kind == "JPEG" and _jpeg_one_scan(data):
+    if kind in _REDUCIBLE and _jpeg_one_scan(data):
         return kind, width, height, 0
     return kind, width, height, max(width * height, tile[0] * tile[1])
 

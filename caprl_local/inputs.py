@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class _NoFields(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return 0
+
+    def __contains__(self, key: object) -> bool:
+        return False  # without raising KeyError first: asked of every item of a list
 
     def __repr__(self) -> str:
         return "{}"
@@ -83,7 +87,7 @@ class Collected:
 
 def collect_inputs(
     args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | None = None, null: bool = False,
 ) -> list[BatchItem]:
     """Expand files, folders and glob patterns, then the lines of a list file, into items.
 
@@ -92,13 +96,15 @@ def collect_inputs(
     A list is UTF-8; bytes that are not (a file name in another encoding) stand for themselves,
     as os.fsdecode reads them. The same image named twice is captioned once. ``shard=(i, n)``
     keeps shard i (from 1) of n only, as :func:`shard_of` would, without holding the others.
+    ``null=True`` reads a list of paths each ended by a NUL byte instead (as ``find -print0`` writes
+    it, and ``xargs -0`` reads it): each taken as it is, with no JSON, comments or blanks trimmed.
     """
-    return gather_inputs(args, recursive=recursive, list_file=list_file, stdin=stdin, shard=shard).items
+    return gather_inputs(args, recursive=recursive, list_file=list_file, stdin=stdin, shard=shard, null=null).items
 
 
 def gather_inputs(
     args: Iterable[str], *, recursive: bool = False, list_file: str | None = None, stdin: TextIO | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | None = None, null: bool = False,
 ) -> Collected:
     """:func:`collect_inputs`, also telling how many entries the list had (an empty shard of a list
     is not an empty list)."""
@@ -107,12 +113,16 @@ def gather_inputs(
         _expand(arg, recursive, keep)
     if list_file == "-":
         buffer = getattr(stdin, "buffer", None)  # the bytes, so that a name in another encoding survives
-        lines = _stream_lines(buffer, "<stdin>") if buffer is not None else _text_lines(stdin, "<stdin>")
-        _read_entries(lines, Path(), "<stdin>", keep, None)  # paths as given
+        if null:
+            lines = _null_entries(buffer.read1 if buffer is not None else lambda n: _encoded(stdin, n), "<stdin>")
+        else:
+            lines = _stream_lines(buffer, "<stdin>") if buffer is not None else _text_lines(stdin, "<stdin>")
+        _read_entries(lines, Path(), "<stdin>", keep, None, raw=null)  # paths as given
     elif list_file is not None:
         try:
             with open(list_file, "rb") as fh:
-                _read_entries(_stream_lines(fh, list_file), Path(list_file).parent, list_file, keep, list_file)
+                entries = _null_entries(fh.read1, list_file) if null else _stream_lines(fh, list_file)
+                _read_entries(entries, Path(list_file).parent, list_file, keep, list_file, raw=null)
         except OSError as exc:
             raise CaprlError(f"{list_file}: cannot read the list ({exc.strerror or exc})") from exc
     return Collected(list(keep.kept.values()), keep.listed)
@@ -202,6 +212,8 @@ def _stream_lines(stream: BinaryIO, source: str) -> Iterator[str]:
         if not raw:
             return
         total += len(raw)
+        if b"\0" in raw and _nul_separated(raw):  # before the line's bound: such a list is one line as long as itself
+            raise _nul_error(source, number, raw)
         _check_bounds(source, number, total, len(raw), raw.endswith(b"\n"))
         text = raw.decode("utf-8", "surrogateescape")
         yield text.removeprefix("\ufeff") if number == 1 else text  # a BOM, as some editors write
@@ -217,6 +229,46 @@ def _text_lines(stdin: TextIO | None, source: str) -> Iterator[str]:
         total += len(line)
         _check_bounds(source, number, total, len(line), line.endswith("\n"))
         yield line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _encoded(stdin: TextIO | None, size: int) -> bytes:
+    return stdin.read(size).encode("utf-8", "surrogateescape") if stdin is not None else b""
+
+
+def _null_entries(read: Callable[[int], bytes], source: str) -> Iterator[str]:
+    """The entries of a NUL-separated list, each as it is (decoded as _stream_lines decodes a line), within
+    the bounds of a list's lines; the last may lack its NUL."""
+    total, number, pending = 0, 0, b""
+    while True:
+        chunk = read(1 << 16)
+        total += len(chunk)
+        *ended, pending = (pending + chunk).split(b"\0") if chunk else (pending, b"")
+        for raw in ended:
+            number += 1
+            _check_bounds(source, number, total, len(raw), True)
+            yield raw.decode("utf-8", "surrogateescape")
+        if len(pending) > MAX_LINE_BYTES:
+            raise CaprlError(f"{source}:{number + 1}: an entry of over {_size(MAX_LINE_BYTES)} with no NUL byte after "
+                             "it; a NUL-separated list ends each path with one (find -print0)")
+        if not chunk:
+            return
+
+
+_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")  # in no name (but tab and line feed): binary data
+
+
+def _nul_separated(raw: bytes) -> bool:
+    """Whether bytes with NULs are names a NUL apart (find -print0), not binary data or only NULs (/dev/zero)."""
+    names = raw.replace(b"\0", b"")
+    return bool(names.strip()) and _CONTROLS.search(names) is None
+
+
+def _nul_error(source: str, number: int, line: bytes) -> CaprlError:
+    if _nul_separated(line):
+        return CaprlError(f"{source}:{number}: the list holds NUL bytes, so its paths are NUL-separated "
+                          "(find -print0); read it with -0 (--null)")
+    return CaprlError(f"{source}:{number}: NUL bytes among others that are no text: a list is text, one path or "
+                      "JSON object a line")
 
 
 def _check_bounds(source: str, number: int, total: int, size: int, ended: bool) -> None:
@@ -254,15 +306,20 @@ class _Keeper:
         self.kept[key] = item
 
 
-def _read_entries(lines: Iterator[str], base: Path, source: str, keep: _Keeper, list_file: str | None) -> None:
-    """Add a list's entries of this shard to `keep`; every line is checked, only this shard's are kept."""
+def _read_entries(lines: Iterator[str], base: Path, source: str, keep: _Keeper, list_file: str | None, *,
+                  raw: bool = False) -> None:
+    """Add a list's entries of this shard to `keep`; every line is checked, only this shard's are kept.
+    `raw`: each entry is a path as it is (a NUL-separated list), never JSON, a comment or trimmed."""
     for number, line in enumerate(lines, 1):
-        line = line.strip(_BLANKS)
-        if not line or line.startswith("#"):
+        if not raw:
+            line = line.strip(_BLANKS)
+            if "\0" in line:
+                raise _nul_error(source, number, line.encode("utf-8", "surrogateescape"))
+        if not line or (not raw and line.startswith("#")):
             continue
         keep.listed += 1
         extra: dict[str, Any] | None = None
-        if line.startswith("{"):
+        if line.startswith("{") and not raw:
             try:
                 extra = loads_line(line)
             except json.JSONDecodeError as exc:

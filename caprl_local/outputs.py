@@ -66,9 +66,10 @@ class JsonlOutput(AppendOutput):
     """
 
     def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None,
-                 items: Iterable[BatchItem] | None = None, inputs: Iterable[str] = ()) -> None:
+                 items: Iterable[BatchItem] | None = None, inputs: Iterable[str] = (), caption_field: str = "caption") -> None:
         self.done: set[tuple[str, str]] = set()  # (key, prompt) whose last record is a caption
         self.overwrite = overwrite
+        self.caption_field = caption_field  # a record with a string there is a caption
         self.newline = b""  # put before the first record: the file's last line has no end
         items = None if items is None else list(items)
         self.wanted = None if items is None else {i.key for i in items}
@@ -91,7 +92,7 @@ class JsonlOutput(AppendOutput):
             start, offset = offset, offset + len(line)
             if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
                 raise self._not_ours(number)
-            kind, record = _classify(line)
+            kind, record = _classify(line, self.caption_field)
             if kind == "broken" and not line.endswith(b"\n") and line.startswith(b'{"') \
                     and (ours or b'"path": "' in line):
                 cut = start  # our record, cut short by a crash (a line with no end is the last)
@@ -112,7 +113,7 @@ class JsonlOutput(AppendOutput):
             prompt = prompts.setdefault(prompt, prompt)
             if kind == "caption":
                 self.done.add((key, prompt))
-            else:  # failed: the last record for the image and prompt counts
+            elif kind == "failed":  # the last record for the image and prompt counts
                 self.done.discard((key, prompt))
         if dropped:
             write_atomic(self.path, self._kept(), shown=self.shown)  # the records of `items` out, the rest kept
@@ -127,7 +128,7 @@ class JsonlOutput(AppendOutput):
         """The lines ``overwrite`` keeps (all but ours for `items` and a record cut short), each ended."""
         assert self.path is not None
         for line in iter_lines(self.path, self.shown, MAX_RECORD_BYTES):
-            kind, record = _classify(line)
+            kind, record = _classify(line, self.caption_field)
             if kind == "broken" or (kind in ("caption", "failed")
                                     and (self.wanted is None or os.path.abspath(record["path"]) in self.wanted)):
                 continue
@@ -145,8 +146,9 @@ class JsonlOutput(AppendOutput):
         self.newline = b""
 
 
-def _classify(line: bytes) -> tuple[str, Any]:
-    """("caption" | "failed" | "blank" | "broken" | "foreign", the record) for one line of a JSONL output."""
+def _classify(line: bytes, caption_field: str = "caption") -> tuple[str, Any]:
+    """("caption" | "failed" | "other" | "blank" | "broken" | "foreign", the record) for one line of a JSONL
+    output; "other": a caption of ours in another field than this run's (so not done for this run)."""
     text = line.decode("utf-8", "surrogateescape")  # another tool's bytes never stop the run
     if not text.strip():
         return "blank", None
@@ -155,10 +157,12 @@ def _classify(line: bytes) -> tuple[str, Any]:
     except (ValueError, RecursionError):
         return "broken", None
     if isinstance(record, dict) and isinstance(record.get("path"), str):
-        if isinstance(record.get("caption"), str):
+        if isinstance(record.get(caption_field), str):
             return "caption", record
         if isinstance(record.get("error"), str) and isinstance(record.get("error_kind"), str):
             return "failed", record
+        if isinstance(record.get("prompt"), str) and "finish_reason" in record and "generated_tokens" in record:
+            return "other", record
     return "foreign", record
 
 
@@ -174,9 +178,11 @@ class TextOutput(AppendOutput):
     _HEADER = re.compile(r"==> (.*) <==")
 
     def __init__(self, path: str | None, *, overwrite: bool = False, stream: TextIO | None = None,
-                 headers: bool = True, items: Iterable[BatchItem] = (), inputs: Iterable[str] = ()) -> None:
+                 headers: bool = True, items: Iterable[BatchItem] = (), inputs: Iterable[str] = (),
+                 caption_field: str = "caption") -> None:
         self.done: set[str] = set()
         self.headers = headers
+        self.caption_field = caption_field
         self.newline = b""  # put before the first record: the file's last line has no end
         items = list(items)
         if not self._start(path, stream, items, inputs):
@@ -208,8 +214,8 @@ class TextOutput(AppendOutput):
         return item.key in self.done
 
     def write(self, item: BatchItem, record: dict[str, Any]) -> None:
-        if "caption" in record:
-            caption = as_text(record["caption"])
+        if self.caption_field in record:
+            caption = as_text(record[self.caption_field])
             text = f"==> {_quote(item.path)} <==\n{caption}\n\n" if self.headers else caption + "\n"
             self._append(self.newline + text.encode("utf-8"))
             self.newline = b""
@@ -241,6 +247,36 @@ class OutputOptions:
     sidecar_ext: str = ".txt"
     overwrite: bool = False  # caption images that already have a result again
     inputs: tuple[str, ...] = ()  # files the run reads (list files), which results never go into
+    caption_field: str = "caption"  # the JSONL records' field for the caption
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.caption_field, str) or not self.caption_field or self.caption_field in RESULT_FIELDS:
+            raise CaprlError(f"caption_field {self.caption_field!r}: name a field for the caption other than "
+                             f"{', '.join(sorted(RESULT_FIELDS))}")
+
+
+#: The fields a record of ours has besides the caption's and the input's own: never the caption's.
+RESULT_FIELDS = frozenset({"path", "model", "quant", "prompt", "image_tokens", "prompt_tokens", "generated_tokens",
+                           "finish_reason", "timings", "error", "error_kind", "endpoint"})
+
+
+class _SidecarCaption:
+    """Sidecars as they read a record ("caption", "prompt"), when the caption is in another field."""
+
+    def __init__(self, sidecars: SidecarOutput, caption_field: str) -> None:
+        self.sidecars, self.caption_field = sidecars, caption_field
+
+    def has(self, item: BatchItem, prompt: str) -> bool:
+        return self.sidecars.has(item, prompt)
+
+    def write(self, item: BatchItem, record: dict[str, Any]) -> None:
+        shown = {"prompt": record.get("prompt", "")}
+        if self.caption_field in record:  # never an input's own "caption" field
+            shown["caption"] = record[self.caption_field]
+        self.sidecars.write(item, shown)
+
+    def close(self) -> None:
+        self.sidecars.close()
 
 
 def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[BatchItem] = ()) -> list[Output]:
@@ -252,15 +288,15 @@ def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[Batc
     try:
         if options.sidecar:
             sidecars = SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items)
-            outputs.append(sidecars)
+            outputs.append(sidecars if options.caption_field == "caption" else _SidecarCaption(sidecars, options.caption_field))
             if path and os.path.abspath(path) in {os.path.abspath(sidecars.path_for(i)) for i in items}:
                 raise CaprlError(f"{path}: is also the sidecar of an image; write the results to another file")
         if options.format == "jsonl":
             outputs.append(JsonlOutput(path, overwrite=options.overwrite, stream=stream, items=items or None,
-                                       inputs=options.inputs))
+                                       inputs=options.inputs, caption_field=options.caption_field))
         elif path or not options.sidecar:
             outputs.append(TextOutput(path, overwrite=options.overwrite, stream=stream, headers=len(items) != 1,
-                                      items=items, inputs=options.inputs))
+                                      items=items, inputs=options.inputs, caption_field=options.caption_field))
     except BaseException:
         for output in outputs:
             output.close()

@@ -53,3 +53,4 @@ class Activity:
     generating: int  # captions being generated now
     waiting: int  # captions asked for, waiting for a free slot
     tokens: int  # tokens generated since the Captioner was loaded
+    encoding: int = 0  # of the captions generating, those whose image and prompt are being evaluated (no text yet)

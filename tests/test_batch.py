@@ -98,8 +98,8 @@ def test_interrupted_run_resumes_with_one_result_per_image(model_args: list[str]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "Interrupted after" in err
-    assert err.rstrip().splitlines()[-1].startswith("Interrupted after") and "\n\n" not in err  # the summary ends it
+    assert "Traceback" not in err and "Interrupted: " in err  # each image counted: captioned, failed, not finished
+    assert err.rstrip().splitlines()[-1].startswith("Interrupted: ") and "\n\n" not in err  # the summary ends it
     done = jsonl(out.read_text())
     assert 3 <= len(done) < 40
     assert out.read_text().endswith("\n")  # no half-written line

@@ -84,13 +84,14 @@ def test_progress_shows_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def refresh(*args: object, **kwargs: object) -> None:
         original(*args, **kwargs)
-        if "3 in flight" in str(progress.bar):
+        if "3 generating, " in str(progress.bar):
             seen.set()
 
     monkeypatch.setattr(progress.bar, "refresh", refresh)
     progress.watch(FakeCaptioner())
     assert seen.wait(HANG_S)
-    assert re.search(r"3 in flight, [\d.]+ tokens/s", str(progress.bar)) and progress.bar.n == 0
+    # the stage named (was "3 in flight"): captions generating, as against reading or encoding an image
+    assert re.search(r"3 generating, [\d.]+ tokens/s", str(progress.bar)) and progress.bar.n == 0
     progress.done(2)  # two images finished, whichever they were
     assert progress.bar.n == 2
     progress.finish(None)

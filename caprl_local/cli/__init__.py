@@ -17,7 +17,7 @@ import click
 from .. import console
 from ..errors import Cancelled, CaprlError, HubUnreachableError, NoProjectorError, NoSpaceError, OfflineError
 from . import manage, serve  # noqa: F401 - importing a command module adds its commands to the group
-from .base import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, cli
+from .base import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, StdoutClosed, cli
 from .caption import caption
 
 __all__ = ["ERROR_TABLE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "caption", "cli", "main"]
@@ -34,11 +34,14 @@ def _pull_hint(exc: OfflineError) -> str:
 # flags and commands. Usage errors print click's own usage message.
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str | Callable[[Any], str]], ...] = (
     (click.UsageError, EXIT_USAGE, ""),
+    # The reader of the results went away (`| head`): what it read is what it wanted, so, like ripgrep
+    # or fd, stop without a word and exit 0; outputs written so far (-o, sidecars) keep every record.
+    (StdoutClosed, EXIT_OK, ""),
     (KeyboardInterrupt, EXIT_INTERRUPTED, "Interrupted."),
     (Cancelled, EXIT_INTERRUPTED, "Interrupted."),
     (click.exceptions.Abort, EXIT_INTERRUPTED, "Interrupted."),
     (OfflineError, EXIT_FAILURE, _pull_hint),
-    (HubUnreachableError, EXIT_FAILURE, "Error: {exc}, or add --offline to use the files already cached"),
+    (HubUnreachableError, EXIT_FAILURE, "Error: {exc} (-m PATH.gguf)"),
     (NoProjectorError, EXIT_FAILURE, "Error: {exc} with --mmproj"),
     (NoSpaceError, EXIT_FAILURE, "Error: {exc} (--cache-dir or CAPRL_LOCAL_HOME moves it)"),
     (CaprlError, EXIT_FAILURE, "Error: {exc}"),
@@ -58,12 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = cli.main(args=args, prog_name="caprl-local", standalone_mode=False)
         return code if isinstance(code, int) else EXIT_OK
-    except BrokenPipeError:
-        # stdout closed early (e.g. piped into `head`): stop quietly.
-        sys.stdout = open(os.devnull, "w")
-        return EXIT_FAILURE
+    except BrokenPipeError as exc:  # stdout closed outside a command (click's own output)
+        return _report(StdoutClosed(str(exc)), tracebacks=False)
     except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
         return _report(exc, tracebacks=verbose or os.environ.get("CAPRL_DEBUG", "") not in ("", "0"))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that what is left in its buffer never fails again at exit."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no stdout at all, or no descriptor beneath it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the rest of the process
 
 
 def _report(exc: BaseException, *, tracebacks: bool) -> int:
@@ -72,9 +83,11 @@ def _report(exc: BaseException, *, tracebacks: bool) -> int:
     for exc_type, code, message in ERROR_TABLE:
         if isinstance(exc, exc_type):
             console.clear_status()  # never glued to a "Loading ..." line
-            if isinstance(exc, click.ClickException):
+            if isinstance(exc, StdoutClosed):
+                _silence_stdout()
+            elif isinstance(exc, click.ClickException):
                 exc.show()
-            else:
+            elif message:
                 if code == EXIT_INTERRUPTED and sys.stderr.isatty():
                     click.echo(err=True)  # end a progress line first
                 # Messages quote outside text (llama.cpp's lines, names from the Hub, servers' answers): escaped.

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .._version import __version__
-from ..options import EngineOptions, default
+from ..options import MIN_N_CTX, EngineOptions, default
 from ..registry import DEFAULT_MODEL
 
 # Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
@@ -49,7 +49,22 @@ class ShardType(click.ParamType):
         return int(index), int(count)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`caprl-local caption ... | head`): the run stops, quietly."""
+
+
+class _Commands(click.Group):
+    """The command group; a closed stdout reaches the error table as StdoutClosed (click would end the
+    process itself, with exit code 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise StdoutClosed(str(exc)) from exc
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="caprl-local")
 def cli() -> None:
     """Caption images locally with the CapRL models, through llama.cpp."""
@@ -91,7 +106,9 @@ source_options = _options(
 
 #: How the model runs (caption, serve).
 engine_options = _options(
-    click.option("--gpu-layers", type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
+    # -ngl is one option name, as llama.cpp spells it (click matches it whole, never as -n with "gl").
+    click.option("--gpu-layers", "-ngl", "--n-gpu-layers", "gpu_layers",
+                 type=AutoOrNumber(-1, "-1 for all layers, 0 for none"),
                  default=default(EngineOptions, "gpu_layers"), show_default=True,
                  help="Layers to offload to the GPU: auto (all, if llama.cpp has GPU support), 0 for CPU, or N."),
     click.option("--threads", "-t", type=click.IntRange(min=1),
@@ -99,9 +116,11 @@ engine_options = _options(
     click.option("--max-image-tokens", "image_max_tokens", type=click.IntRange(min=1),
                  default=default(EngineOptions, "image_max_tokens"), show_default=True,
                  help="Cap on tokens per image; large images are scaled down to fit."),
+    click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=MIN_N_CTX), default=default(EngineOptions, "n_ctx"),
+                 show_default=True, help="Context of each caption in tokens: prompt, image and caption together."),
     click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks."),
 )
-ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "verbose")
+ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "n_ctx", "verbose")
 
 
 def warn_unused(registry_name: str | None, **chosen: Any) -> None:

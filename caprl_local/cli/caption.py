@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 from typing_extensions import Unpack
 
 from .. import console
@@ -37,14 +38,23 @@ if TYPE_CHECKING:
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))
 @source_options
+@click.option("--image", "extra_images", multiple=True, type=click.Path(path_type=str), metavar="FILE",
+              help="An image to caption, as if given among IMAGES (repeatable; llama.cpp's spelling).")
 @click.option("--recursive", "-r", is_flag=True, help="Take images from sub-folders of folders too.")
 @click.option("--from-list", "list_file", metavar="FILE",
               help="Read images from FILE ('-' for stdin): a path per line, or JSONL objects with an "
                    "\"image\" field whose other fields are kept in the output.")
+@click.option("--null", "-0", "null", is_flag=True,
+              help="The --from-list FILE holds paths each ended by a NUL byte, as find -print0 writes them "
+                   "(like xargs -0): each taken as it is.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
               help="Output format; jsonl gives one object per image with tokens, timings or the error.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format jsonl.")
+@click.option("--caption-field", default="caption", show_default=True, metavar="NAME",
+              help="The JSONL field that holds the caption. With --format jsonl, a --from-list record that has this "
+                   "field already is refused, so that its own value is never replaced: name another field.")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=str),
-              help="Write results to FILE instead of stdout; with jsonl, images already in it are skipped.")
+              help="Write results to FILE instead of stdout ('-': stdout); with jsonl, images already in it are skipped.")
 @click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
 @click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
@@ -58,7 +68,7 @@ if TYPE_CHECKING:
 @click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
               show_default=True, help="Stop after this many new tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
+@click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
               show_default=True, help="0 is greedy decoding; higher values sample more freely.")
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True),
               default=default(GenerationOptions, "top_p"), show_default=True,
@@ -66,7 +76,7 @@ if TYPE_CHECKING:
 @click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
               default=default(GenerationOptions, "repeat_penalty"), show_default=True,
               help="Penalty on tokens repeated in the last 256 (1 is none).")
-@click.option("--seed", type=int, help="Seed for sampling (with --temperature > 0).")
+@click.option("--seed", "-s", type=int, help="Seed for sampling (with --temperature > 0).")
 @click.option("--loop-guard/--no-loop-guard", default=default(GenerationOptions, "loop_guard"), show_default=True,
               help="End a caption that keeps repeating itself, cut back to its first round (finish_reason "
                    "'repetition').")
@@ -99,8 +109,9 @@ if TYPE_CHECKING:
                    "folder: its path inside it; a pattern: its path below the pattern's fixed folder; a list: the "
                    "entry as written; a file: its file name), however each machine spells the folder or list.")
 def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
-            mmproj_quant: str | None, cache_dir: str | None, offline: bool, recursive: bool, list_file: str | None,
-            fmt: str, output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
+            mmproj_quant: str | None, cache_dir: str | None, offline: bool, extra_images: tuple[str, ...],
+            recursive: bool, list_file: str | None, null: bool, fmt: str, as_json: bool, caption_field: str,
+            output: str | None, sidecar: bool, sidecar_ext: str, overwrite: bool, parallel: Parallel,
             progress: bool | None, prompt: str | None, preset: str | None, endpoints: tuple[str, ...],
             endpoint_model: str | None, endpoint_concurrency: int | None, api_key: str | None,
             endpoint_timeout: float | None, endpoint_outage: float, ray_address: str | None,
@@ -114,17 +125,24 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     later runs need no network.
     """
     generation = _generation(prompt, preset, options)  # the caption options, checked before anything runs
+    images = (*images, *extra_images)
+    if as_json:
+        if fmt != "jsonl" and click.get_current_context().get_parameter_source("fmt") is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--json is --format jsonl; leave out --format {fmt}")
+        fmt = "jsonl"
     if not images and list_file is None:
         raise click.UsageError("give images, folders or glob patterns, or --from-list FILE")
+    if null and list_file is None:
+        raise click.UsageError("-0 (--null) reads the --from-list FILE as NUL-separated paths: give --from-list too")
     if output == "-":  # the Unix convention: results to stdout
         output = None
     _check_output_is_not_an_input(output, list_file)
     from_stdin = "-" in images
-    if from_stdin and (len(images) > 1 or list_file or sidecar or output or fmt != "text"):
-        raise click.UsageError("'-' (an image on stdin) goes alone, with text output to stdout")
+    if from_stdin and (len(images) > 1 or list_file or sidecar or output):
+        raise click.UsageError("'-' (an image on stdin) goes alone, with its result on stdout (text or --format jsonl)")
     if (endpoints or ray_address is not None) and (from_stdin or (endpoints and ray_address is not None)):
         raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
-    from ..batch import OutputOptions
+    from ..batch import OutputOptions, caption_field_taken
     from ..engine import Captioner  # imported here so that --help stays instant
     from ..hub import download_model
     from ..libtiff import capture_libtiff_messages
@@ -134,9 +152,17 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     stdin_image = _read_stdin() if from_stdin else b""  # before any download: an endless stream is refused now
     engine = {k: options.pop(k) for k in ENGINE_NAMES}
     # Inputs first: a mistyped path must not wait for a 3 GB download to be noticed.
-    items = [] if from_stdin else _inputs(images, recursive=recursive, list_file=list_file, shard=shard)
-    outputs = OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
-                            sidecar_ext=sidecar_ext, overwrite=overwrite)
+    items = [] if from_stdin else _inputs(images, recursive=recursive, list_file=list_file, shard=shard, null=null)
+    try:
+        outputs = OutputOptions(format=fmt, path=output, sidecar=sidecar,  # type: ignore[arg-type]
+                                sidecar_ext=sidecar_ext, overwrite=overwrite, caption_field=caption_field)
+    except CaprlError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--caption-field'") from exc
+    taken = caption_field_taken(items, outputs)
+    if taken is not None:  # before any download: the list's own field would be lost to the new caption
+        raise click.UsageError(f"{'<stdin>' if list_file == '-' else taken.source or taken.path}: its records have a "
+                               f"\"{caption_field}\" field already, which the list keeps; put the new caption in "
+                               "another field with --caption-field NAME")
     show = sys.stderr.isatty() if progress is None else progress
     batch = _Batch(items, outputs, parallel=parallel, show=show, quiet=progress is False)
     if endpoints or ray_address is not None:  # the captions are made elsewhere
@@ -172,6 +198,13 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
                 _caption_one(cap, stdin_image if from_stdin else images[0], generation, engine["verbose"])
             return
+        if from_stdin:  # one JSONL record, as a batch writes it
+            with load(1, announce=engine["verbose"]) as cap:
+                failed = _caption_stdin(cap, stdin_image, generation, caption_field, model=files.name or files.model.name,
+                                        quant=files.quant)
+            if failed:
+                raise SystemExit(EXIT_FAILURE)
+            return
         summary = batch.run(lambda n: load(n, announce=show or engine["verbose"]), generation,
                             model=files.name or files.model.name, quant=files.quant)
     _ended(summary)
@@ -187,10 +220,10 @@ def _generation(prompt: str | None, preset: str | None, options: dict[str, Any])
 
 
 def _inputs(images: tuple[str, ...], *, recursive: bool, list_file: str | None,
-            shard: tuple[int, int] | None) -> list[BatchItem]:
+            shard: tuple[int, int] | None, null: bool = False) -> list[BatchItem]:
     from ..inputs import gather_inputs
 
-    found = gather_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin, shard=shard)
+    found = gather_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin, shard=shard, null=null)
     if not images and not found.listed:  # an empty shard of a list is no error
         raise CaprlError(f"{list_file}: the list names no images")
     return found.items
@@ -232,7 +265,8 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
     try:
         from ..ray import RayCaptioner
     except ImportError as exc:
-        raise CaprlError(f"--ray needs its extra ({exc.name} is missing): pip install 'caprl-local[ray]'") from exc
+        raise CaprlError(f"--ray needs its extra ({exc.name} is missing): pip install '.[ray]' in a caprl-local checkout, "
+                         "or 'caprl-local[ray]' once caprl-local is on your package index") from exc
     captioner = RayCaptioner(model, address=address or None, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus,
                              **options)
     console.say(f"Captioning on Ray ({address or 'this machine'}): {actors} actor{'s' * (actors > 1)} of "
@@ -261,6 +295,23 @@ def _check_output_is_not_an_input(output: str | None, list_file: str | None) -> 
                                "(each result keeps the list's fields)")
 
 
+def _caption_stdin(cap: Captioner, image: bytes, generation: GenerationOptions, caption_field: str, *, model: str,
+                   quant: str | None) -> bool:
+    """The image on stdin as one JSONL record on stdout, its path "<stdin>"; True when it failed."""
+    from ..batch import BatchPlan, result_record
+    from ..inputs import BatchItem
+    from ..outputs import JsonlOutput
+    from ..results import CaptionFailure
+
+    item = BatchItem("<stdin>")
+    plan = BatchPlan([item], [], generation, model=model, quant=quant, caption_field=caption_field)
+    result = next(iter(cap.caption_many([image], generation=generation)))
+    JsonlOutput(None, stream=console.results_stream(progress=False)).write(item, result_record(item, result, plan))
+    if isinstance(result, CaptionFailure):
+        console.say(f"Error: {result.error}")
+    return isinstance(result, CaptionFailure)
+
+
 def _read_stdin() -> bytes:
     from ..errors import ImageError
     from ..images import read_bounded
@@ -275,13 +326,10 @@ def _read_stdin() -> bytes:
 
 def _caption_one(cap: Captioner, image: str | bytes, generation: GenerationOptions, verbose: bool) -> None:
     on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
-    console.status("Reading the image ...")  # on a CPU the vision encoder can take a minute
-    try:
+    with console.CaptionStages(cap, on_text):  # reading, encoding (a minute on a CPU), generating: the status line
         result = cap.caption(image, on_text=on_text, generation=generation)
-    finally:
-        if not on_text.started:  # once the caption shows, the line is its own
-            console.status("")
     click.echo("")
+    on_text.ended(result)  # a caption the loop guard cut back is shorter than the text streamed: said on stderr
     if verbose:
         t = result.timings
         click.echo(

@@ -310,8 +310,8 @@ class Captioner(ClosingContext):
     def activity(self) -> Activity:
         """What the engine is doing now (for progress displays); cheap, from any thread."""
         assert self._scheduler is not None
-        generating, waiting, tokens = self._scheduler.activity()  # after close too: a progress display may ask
-        return Activity(generating=generating, waiting=waiting, tokens=tokens)
+        in_flight, encoding, waiting, tokens = self._scheduler.activity()  # after close too: a display may ask
+        return Activity(generating=in_flight, waiting=waiting, tokens=tokens, encoding=encoding)
 
     def cancel(self) -> None:
         """Stop every caption in progress or waiting, at the next token; their calls raise Cancelled.

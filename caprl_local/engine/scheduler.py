@@ -236,11 +236,14 @@ class Scheduler:
             thread.join(timeout)
         return self._released
 
-    def activity(self) -> tuple[int, int, int]:
-        """(captions generating, captions waiting, tokens generated so far): a snapshot."""
+    def activity(self) -> tuple[int, int, int, int]:
+        """(captions in flight, of them those still having their prompt and image evaluated, captions waiting,
+        tokens generated so far): a snapshot, each caption counted once."""
         self.check_process()
         with self._cond:
-            return len(self._active) + len(self._admitting), len(self._waiting), self.generated
+            started = {id(slot.request) for slot in self._active}
+            encoding = sum(1 for r in self._admitting if id(r) not in started and not r.future.done())
+            return len(started) + encoding, encoding, len(self._waiting), self.generated
 
     # -- the loop, in its own thread --------------------------------------------------------
 
