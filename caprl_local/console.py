@@ -306,6 +306,8 @@ def print_models(listings: list[ModelListing], *, default: str) -> None:
                 for f in sorted(quants, key=lambda f: (f.imatrix, f.size))
             )
             _line(f"  quants: {shown or 'none published yet'}")
+            if item.error:  # one of the model's repos did not answer: what the others list is above
+                _line(f"  partly listed: {item.error}")
         elif item.error != "offline":
             _line(f"  quants: not listed ({item.error})")
         for c in item.cached:

@@ -320,7 +320,7 @@ class ModelListing:
     spec: ModelSpec
     available: tuple[RemoteFile, ...] | None
     cached: tuple[CachedFile, ...]
-    error: str | None = None  # why `available` is None, when the Hub was asked
+    error: str | None = None  # why `available` is None, or (beside it) which of the model's repos did not answer
 
 
 def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: bool = False) -> list[ModelListing]:
@@ -337,13 +337,20 @@ def list_models(*, cache_dir: str | os.PathLike[str] | None = None, offline: boo
         available: tuple[RemoteFile, ...] | None = None
         error = unreachable or (None if online else "offline")
         if online:
-            try:
-                available = tuple(f for repo in dict.fromkeys(repos) for f in list_repo_files(repo))
-            except HubUnreachableError as exc:
-                error, online = str(exc), False  # the Hub is down: do not wait on it again for the next models
-                unreachable = "the Hub could not be reached"
-            except (DownloadError, OfflineError) as exc:
-                error = str(exc)  # this repo only (missing, private): the next models are still asked
+            found: list[RemoteFile] = []
+            answered, failures = 0, []
+            for repo in dict.fromkeys(repos):
+                try:
+                    found += list_repo_files(repo)
+                    answered += 1
+                except HubUnreachableError as exc:
+                    failures, online = [str(exc)], False  # the Hub is down: no waiting on it again, here or later
+                    unreachable = "the Hub could not be reached"
+                    break
+                except (DownloadError, OfflineError) as exc:
+                    failures.append(str(exc))  # this repo only (missing, private): its siblings are still shown
+            available = tuple(found) if answered and online else None
+            error = "; ".join(failures) or None  # with `available`, what the listing lacks (one repo did not answer)
         out.append(ModelListing(spec, available, tuple(c for c in cached if c.repo in repos), error))
     return out
 

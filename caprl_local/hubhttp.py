@@ -29,6 +29,8 @@ from .printable import human_size, shown
 
 log = logging.getLogger("caprl_local")
 
+#: Seconds a listing page may take to start answering (as huggingface_hub waits): a stalled network fails fast.
+LISTING_TIMEOUT_S = 10.0
 # Bounds on a repo's file listing: a hostile or broken Hub must not keep us paging, or fill memory.
 MAX_PAGES = 100
 
@@ -120,7 +122,7 @@ def read_listing(url: str, *, token: str | None, repo: str, doing: str) -> list[
             if len(seen) >= MAX_PAGES:
                 raise DownloadError(f"{doing}: the Hub's listing runs past {MAX_PAGES} pages; try again later")
             seen.add(page_url)
-            with open_url(page_url, token=token, timeout=20) as response:
+            with open_url(page_url, token=token, timeout=LISTING_TIMEOUT_S) as response:
                 entries += _json_page(response, doing)
                 link, here = response.headers.get("Link"), response.geturl()
             if len(entries) > MAX_ENTRIES:

@@ -326,3 +326,38 @@ def test_a_listing_that_is_not_one_is_a_download_error(hub: FakeHub, kind: str, 
     assert not isinstance(info.value, HubUnreachableError)
     result = cli("pull", "caprl-3b")
     assert result.returncode == 1 and "unexpected" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_models_shows_what_one_listing_has_when_the_other_fails(hub: FakeHub) -> None:
+    hub.forbidden.add(IMATRIX)  # the imatrix repo refuses; the static one answers
+    entry = next(m for m in json.loads(cli("models", "--json").stdout) if m["name"] == "caprl-3b")
+    assert entry["available"] and all(not f["imatrix"] for f in entry["available"])  # the static quants are shown
+    assert IMATRIX in entry["error"]  # and what is missing is said
+    text = cli("models").stdout
+    assert "quants: Q4_K_M" in text.replace("i1-", "") and "partly listed" in text
+
+
+def test_a_stalled_hub_is_named_at_once_and_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub that takes the connection and never answers: the terminal says at once what is awaited, and the
+    wait ends (within the listing timeout) in one error line."""
+    import socket
+    import threading
+
+    from helpers import run_on_a_terminal
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: listener.accept()[0], None)), daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("CAPRL_LOCAL_HOME", str(tmp_path / "cache"))
+    try:
+        code, seen = run_on_a_terminal(["pull", "caprl-3b"])
+        assert code == 1, seen
+        assert seen.index("Asking the Hub for caprl-3b's files") < seen.index("Error:")
+        assert seen.count("Error:") == 1 and "--offline" not in seen
+        code, seen = run_on_a_terminal(["models"])
+        assert code == 0 and "Asking the Hub for the models' files" in seen, seen
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -179,6 +179,8 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             summary = batch.run(lambda n: interrupt.watch(remote), generation.resolved(DEFAULT_PROMPT),
                                 model=remote.model, quant=quant)
         return _ended(summary)
+    if not offline and not model.lower().endswith(".gguf"):  # at once: a stalled network is never a silent wait
+        console.status(f"Looking for {model} (the cache, then the Hub) ...")
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)

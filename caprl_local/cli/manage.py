@@ -28,6 +28,7 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
     from ..hub import download_model
 
     # A pull checks what is cached against the Hub's sha256 and repairs it: the network is used anyway.
+    console.status(f"Asking the Hub for {model}'s files ...")  # at once: a stalled network is no silent wait
     try:
         files = download_model(model, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                                cache_dir=cache_dir, progress=console.DownloadBar(), verify=True)
@@ -37,6 +38,7 @@ def pull(model: str, quant: str | None, imatrix: bool, mmproj_quant: str | None,
     except OfflineError as exc:
         # Only HF_HUB_OFFLINE makes a pull offline: the general hint (`caprl-local pull ...`) would send it back here.
         raise CaprlError(f"{exc}: HF_HUB_OFFLINE is set, unset it to pull") from exc
+    console.status("")
     click.echo(printable(files.model, limit=None))
     click.echo(printable(files.mmproj, limit=None))
 
@@ -50,7 +52,10 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
     from ..hub import cache_root, list_models
     from ..registry import user_models_path
 
+    if not offline:
+        console.status("Asking the Hub for the models' files ...")
     listings = list_models(cache_dir=cache_dir, offline=offline)
+    console.status("")
     if as_json:
         click.echo(json.dumps([console.listing_json(item, default=DEFAULT_MODEL) for item in listings], indent=2))
         return

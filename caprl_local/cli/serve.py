@@ -144,6 +144,8 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach this machine can use "
                    "the server", err=True)
+    if not offline and not model.lower().endswith(".gguf"):  # at once: a stalled network is never a silent wait
+        console.status(f"Looking for {model} (the cache, then the Hub) ...")
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
