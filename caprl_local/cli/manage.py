@@ -14,6 +14,7 @@ from ..errors import CaprlError, HubUnreachableError, OfflineError
 from ..printable import human_size, printable
 from ..registry import DEFAULT_MODEL
 from .base import cache_dir_option, cli, model_options
+from .listing import listing_json, print_models
 
 
 @cli.command()
@@ -57,9 +58,9 @@ def models_cmd(as_json: bool, offline: bool, cache_dir: str | None) -> None:
     listings = list_models(cache_dir=cache_dir, offline=offline)
     console.status("")
     if as_json:
-        click.echo(json.dumps([console.listing_json(item, default=DEFAULT_MODEL) for item in listings], indent=2))
+        click.echo(json.dumps([listing_json(item, default=DEFAULT_MODEL) for item in listings], indent=2))
         return
-    console.print_models(listings, default=DEFAULT_MODEL)
+    print_models(listings, default=DEFAULT_MODEL)
     click.echo(f"\n* cached. Cache: {cache_root(cache_dir)}", err=True)
     click.echo(f"Your own models go in {user_models_path()}", err=True)
 
