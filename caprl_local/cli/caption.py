@@ -75,7 +75,7 @@ if TYPE_CHECKING:
               help="Nucleus sampling: keep the most likely tokens up to this probability (with --temperature > 0).")
 @click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
               default=default(GenerationOptions, "repeat_penalty"), show_default=True,
-              help="Penalty on tokens repeated in the last 256 (1 is none).")
+              help="Penalty on tokens repeated in the last 256 of the prompt and caption (1 is none).")
 @click.option("--seed", "-s", type=int, help="Seed for sampling (with --temperature > 0).")
 @click.option("--loop-guard/--no-loop-guard", default=default(GenerationOptions, "loop_guard"), show_default=True,
               help="End a caption that keeps repeating itself, cut back to its first round (finish_reason "
