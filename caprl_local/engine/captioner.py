@@ -142,15 +142,7 @@ class Captioner(ClosingContext):
         as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
         in this thread.
         """
-        handle = self._start(image, self._options(generation, options))
-        try:
-            if on_text is not None:
-                for piece in text_of(handle._request):
-                    on_text(piece)
-            return handle.result()
-        except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
-            handle.cancel()
-            raise
+        return _finished(self._start(image, self._options(generation, options)), on_text)
 
     def stream(self, image: ImageInput, *, generation: GenerationOptions | None = None,
                **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
@@ -193,15 +185,7 @@ class Captioner(ClosingContext):
              generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
         """Answer a conversation (see submit_chat) and return the Caption: its image_tokens are those of all
         its images. ``on_text`` and options as for caption."""
-        handle = self.submit_chat(messages, generation=generation, **options)
-        try:
-            if on_text is not None:
-                for piece in text_of(handle._request):
-                    on_text(piece)
-            return handle.result()
-        except BaseException:  # Ctrl-C or on_text failing: the answer is not wanted any more
-            handle.cancel()
-            raise
+        return _finished(self.submit_chat(messages, generation=generation, **options), on_text)
 
     def _start(self, image: ImageInput, opts: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch
@@ -358,6 +342,18 @@ class Captioner(ClosingContext):
         scheduler = self._live()
         scheduler.submit(request)
         return CaptionHandle(request, scheduler)
+
+
+def _finished(handle: CaptionHandle, on_text: Callable[[str], None] | None) -> Caption:
+    """The handle's caption, its text passed to `on_text` as it comes (in this thread)."""
+    try:
+        if on_text is not None:
+            for piece in text_of(handle._request):
+                on_text(piece)
+        return handle.result()
+    except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
+        handle.cancel()
+        raise
 
 
 class _Tagged:
