@@ -343,6 +343,43 @@ def test_sigterm_answers_every_client_in_json_and_exits(tiny_model: tuple[Path, 
     assert "Traceback" not in err and "Internal Server Error" not in err, err
 
 
+def test_sigterm_does_not_wait_for_an_image_still_dripping_in(tiny_model: tuple[Path, Path], pixel: str) -> None:
+    """An origin sending a byte a second holds its request's read until the image deadline (15 s); a stop
+    answers that request and exits without waiting the read out."""
+    origin = socket.create_server(("127.0.0.1", 0))
+    started, release = threading.Event(), threading.Event()
+
+    def drip() -> None:
+        conn, _ = origin.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+            started.set()
+            while not release.wait(1.0):
+                try:
+                    conn.sendall(b"x")
+                except OSError:  # the server went away
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    proc, url = start_server(tiny_model, "--allow-remote-images", "--allow-image-network", "127.0.0.0/8")
+    try:
+        sock = open_request(url, json.dumps(body_for(f"http://127.0.0.1:{origin.getsockname()[1]}/a.png")).encode())
+        assert started.wait(HANG_S)
+        wait_for(url, lambda h: h["reading"] == 1)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        status, answer = answer_of(sock)
+        assert status == 503, answer
+        assert proc.wait(timeout=HANG_S) == 0
+        assert time.monotonic() - stopped < 12, "the stop waited for the image's read to time out (15 s)"
+    finally:
+        release.set()
+        origin.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- 4 and 5. parameters honoured or refused; strict types; hostile text -------------------------
 
 

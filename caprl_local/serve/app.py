@@ -36,7 +36,7 @@ from ..chat import ChatMessage
 from ..errors import CaprlError
 from .admission import Admission, Place, stopping
 from .chat import fetch_images
-from .jobs import Job, caption_error
+from .jobs import Job, caption_error, in_daemon_thread
 from .protocol import (
     ApiError,
     ChatRequest,
@@ -302,9 +302,11 @@ async def _read_images(asked: ChatRequest, policy: ImagePolicy,
         return fetch_images(asked.messages, lambda url: image_bytes(url, policy))
 
     try:
-        return await anyio.to_thread.run_sync(fetch, limiter=readers, abandon_on_cancel=True)
+        async with readers:
+            return await in_daemon_thread(fetch)
     except CaprlError as exc:
         raise caption_error(exc) from exc
+
 
 
 class _Stream(StreamingResponse):

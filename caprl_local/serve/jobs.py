@@ -11,7 +11,8 @@ import asyncio
 import re
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..engine import Captioner, CaptionHandle
 
 _TOO_LONG = re.compile(r"needs (\d+) tokens but the context holds (\d+)")  # the counts PromptTooLongError names
+T = TypeVar("T")
 _NAME = re.compile(r"^<[^<>]*>: ")  # an input's name as messages give it: "<35137 bytes>: "
 
 
@@ -144,3 +146,27 @@ def caption_error(exc: BaseException) -> ApiError:
     if isinstance(exc, EngineError) and "closed" in message:
         return ApiError(503, "the server is stopping", kind="server_error", code="unavailable")
     return ApiError(500, f"the caption failed: {message}", kind="server_error", code="caption_failed")
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread of its own that never holds the process up: a read that waits out its deadline
+    (a dripping origin, a slow disk) must not keep a stopped server from exiting at once. A request that
+    stops waiting (its client gone, the server stopping) leaves the thread to end by its own deadline."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = work(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            value, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the event loop is closed: the server has stopped, nobody waits
+            pass
+
+    threading.Thread(target=run, name="caprl-image-read", daemon=True).start()
+    return await done
