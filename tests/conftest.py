@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import load_script
@@ -45,3 +47,12 @@ def captioner(tiny_model: tuple[Path, Path]):
 
     with Captioner(*tiny_model, threads=1) as cap:
         yield cap
+
+
+@pytest.fixture
+def stubs() -> Iterator[list[Any]]:
+    """Local stand-in servers a test starts (anything with a stop()), stopped when it ends."""
+    made: list[Any] = []
+    yield made
+    for stub in made:
+        stub.stop()

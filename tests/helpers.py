@@ -134,3 +134,20 @@ def each_step(scheduler: Any, watch: Callable[[Any, int, Any], None]) -> Iterato
         yield
     finally:
         scheduler._sample = sample
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it (from /proc; Linux)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid and child not in found]
+        found.update(children)
+        frontier += children
+    return found

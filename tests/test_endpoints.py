@@ -136,14 +136,6 @@ def test_shards_partition_a_list_exactly_whatever_its_order() -> None:
 # -- what each server is sent, and what is taken from its answers (stand-ins that record and answer) --
 
 
-@pytest.fixture
-def stand_ins() -> Iterator[list[Stub]]:
-    made: list[Stub] = []
-    yield made
-    for stub in made:
-        stub.stop()
-
-
 def _sent(stub: Stub, image: Path, **options: Any) -> tuple[dict[str, Any], Caption | CaptionFailure]:
     with EndpointCaptioner([Endpoint(stub.url, concurrency=1)], image_max_tokens=64) as fleet:
         (result,) = fleet.caption_many([image], max_tokens=16, **options)
@@ -151,8 +143,8 @@ def _sent(stub: Stub, image: Path, **options: Any) -> tuple[dict[str, Any], Capt
 
 
 @pytest.mark.parametrize("name", ["rotated.jpg", "alpha.png", "cmyk.jpg", "panorama.png", "deep16.png"])
-def test_each_image_is_sent_as_the_engine_sees_it(stand_ins: list[Stub], images: Path, name: str) -> None:
-    stub = started(stand_ins, "llama", owned_by="llamacpp")
+def test_each_image_is_sent_as_the_engine_sees_it(stubs: list[Stub], images: Path, name: str) -> None:
+    stub = started(stubs, "llama", owned_by="llamacpp")
     body, _ = _sent(stub, images / name)
     (image_part,) = [p for p in body["messages"][0]["content"] if p["type"] == "image_url"]
     url = image_part["image_url"]["url"]
@@ -166,12 +158,12 @@ def test_each_image_is_sent_as_the_engine_sees_it(stand_ins: list[Stub], images:
         assert sent.height > sent.width  # EXIF orientation applied
 
 
-def test_every_option_goes_under_each_servers_name(stand_ins: list[Stub], images: Path) -> None:
+def test_every_option_goes_under_each_servers_name(stubs: list[Stub], images: Path) -> None:
     from caprl_local.engine import scheduler, session
 
     assert REPEAT_LAST_N == session._REPEAT_LAST_N  # the engine's penalty window
     assert scheduler.LoopGuard is LoopGuard  # the engine guards by the very rule the fleet client runs
-    llama = started(stand_ins, "llama", owned_by="llamacpp")
+    llama = started(stubs, "llama", owned_by="llamacpp")
     body, _ = _sent(llama, images / "photo.jpg", stop=("END",), seed=5)
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.05 and body["repeat_last_n"] == 256
     assert body["temperature"] == 0 and body["top_k"] == 1 and body["samplers"] == ["penalties", "top_k"]
@@ -182,7 +174,7 @@ def test_every_option_goes_under_each_servers_name(stand_ins: list[Stub], images
     body, _ = _sent(llama, images / "photo.jpg", temperature=0.7, top_p=0.8, prompt="Before <image> after")
     assert "top_k" not in body and body["samplers"] == ["penalties", "top_p", "temperature"] and body["top_p"] == 0.8
     assert [p.get("text") for p in body["messages"][0]["content"]] == ["Before ", None, " after"]
-    ours = started(stand_ins, "ours", owned_by="caprl-local")  # caprl-local serve guards loops itself and refuses logprobs
+    ours = started(stubs, "ours", owned_by="caprl-local")  # caprl-local serve guards loops itself and refuses logprobs
     body, _ = _sent(ours, images / "photo.jpg")
     assert "logprobs" not in body and "samplers" not in body and body["top_k"] == 1
     body, _ = _sent(ours, images / "photo.jpg", loop_guard=False, ignore_eos=True)
@@ -192,17 +184,17 @@ def test_every_option_goes_under_each_servers_name(stand_ins: list[Stub], images
 LOOPING = "A cat sits on a mat. " + "the cat " * 60
 
 
-def test_a_looping_caption_is_cut_here_when_the_server_does_not_guard_it(stand_ins: list[Stub], images: Path) -> None:
-    plain = started(stand_ins, "plain", lambda stub, colour, n: completion(LOOPING))
+def test_a_looping_caption_is_cut_here_when_the_server_does_not_guard_it(stubs: list[Stub], images: Path) -> None:
+    plain = started(stubs, "plain", lambda stub, colour, n: completion(LOOPING))
     _, result = _sent(plain, images / "photo.jpg")
     assert isinstance(result, Caption) and result.text == "A cat sits on a mat. the cat"
     assert result.finish_reason == "repetition"
     _, result = _sent(plain, images / "photo.jpg", loop_guard=False)
     assert isinstance(result, Caption) and result.text == LOOPING.strip() and result.finish_reason == "stop"
-    ours = started(stand_ins, "ours", lambda stub, colour, n: completion(LOOPING), owned_by="caprl-local")
+    ours = started(stubs, "ours", lambda stub, colour, n: completion(LOOPING), owned_by="caprl-local")
     _, result = _sent(ours, images / "photo.jpg")  # it ran the guard itself: its text stands
     assert isinstance(result, Caption) and result.text == LOOPING.strip()
-    said = started(stand_ins, "said", lambda stub, colour, n: completion("A cat.", choices=[{
+    said = started(stubs, "said", lambda stub, colour, n: completion("A cat.", choices=[{
         "index": 0, "message": {"role": "assistant", "content": "A cat."}, "finish_reason": "stop",
         "native_finish_reason": "repetition"}]), owned_by="caprl-local")
     _, result = _sent(said, images / "photo.jpg")  # a server's own reason, beside OpenAI's
@@ -210,7 +202,7 @@ def test_a_looping_caption_is_cut_here_when_the_server_does_not_guard_it(stand_i
     # a server that names its tokens: the cut lands where the engine's would, token by token
     tokens = [{"id": 7, "token": "Hello", "bytes": list(b"Hello")}] + [
         {"id": 8 + i % 2, "token": t, "bytes": list(t.encode())} for i, t in enumerate([" a", " b"] * 40)]
-    named = started(stand_ins, "named", lambda stub, colour, n: completion(
+    named = started(stubs, "named", lambda stub, colour, n: completion(
         "Hello" + " a b" * 40, choices=[{"index": 0, "message": {"role": "assistant", "content": "Hello" + " a b" * 40},
                                          "finish_reason": "length", "logprobs": {"content": tokens}}]), owned_by="llamacpp")
     _, result = _sent(named, images / "photo.jpg")
@@ -218,20 +210,20 @@ def test_a_looping_caption_is_cut_here_when_the_server_does_not_guard_it(stand_i
     assert result.generated_tokens == 65  # as many as the engine would have made before it stopped
 
 
-def test_each_result_names_its_server_and_what_it_reported(stand_ins: list[Stub], images: Path) -> None:
+def test_each_result_names_its_server_and_what_it_reported(stubs: list[Stub], images: Path) -> None:
     timings = {"prompt_n": 30, "prompt_ms": 120.0, "prompt_per_second": 250.0, "predicted_n": 5, "predicted_ms": 800.0,
                "predicted_per_second": 6.25}
-    llama = started(stand_ins, "llama", lambda stub, colour, n: completion("A photo.", timings=timings), owned_by="llamacpp")
+    llama = started(stubs, "llama", lambda stub, colour, n: completion("A photo.", timings=timings), owned_by="llamacpp")
     _, result = _sent(llama, images / "photo.jpg")
     assert isinstance(result, Caption) and result.source == llama.url
     assert (result.prompt_tokens, result.generated_tokens, result.image_tokens) == (30, 5, 0)
     t = result.timings
     assert (t.prompt_eval_s, t.generation_s, t.prompt_tokens_per_s, t.generation_tokens_per_s) == (0.12, 0.8, 250.0, 6.25)
     assert t.image_load_s > 0 and t.total_s >= t.image_load_s
-    other = started(stand_ins, "other", lambda stub, colour, n: completion("A photo.", timings="nonsense"))
+    other = started(stubs, "other", lambda stub, colour, n: completion("A photo.", timings="nonsense"))
     _, result = _sent(other, images / "photo.jpg")
     assert isinstance(result, Caption) and result.source == other.url and result.timings.generation_s == 0.0
-    refusing = started(stand_ins, "refusing", lambda stub, colour, n: (400, {}, b'{"error": {"message": "bad image"}}'))
+    refusing = started(stubs, "refusing", lambda stub, colour, n: (400, {}, b'{"error": {"message": "bad image"}}'))
     _, failure = _sent(refusing, images / "photo.jpg")
     assert isinstance(failure, CaptionFailure) and failure.source == refusing.url and "HTTP 400: bad image" in failure.error
 

@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -113,14 +113,6 @@ class Stub:
     def colours(self) -> list[Colour]:
         with self.lock:
             return [colour for _, colour in self.posts]
-
-
-@pytest.fixture
-def stubs() -> Iterator[list[Stub]]:
-    made: list[Stub] = []
-    yield made
-    for stub in made:
-        stub.stop()
 
 
 def started(stubs: list[Stub], *args: Any, **kwargs: Any) -> Stub:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_S, run_cli
+from helpers import HANG_S, descendants, run_cli
 
 ray = pytest.importorskip("ray")
 
@@ -81,23 +81,6 @@ def test_caption_dataset_adds_caption_columns(tiny_model: tuple[Path, Path], ima
     assert all(row["error"] is None and row["error_kind"] is None for row in rows[:-1])  # None, never NaN
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid and child not in found]
-        found.update(children)
-        frontier += children
-    return found
-
-
 def _listening(pids: set[int]) -> list[str]:
     """The local addresses every TCP socket of these processes listens on (from /proc/net)."""
     inodes: set[str] = set()
@@ -130,7 +113,7 @@ def test_a_local_instance_listens_on_loopback_only() -> None:
     init_local(num_cpus=1)
     try:
         ray.get(ray.remote(lambda: 1).remote())  # a worker started, too
-        addresses = _listening(_descendants(os.getpid()))
+        addresses = _listening(descendants(os.getpid()))
     finally:
         ray.shutdown()
     assert addresses, "no listening sockets found"

@@ -17,34 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_S, run_cli
+from helpers import HANG_S, descendants, run_cli
 
 ray = pytest.importorskip("ray")
 
 GOOD = ["photo.jpg", "alpha.png", "cmyk.jpg", "palette.png", "rotated.jpg", "deep16.png", "pixel.png", "animated.gif"]
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    found, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid and child not in found]
-        found.update(children)
-        frontier += children
-    return found
-
-
 def _busy_caption_actors(root: int) -> list[int]:
     """The caption actors of a run that are captioning a batch now (Ray names a worker's process
     after its actor class and the method it runs)."""
     found = []
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             if b"MapBatches(_CaptionActor)).submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
