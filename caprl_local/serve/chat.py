@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat import ChatImage, ChatMessage, Role
-from .protocol import ApiError
+from .protocol import ApiError, clean_text, json_kind, quoted
 
 #: The most images one conversation may hold (each costs up to the image-token cap, and its decode).
 MAX_IMAGES = 8
@@ -71,14 +71,14 @@ def _message(i: int, message: Any) -> ParsedMessage:
         raise _bad(f"{where} must be an object with a role and content", "invalid_messages")
     role = message.get("role")
     if not isinstance(role, str) or role not in _ROLES:
-        raise _bad(f"{where} has role {_show(role)}; use system, developer, user or assistant", "invalid_role")
+        raise _bad(f"{where} has role {quoted(role)}; use system, developer, user or assistant", "invalid_role")
     if message.get("tool_calls") or message.get("function_call"):
         raise _bad(f"{where}: tool calls are not supported by this server", "invalid_messages")
     content = message.get("content")
     if isinstance(content, str):
         return ParsedMessage(_ROLES[role], (_text(where, content),))
     if not isinstance(content, list):
-        raise _bad(f"{where}: content must be a string or a list of text and image_url parts, not {_kind(content)}",
+        raise _bad(f"{where}: content must be a string or a list of text and image_url parts, not {json_kind(content)}",
                    "invalid_content")
     parts: list[str | ImageUrl] = []
     for j, part in enumerate(content):
@@ -94,23 +94,16 @@ def _message(i: int, message: Any) -> ParsedMessage:
                 raise _bad(f"{at}: a {role} message cannot hold an image; put images in user messages", "invalid_content")
             parts.append(_image_url(at, part.get("image_url")))
         elif isinstance(part, dict):
-            raise _bad(f"{at}: unsupported part type {_show(kind)} (text and image_url are)", "invalid_content")
+            raise _bad(f"{at}: unsupported part type {quoted(kind)} (text and image_url are)", "invalid_content")
         else:
-            raise _bad(f"{at} must be an object with a type, not {_kind(part)}", "invalid_content")
+            raise _bad(f"{at} must be an object with a type, not {json_kind(part)}", "invalid_content")
     return ParsedMessage(_ROLES[role], tuple(parts))
 
 
 def _text(at: str, text: Any) -> str:
     if not isinstance(text, str):
-        raise _bad(f"{at}: the text must be a string, not {_kind(text)}", "invalid_content")
-    if "\x00" in text:  # text crosses into C: a NUL would end it there
-        raise _bad(f"{at}: the text holds a NUL character", "invalid_text")
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate ("\ud800"); it is no character
-        raise _bad(f"{at}: the text holds a lone surrogate (such as \\ud800), which is not Unicode text",
-                   "invalid_text") from exc
-    return text
+        raise _bad(f"{at}: the text must be a string, not {json_kind(text)}", "invalid_content")
+    return clean_text(text, f"{at}: the text")  # text crosses into C: no NUL, no lone surrogate
 
 
 def _image_url(at: str, image: Any) -> ImageUrl:
@@ -119,22 +112,10 @@ def _image_url(at: str, image: Any) -> ImageUrl:
         raise _bad(f"{at}: an image_url part needs a url (a data URI or an address)", "invalid_image_url")
     detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
     if detail not in _DETAILS:
-        raise _bad(f"{at}: image_url.detail must be one of {', '.join(_DETAILS)}, not {_show(detail)}",
+        raise _bad(f"{at}: image_url.detail must be one of {', '.join(_DETAILS)}, not {quoted(detail)}",
                    "invalid_image_url")
     return ImageUrl(url)
 
 
 def _bad(message: str, code: str) -> ApiError:
     return ApiError(400, message, code=code, param="messages")
-
-
-def _show(value: Any) -> str:
-    """A client's value in a one-line message: escaped (ASCII only) and cut short."""
-    shown = ascii(value)
-    return shown if len(shown) <= 40 else shown[:40] + "..."
-
-
-def _kind(value: Any) -> str:
-    """A JSON value's type, as OpenAI's errors name it."""
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)

@@ -64,7 +64,7 @@ _GREEDY_SAFE = {"top_k": (0, -1, 1), "min_p": (0,)}
 def parse_chat(body: Any) -> ChatRequest:
     """Check a request body and turn it into a ChatRequest; ApiError(400) names what is wrong, in one line."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"the body must be a JSON object, not {_kind(body)}", code="invalid_body")
+        raise ApiError(400, f"the body must be a JSON object, not {json_kind(body)}", code="invalid_body")
     from .chat import parse_messages  # serve.chat raises this module's ApiError
 
     messages = parse_messages(body.get("messages"))
@@ -94,14 +94,14 @@ def parse_chat(body: Any) -> ChatRequest:
     stream = _flag(body, "stream") or False
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
-        raise ApiError(400, f"'stream_options' must be an object, not {_kind(stream_options)}",
+        raise ApiError(400, f"'stream_options' must be an object, not {json_kind(stream_options)}",
                        code="invalid_parameter", param="stream_options")
     include_usage = _flag(stream_options or {}, "include_usage", "stream_options.include_usage") or False
     return ChatRequest(messages=messages, options=generation, stream=stream, include_usage=include_usage,
                        model=_model(body.get("model")))
 
 
-def _clean(text: str, what: str, param: str = "messages") -> str:
+def clean_text(text: str, what: str, param: str = "messages") -> str:
     """`text` as the engine may take it: no NUL (C strings end there), no lone surrogate (not UTF-8)."""
     if "\x00" in text:
         raise ApiError(400, f"{what} holds a NUL character", code="invalid_text", param=param)
@@ -119,20 +119,20 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """A JSON value's type, as OpenAI's errors name it."""
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _quote(value: Any, limit: int = 40) -> str:
+def quoted(value: Any, limit: int = 40) -> str:
     """A client's value, quoted for a one-line message: escaped and cut short."""
     text = ascii(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _bad(name: str, wants: str, value: Any) -> ApiError:
-    return ApiError(400, f"'{name}' must be {wants}, not {_quote(value)}", code="invalid_parameter", param=name)
+    return ApiError(400, f"'{name}' must be {wants}, not {quoted(value)}", code="invalid_parameter", param=name)
 
 
 def _number(body: dict[str, Any], name: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -186,7 +186,7 @@ def _same(a: Any, b: Any) -> bool:
 def _nothing_asked(body: dict[str, Any], name: str, nothing: tuple[Any, ...], when: str = "") -> None:
     value = body.get(name)
     if value is not None and not any(_same(value, v) for v in nothing):
-        raise ApiError(400, f"'{name}' {_quote(value)} is not supported by this server{when}; leave it out",
+        raise ApiError(400, f"'{name}' {quoted(value)} is not supported by this server{when}; leave it out",
                        code="unsupported_n" if name == "n" else "unsupported_parameter", param=name)
 
 
@@ -195,7 +195,7 @@ def _stop(value: Any) -> tuple[str, ...]:
     if not isinstance(stop, list | tuple) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings",
                        code="invalid_stop", param="stop")
-    return tuple(_clean(s, "a stop string", "stop") for s in stop)
+    return tuple(clean_text(s, "a stop string", "stop") for s in stop)
 
 
 def _model(value: Any) -> str | None:
@@ -206,7 +206,7 @@ def _model(value: Any) -> str | None:
     if not value.strip():
         raise ApiError(400, "'model' is empty; name the model (GET /v1/models lists it) or leave it out",
                        code="invalid_parameter", param="model")
-    return _clean(value, "'model'", "model")
+    return clean_text(value, "'model'", "model")
 
 
 # --- answers ----------------------------------------------------------------------------------
