@@ -79,7 +79,7 @@ def make_lists(folder: Path, sizes: list[int]) -> dict[str, Path]:
             for i in range(size):
                 js.write(json.dumps({
                     "id": f"caprl2m-{i:08d}", "image": entry(i), "source": ("laion", "coyo", "datacomp")[i % 3],
-                    "url": f"https://images.example.org/{i % 977:03d}/{i:08d}-{i * 7919 % 100_000:05d}.jpg",
+                    "url": f"http://127.0.0.1:9/images/{i % 977:03d}/{i:08d}-{i * 7919 % 100_000:05d}.jpg",
                     "width": 512 + i % 1024, "height": 384 + i % 768,
                     "sha256": f"{i * 2654435761 % (1 << 64):016x}" * 4, "license": "cc-by-4.0",
                 }) + "\n")

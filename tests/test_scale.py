@@ -212,7 +212,7 @@ def test_planning_a_shard_of_a_big_list_holds_the_shard_only(tmp_path: Path) -> 
     listing, out = tmp_path / "ds.jsonl", tmp_path / "out.jsonl"
     with open(listing, "w") as fh:
         for i in range(300_000):
-            fh.write(json.dumps({"id": i, "image": f"img/{i:07d}.jpg", "url": f"https://x.example/{i}.jpg",
+            fh.write(json.dumps({"id": i, "image": f"img/{i:07d}.jpg", "url": f"http://127.0.0.1:9/{i}.jpg",
                                  "width": 640, "height": 480, "sha256": f"{i:064x}"}) + "\n")
     with open(out, "w") as fh:
         for i in range(200_000):
