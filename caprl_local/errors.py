@@ -59,7 +59,11 @@ class EngineError(CaprlError):
 
 
 class PromptTooLongError(EngineError):
-    """A prompt (its text and images) needs more tokens than a caption's context holds."""
+    """A prompt (its text and images) needs more tokens than a caption's context holds: ``needed`` of ``context``."""
+
+    def __init__(self, message: str, *, needed: int = 0, context: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.context = needed, context
 
 
 class Cancelled(CaprlError):

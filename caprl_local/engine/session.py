@@ -241,8 +241,8 @@ class Session:
         if total + 1 > self.n_ctx:  # and one more for the answer's first token
             raise PromptTooLongError(
                 f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
-                "shorten the conversation, lower the image-token cap or raise the context size"
-            )
+                "shorten the conversation, lower the image-token cap or raise the context size",
+                needed=total, context=self.n_ctx)
         n_past, image_tokens, encode_s = 0, 0, 0.0
         text_tokens: list[int] = []
         new_past = llama_cpp.llama_pos(0)

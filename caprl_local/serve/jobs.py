@@ -26,7 +26,6 @@ from .protocol import ApiError
 if TYPE_CHECKING:
     from ..engine import Captioner, CaptionHandle
 
-_TOO_LONG = re.compile(r"needs (\d+) tokens but the context holds (\d+)")  # the counts PromptTooLongError names
 T = TypeVar("T")
 _NAME = re.compile(r"^<[^<>]*>: ")  # an input's name as messages give it: "<35137 bytes>: "
 
@@ -138,11 +137,8 @@ def caption_error(exc: BaseException) -> ApiError:
     if isinstance(exc, Cancelled):
         return stopping()
     if isinstance(exc, PromptTooLongError):
-        counts = _TOO_LONG.search(message)
-        need = f"needs {counts.group(1)} tokens but this server's context holds {counts.group(2)}" if counts else \
-            "needs more tokens than this server's context holds"
-        return ApiError(400, f"the conversation {need}; send a shorter text or fewer images",
-                        code="context_length_exceeded")
+        return ApiError(400, f"the conversation needs {exc.needed} tokens but this server's context holds "
+                        f"{exc.context}; send a shorter text or fewer images", code="context_length_exceeded")
     if isinstance(exc, EngineError) and "closed" in message:
         return ApiError(503, "the server is stopping", kind="server_error", code="unavailable")
     return ApiError(500, f"the caption failed: {message}", kind="server_error", code="caption_failed")
