@@ -62,6 +62,9 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape(),
+    # The tiny layers with Qwen's real 151,936-token vocabulary: a decode step costs next to nothing, so
+    # what a benchmark sees is the work around it (reading the logits, sampling, streaming the text).
+    "tiny-vocab": Shape(n_vocab=151936),
     # Qwen2.5-VL-3B: config.json of Qwen/Qwen2.5-VL-3B-Instruct (and so of CapRL-3B).
     "caprl-3b": Shape(
         n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008, rope_sections=(16, 24, 24, 0),

@@ -125,9 +125,11 @@ def each_step(scheduler: Any, watch: Callable[[Any, int, Any], None]) -> Iterato
     """Call ``watch(request, tokens generated so far, logits)`` at each sampled token of `scheduler`'s loop."""
     sample = scheduler._sample
 
-    def watched(slot: Any, row: int) -> int:
-        watch(slot.request, slot.n_gen, scheduler.session.logits(row))
-        return sample(slot, row)
+    def watched(slots: list[Any]) -> list[int]:
+        logits = scheduler.session.logits_rows(len(slots)).copy()  # the model's, before the penalty
+        for slot, row in zip(slots, logits, strict=True):
+            watch(slot.request, slot.n_gen, row)
+        return sample(slots)
 
     scheduler._sample = watched
     try:

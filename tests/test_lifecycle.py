@@ -169,9 +169,10 @@ def test_close_inside_the_scheduler_thread_leaves_the_model_to_the_loop(tiny_mod
             if step == 3:
                 cap.close()  # returns at once; the decode step it came from goes on with live handles
         sample = scheduler._sample
-        def watched(slot, row):
-            probe(slot.request, slot.n_gen, None)
-            return sample(slot, row)
+        def watched(slots):
+            for slot in slots:
+                probe(slot.request, slot.n_gen, None)
+            return sample(slots)
         scheduler._sample = watched
         handles = [cap.submit(image, **LONG) for _ in range(2)]
         for h in handles:
@@ -353,9 +354,10 @@ def test_a_captioner_collected_on_its_own_scheduler_thread(tiny_model: tuple[Pat
             if step == 3 and gone() is not None:
                 gc.collect()
         sample = scheduler._sample
-        def watched(slot, row):
-            probe(slot.request, slot.n_gen, None)
-            return sample(slot, row)
+        def watched(slots):
+            for slot in slots:
+                probe(slot.request, slot.n_gen, None)
+            return sample(slots)
         scheduler._sample = watched
         handles = [cap.submit(image, **LONG) for _ in range(2)]
         del cap

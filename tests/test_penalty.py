@@ -35,11 +35,11 @@ class Watched:
         self.prompts: list[tuple[ChatMessage, ...]] = []
         sample, prompt_chat = self.session.sample, self.session.prompt_chat
 
-        def watch_sample(sampler: Any, index: int) -> int:
-            logits = self.session.logits(index)  # the model's, before any sampler touches them
-            token = sample(sampler, index)
-            self.steps.append((logits, token))
-            return token
+        def watch_sample(samplers: Any) -> list[int]:
+            (logits,) = self.session.logits_rows(len(samplers)).copy()  # the model's, before the penalty
+            tokens = sample(samplers)
+            self.steps.append((logits, tokens[0]))
+            return tokens
 
         def watch_prompt(seq: int, messages: tuple[ChatMessage, ...], *args: Any, **kwargs: Any) -> Any:
             self.prompts.append(messages)

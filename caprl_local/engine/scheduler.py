@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from PIL import Image
 
@@ -36,6 +36,7 @@ from ..options import GenerationOptions
 from ..results import Caption, Timings
 from . import lifetime
 from .backend import LLAMA_LOG
+from .sampling import TokenSampler
 from .session import Session
 
 log = logging.getLogger("caprl_local")
@@ -86,7 +87,7 @@ class TextSink(Protocol):
 class _Slot:
     """A request being generated in one sequence: its sampler, position and text so far."""
 
-    def __init__(self, request: Request, seq: int, sampler: Any, n_past: int, t_start: float) -> None:
+    def __init__(self, request: Request, seq: int, sampler: TokenSampler, n_past: int, t_start: float) -> None:
         self.request, self.seq, self.sampler, self.n_past, self.t_start = request, seq, sampler, n_past, t_start
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text: list[str] = []
@@ -277,8 +278,6 @@ class Scheduler:
         """The loop's last act: end what it still holds, then free the session (no decode runs now)."""
         with self._cond:
             self.closed = self.closed or _CLOSED
-            for slot in self._active:
-                self.session.free_sampler(slot.sampler)
             for request in [*self._admitting, *self._waiting, *(slot.request for slot in self._active)]:
                 request.finish(Cancelled.of(request.name))
             self._active, self._admitting = [], []
@@ -303,7 +302,6 @@ class Scheduler:
         seq = self._free.pop()
         t_start = time.perf_counter()
         LLAMA_LOG.clear()
-        sampler = None
         try:
             prompted = self.session.prompt_chat(seq, request.conversation(), request.name,
                                                 cancelled=lambda: request.cancelled)
@@ -311,11 +309,9 @@ class Scheduler:
             slot = _Slot(request, seq, sampler, prompted.n_past, t_start)
             slot.image_tokens, slot.prompt_tokens, slot.encode_s = \
                 prompted.image_tokens, prompted.prompt_tokens, prompted.encode_s
-            slot.pending = self.session.sample(sampler, -1)
+            (slot.pending,) = self._sample([slot])
             slot.t_prompt = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - any failure here is this image's alone
-            if sampler is not None:
-                self.session.free_sampler(sampler)
             self.session.forget(seq)
             self._free.append(seq)
             request.finish(_engine_error(request.name, exc))
@@ -341,13 +337,14 @@ class Scheduler:
             for slot in going:
                 self._end(slot, EngineError(f"{slot.request.name}: {exc}"))
             return
-        for row, slot in enumerate(going):
+        for slot, token in zip(going, self._sample(going), strict=True):
             slot.n_past += 1
-            slot.pending = self._sample(slot, row)
+            slot.pending = token
 
-    def _sample(self, slot: _Slot, row: int) -> int:
-        """The next token of `slot` from its row of logits (a method, so that a test can watch each step)."""
-        return self.session.sample(slot.sampler, row)
+    def _sample(self, slots: list[_Slot]) -> list[int]:
+        """The next token of each slot, in one pass over the last evaluation's rows (one per slot, in order;
+        a method, so that a test can watch each step)."""
+        return self.session.sample([slot.sampler for slot in slots])
 
     def _take(self, slot: _Slot) -> bool:
         """Take the pending token into the caption; True when the caption is complete."""
@@ -371,7 +368,6 @@ class Scheduler:
 
     def _end(self, slot: _Slot, outcome: Caption | BaseException) -> None:
         self._active.remove(slot)
-        self.session.free_sampler(slot.sampler)
         self.session.forget(slot.seq)
         self._free.append(slot.seq)
         slot.request.finish(outcome)
