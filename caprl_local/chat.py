@@ -3,8 +3,9 @@ are laid out in a model's chat template.
 
 Pure values, free of llama.cpp. A message has a role and a content of parts: text (a ``str``, always
 text: a client's typed control tokens or media markers are never parsed) and images (:class:`ChatImage`,
-holding whatever :meth:`Captioner.caption` takes). Images belong to user messages only. A caption is
-the conversation of one user turn: its image and its prompt (:func:`caption_conversation`).
+holding whatever :meth:`Captioner.caption` takes) and videos (:class:`ChatVideo`, frames already sampled,
+each with its time). Images and videos belong to user messages only. A caption is the conversation of one
+user turn: its image and its prompt (:func:`caption_conversation`).
 
     chat = [system("Answer in French."), user(Path("photo.jpg"), "What is this?"),
             assistant("Un chat."), user("And its colour?")]
@@ -16,13 +17,14 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, Union, get_args
 
 from PIL import Image
 
 from .errors import CaprlError
 from .images import ImageInput, describe
 from .prompts import IMAGE_PLACEHOLDER, Turn
+from .videoprompt import VideoForm, check_timestamps, layout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,7 +40,59 @@ class ChatImage:
     source: ImageInput
 
 
-Part = str | ChatImage
+class FrameLike(Protocol):
+    """A sampled frame (caprl_local.video's Frame): its RGB image and its time in the clip."""
+
+    @property
+    def image(self) -> Image.Image: ...
+
+    @property
+    def timestamp_s(self) -> float: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ChatVideo:
+    """A video in a user message: its frames, already sampled and sized (RGB PIL images, all of one size),
+    each frame's time in seconds, and the form the model reads them in (which frames merge into one image,
+    the timestamp text: see caprl_local.videoprompt). ``name`` names it in messages (its file, say)."""
+
+    frames: tuple[Image.Image, ...]
+    timestamps: tuple[float, ...]
+    form: VideoForm
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frames, (tuple, list)) or not isinstance(self.timestamps, (tuple, list)):
+            raise CaprlError("a video's frames and timestamps are sequences (tuples or lists); "
+                             "use ChatVideo.of(frames) for sampled frames")
+        frames, timestamps = tuple(self.frames), tuple(self.timestamps)
+        if not isinstance(self.form, VideoForm):
+            raise CaprlError(f"a video's form is a VideoForm (caprl_local.videoprompt), not {type(self.form).__name__}")
+        if len(frames) != len(timestamps):
+            raise CaprlError(f"a video of {len(frames)} frames has {len(timestamps)} timestamps; give one time per frame")
+        check_timestamps(timestamps)
+        for i, frame in enumerate(frames):
+            if not isinstance(frame, Image.Image) or frame.mode != "RGB":
+                what = f"a {frame.mode} image" if isinstance(frame, Image.Image) else type(frame).__name__
+                raise CaprlError(f"video frame {i} is {what}; give RGB PIL images (image.convert('RGB'))")
+            if frame.size != frames[0].size:
+                raise CaprlError(f"video frame {i} is {frame.width}x{frame.height} but frame 0 is "
+                                 f"{frames[0].width}x{frames[0].height}; sample every frame at one size")
+        object.__setattr__(self, "frames", frames)  # a list given by a caller becomes a tuple
+        object.__setattr__(self, "timestamps", tuple(float(t) for t in timestamps))
+
+    @classmethod
+    def of(cls, frames: Iterable[FrameLike], form: VideoForm, name: str = "") -> ChatVideo:
+        """A video of sampled frames (caprl_local.video's Frame values, or anything with .image and .timestamp_s)."""
+        taken = tuple(frames)
+        return cls(tuple(f.image for f in taken), tuple(f.timestamp_s for f in taken), form, name)
+
+    def describe(self) -> str:
+        return self.name or f"<video of {_count(len(self.frames), 'frame')}>"
+
+
+Part = str | ChatImage | ChatVideo
+Media = ChatImage | ChatVideo
 
 #: What :func:`user` takes for an image besides a ChatImage (a bare ``str`` is text, never a path).
 ImageLike = Union["os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, "np.ndarray"]
@@ -59,11 +113,14 @@ class ChatMessage:
             raise CaprlError(f"a {self.role} message's content must be a tuple of parts (text and images), "
                              f"not {type(content).__name__}")
         for part in content:
-            if isinstance(part, ChatImage):
+            if isinstance(part, (ChatImage, ChatVideo)):
                 if self.role != "user":
-                    raise CaprlError(f"a {self.role} message cannot hold an image; put images in user messages")
+                    role = f"{'an' if self.role[0] in 'aeiou' else 'a'} {self.role}"
+                    kind = "an image" if isinstance(part, ChatImage) else "a video"
+                    raise CaprlError(f"{role} message cannot hold {kind}; put images and videos in user messages")
             elif not isinstance(part, str):
-                raise CaprlError(f"a message part must be text (str) or a ChatImage, not {type(part).__name__}")
+                raise CaprlError(f"a message part must be text (str) or a ChatImage, not {type(part).__name__}; "
+                                 "give a video as a ChatVideo")
         object.__setattr__(self, "content", tuple(content))  # a list given by a caller stays hashable
 
     @property
@@ -75,6 +132,15 @@ class ChatMessage:
     def images(self) -> tuple[ChatImage, ...]:
         return tuple(part for part in self.content if isinstance(part, ChatImage))
 
+    @property
+    def videos(self) -> tuple[ChatVideo, ...]:
+        return tuple(part for part in self.content if isinstance(part, ChatVideo))
+
+    @property
+    def media(self) -> tuple[Media, ...]:
+        """The images and videos, in order."""
+        return tuple(part for part in self.content if isinstance(part, (ChatImage, ChatVideo)))
+
 
 def system(text: str) -> ChatMessage:
     return ChatMessage("system", (text,))
@@ -84,9 +150,10 @@ def assistant(text: str) -> ChatMessage:
     return ChatMessage("assistant", (text,))
 
 
-def user(*parts: str | ChatImage | ImageLike) -> ChatMessage:
-    """A user message: each ``str`` is text; a ChatImage, Path, bytes, PIL image or array is an image."""
-    return ChatMessage("user", tuple(part if isinstance(part, (str, ChatImage)) else ChatImage(part) for part in parts))
+def user(*parts: str | ChatImage | ChatVideo | ImageLike) -> ChatMessage:
+    """A user message: each ``str`` is text, a ChatVideo a video; a ChatImage, Path, bytes, PIL image or array is an image."""
+    return ChatMessage("user", tuple(part if isinstance(part, (str, ChatImage, ChatVideo)) else ChatImage(part)
+                                     for part in parts))
 
 
 def conversation(messages: Iterable[ChatMessage]) -> tuple[ChatMessage, ...]:
@@ -111,17 +178,17 @@ def has_text(messages: Iterable[ChatMessage]) -> bool:
 
 
 def with_prompt(messages: tuple[ChatMessage, ...], prompt: str | None) -> tuple[ChatMessage, ...]:
-    """The messages, the last user message given `prompt` (its images placed as in a caption) when no
-    message carries text of its own; otherwise, or without a prompt, the messages as they are."""
+    """The messages, the last user message given `prompt` (its images and videos placed as in a caption)
+    when no message carries text of its own; otherwise, or without a prompt, the messages as they are."""
     if prompt is None or has_text(messages):
         return messages
     last = max(i for i, message in enumerate(messages) if message.role == "user")
-    return (*messages[:last], ChatMessage("user", place_images(prompt, messages[last].images)), *messages[last + 1:])
+    return (*messages[:last], ChatMessage("user", place_images(prompt, messages[last].media)), *messages[last + 1:])
 
 
-def place_images(prompt: str, images: tuple[ChatImage, ...]) -> tuple[Part, ...]:
-    """A user turn of `prompt` and `images`: the images where the prompt's first IMAGE_PLACEHOLDER is,
-    else first (CapRL's order)."""
+def place_images(prompt: str, images: tuple[Media, ...]) -> tuple[Part, ...]:
+    """A user turn of `prompt` and `images` (and videos): the images where the prompt's first
+    IMAGE_PLACEHOLDER is, else first (CapRL's order)."""
     before, mark, after = prompt.partition(IMAGE_PLACEHOLDER)
     parts: tuple[Part, ...] = (before, *images, after) if mark else (*images, prompt)
     return tuple(part for part in parts if not isinstance(part, str) or part)
@@ -133,7 +200,8 @@ def caption_conversation(image: Image.Image, prompt: str) -> tuple[ChatMessage, 
 
 
 def prepared(messages: tuple[ChatMessage, ...], prepare: Callable[[ImageInput], Image.Image]) -> tuple[ChatMessage, ...]:
-    """The messages with each image read and sized by `prepare` (which raises ImageError for a bad one)."""
+    """The messages with each image read and sized by `prepare` (which raises ImageError for a bad one);
+    a video's frames are sampled and sized already."""
     def part(p: Part) -> Part:
         return ChatImage(prepare(p.source)) if isinstance(p, ChatImage) else p
 
@@ -141,11 +209,13 @@ def prepared(messages: tuple[ChatMessage, ...], prepare: Callable[[ImageInput], 
 
 
 def name_of(messages: tuple[ChatMessage, ...]) -> str:
-    """A conversation's name in messages and results: its image's when it has exactly one."""
-    images = [image for message in messages for image in message.images]
-    if len(images) == 1:
-        return describe(images[0].source)
-    return f"<conversation of {_count(len(messages), 'message')}, {_count(len(images), 'image')}>"
+    """A conversation's name in messages and results: its image's or video's when it has exactly one."""
+    media = [part for message in messages for part in message.media]
+    if len(media) == 1:
+        return describe(media[0].source) if isinstance(media[0], ChatImage) else media[0].describe()
+    videos = sum(len(message.videos) for message in messages)
+    also = f", {_count(videos, 'video')}" if videos else ""
+    return f"<conversation of {_count(len(messages), 'message')}, {_count(len(media) - videos, 'image')}{also}>"
 
 
 def _count(n: int, noun: str) -> str:
@@ -158,11 +228,14 @@ def _count(n: int, noun: str) -> str:
 @dataclass(frozen=True)
 class Piece:
     """A stretch of a rendered conversation: the chat template's own text (its control tokens are
-    meant), a message's text (never parsed for control tokens) or an image."""
+    meant), a message's text (never parsed for control tokens), an image, a video's text around its
+    frames ("stamp": ours, read as the template's is) or a group of a video's frames the model reads as
+    one image ("frames": two that merge, or one)."""
 
-    kind: Literal["template", "text", "image"]
+    kind: Literal["template", "text", "image", "stamp", "frames"]
     text: str = ""
     image: Image.Image | None = None
+    frames: tuple[Image.Image, ...] = ()
 
 
 # Unlike any template's text: each message part stands in the template's input as one of these.
@@ -175,7 +248,7 @@ def render_chat(messages: tuple[ChatMessage, ...], render: Callable[[list[Turn]]
     whose contents are placeholders, and the rendering is split at them: no message's text ever passes
     through the template or is read as its markup. None when `render` cannot render the turns, or
     loses or repeats a part."""
-    parts: list[Piece] = []
+    parts: list[tuple[Piece, ...]] = []
     turns: list[Turn] = []
     for message in messages:
         content = []
@@ -183,9 +256,11 @@ def render_chat(messages: tuple[ChatMessage, ...], render: Callable[[list[Turn]]
             if isinstance(part, ChatImage):
                 if not isinstance(part.source, Image.Image):
                     raise TypeError("a conversation's images are prepared (RGB PIL images) before it is rendered")
-                parts.append(Piece("image", image=part.source))
+                parts.append((Piece("image", image=part.source),))
+            elif isinstance(part, ChatVideo):
+                parts.append(video_pieces(part))
             elif part:
-                parts.append(Piece("text", part))
+                parts.append((Piece("text", part),))
             else:
                 continue
             content.append(_MARK.format(len(parts) - 1))
@@ -196,7 +271,13 @@ def render_chat(messages: tuple[ChatMessage, ...], render: Callable[[list[Turn]]
     pieces: list[Piece] = []
     for i, stretch in enumerate(_MARKS.split(rendered)):
         if i % 2:
-            pieces.append(parts[int(stretch)])
+            pieces += parts[int(stretch)]
         elif stretch:
             pieces.append(Piece("template", stretch))
     return pieces
+
+
+def video_pieces(video: ChatVideo) -> tuple[Piece, ...]:
+    """A video as pieces, in its form's layout: its text, and each group of frames read as one image."""
+    return tuple(Piece("stamp", slot) if isinstance(slot, str) else Piece("frames", frames=tuple(video.frames[i] for i in slot))
+                 for slot in layout(video.timestamps, video.form))

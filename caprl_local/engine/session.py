@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,23 @@ import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
-from ..chat import ChatMessage, caption_conversation, render_chat
+from ..chat import ChatMessage, Piece, caption_conversation, render_chat
 from ..errors import Cancelled, EngineError, ModelFileError, PromptTooLongError
 from ..families import kv_bytes_per_token
 from ..ggufmeta import GGUFInfo
 from ..options import EngineOptions, GenerationOptions
 from ..prompts import CHATML, CONTENT, Turn, chatml
-from . import backend
+from . import backend, device_sampling, media
 from .backend import LLAMA_LOG
+from .device_sampling import DeviceSampler
+from .sampling import TokenSampler, sample_rows
+
+Sampler = TokenSampler | DeviceSampler
 
 log = logging.getLogger("caprl_local")
 
 _N_BATCH = 2048  # logical batch, as llama-mtmd-cli uses
 _N_UBATCH = 512
-_REPEAT_LAST_N = 256  # the repeat penalty's window: the prompt's last text tokens, then the caption's
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 
 
@@ -78,6 +82,7 @@ class Session:
         self.n_gpu_layers = n_gpu = backend.resolve_gpu_layers(opts.gpu_layers)
         self.threads = opts.threads or backend.default_threads()
         self.on_gpu = n_gpu != 0 and backend.gpu_offload()
+        self.device_sampling = opts.device_sampling
         if n_gpu != 0 and not self.on_gpu:
             log.warning("gpu_layers=%s has no effect: this llama.cpp build has no GPU offload, so the model "
                         "runs on the CPU", opts.gpu_layers)
@@ -115,6 +120,8 @@ class Session:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # each token's text, looked up once
+        self._ends: dict[int, bool] = {}
         self.chat_format = self._chat_format()
 
     def _make_context(self, opts: EngineOptions) -> None:
@@ -138,6 +145,11 @@ class Session:
                 f"(out of memory? lower parallel or n_ctx): {LLAMA_LOG.first_error()}"
             )
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
+        # Every row of a step has one sequence and logits; tokens and positions are written as arrays.
+        self._batch_token = np.ctypeslib.as_array(self._batch.token, (n_seq,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, (n_seq,))
+        for i in range(n_seq):
+            self._batch.n_seq_id[i], self._batch.logits[i] = 1, 1
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx) // n_seq
 
     def _chat_format(self) -> str:
@@ -165,23 +177,34 @@ class Session:
 
     def prompt_chat(self, seq: int, messages: tuple[ChatMessage, ...], name: str,
                     cancelled: Callable[[], bool] = lambda: False) -> Prompted:
-        """Evaluate a conversation (its images prepared) and the assistant's opening into sequence
-        `seq` (which must be empty).
+        """Evaluate a conversation (its images prepared, its videos' frames sampled) and the assistant's
+        opening into sequence `seq` (which must be empty).
 
         Raises Cancelled between the prompt's pieces (text, image encoding, image tokens) once
-        `cancelled()` is true, so that a cancel or close need not wait for a large image.
+        `cancelled()` is true, so that a cancel or close need not wait for a large image. A long video
+        goes in passes of a few frames (see engine.media), the whole prompt's size checked first.
         """
         self._check_open(name)
-        chunks = self._tokenize(messages, name)
-        try:
-            return self._eval_chunks(chunks, name, seq, cancelled)
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
+        pieces = self._laid_out(messages, name)
+        # mtmd appends EOS (where a model wants one) to the pass that adds BOS: such a model gets one pass.
+        runs = [pieces] if llama_cpp.llama_vocab_get_add_eos(self._vocab) else media.passes(pieces)
+        if len(runs) > 1:
+            self._check_room(media.count_tokens(self._mctx, pieces, name), name)
+        done = Prompted(0, 0, 0, 0.0)
+        for i, run in enumerate(runs):
+            chunks = media.tokenize(self._mctx, run, name, first=i == 0)
+            try:
+                if len(runs) == 1:
+                    self._check_room(mtmd.mtmd_helper_get_n_tokens(chunks), name)
+                done = self._eval_chunks(chunks, name, seq, cancelled, done, last=i == len(runs) - 1)
+            finally:
+                mtmd.mtmd_input_chunks_free(chunks)
+        return done
 
     def chunk_tokens(self, messages: tuple[ChatMessage, ...]) -> list[list[int] | int]:
-        """What prompt_chat would evaluate, chunk by chunk: a text chunk's token ids, an image's token
-        count (for checks of the prompt's layout)."""
-        chunks = self._tokenize(messages, "the conversation")
+        """What prompt_chat would evaluate, chunk by chunk (in one pass): a text chunk's token ids, an
+        image's token count (for checks of the prompt's layout)."""
+        chunks = media.tokenize(self._mctx, self._laid_out(messages, "the conversation"), "the conversation")
         try:
             layout: list[list[int] | int] = []
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
@@ -194,57 +217,36 @@ class Session:
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def _tokenize(self, messages: tuple[ChatMessage, ...], name: str) -> Any:
-        """The conversation in the chat template, as mtmd chunks: the template's text with its control
-        tokens, each message's text as plain text (typed control tokens and media markers stay text),
-        each image where it stands (mtmd adds the projector's image delimiters)."""
+    def _laid_out(self, messages: tuple[ChatMessage, ...], name: str) -> list[Piece]:
+        """The conversation in the chat template, in pieces (chat.render_chat), its videos' frame groups
+        checked against what the projector merges."""
         pieces = render_chat(messages, self._render)
         if pieces is None:
             raise EngineError(f"{name}: this model's chat template cannot render the conversation "
                               f"({', '.join(m.role for m in messages)}); send it as user turns only")
-        parts = (ctypes.POINTER(mtmd.mtmd_input_part) * len(pieces))()
-        alive: list[Any] = []  # what the parts point to, until mtmd has read it
-        bitmaps: list[Any] = []
-        try:
-            for i, piece in enumerate(pieces):
-                part = mtmd.mtmd_input_part()
-                if piece.image is not None:
-                    part.bitmap = self._bitmap(piece.image, name)
-                    bitmaps.append(part.bitmap)
-                else:
-                    data = piece.text.encode(errors="replace")  # a lone surrogate from JSON is not UTF-8
-                    text = mtmd.mtmd_input_text(data, len(data), True, piece.kind == "template")
-                    part.text = ctypes.pointer(text)
-                    alive += [data, text]
-                alive.append(part)
-                parts[i] = ctypes.pointer(part)
-            chunks = mtmd.mtmd_input_chunks_init()
-            ret = mtmd.mtmd_tokenize_from_parts(self._mctx, chunks, parts, len(pieces), True)
-        finally:
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
-        if ret != 0:
-            mtmd.mtmd_input_chunks_free(chunks)
-            raise EngineError(f"{name}: could not prepare the prompt for the model: {LLAMA_LOG.first_error()}")
-        return chunks
+        if any(piece.frames for piece in pieces):
+            media.check_groups(pieces, self.frames_merged, name, self.model_path.name)
+        return pieces
 
-    def _bitmap(self, rgb: Image.Image, name: str) -> Any:
-        data = rgb.tobytes()
-        bitmap = mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
-        if not bitmap:
-            raise EngineError(f"{name}: llama.cpp could not take the image: {LLAMA_LOG.first_error()}")
-        return bitmap
+    @cached_property
+    def frames_merged(self) -> int:
+        """How many video frames the projector folds into one image (2 on Qwen-VL, else 1)."""
+        return media.frames_merged(self._mctx)
 
-    def _eval_chunks(self, chunks: Any, name: str, seq: int, cancelled: Callable[[], bool]) -> Prompted:
-        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
-        total = mtmd.mtmd_helper_get_n_tokens(chunks)
+    def _check_room(self, total: int, name: str) -> None:
         if total + 1 > self.n_ctx:  # and one more for the answer's first token
             raise PromptTooLongError(
                 f"{name}: the prompt needs {total} tokens but the context holds {self.n_ctx}; "
                 "shorten the conversation, lower the image-token cap or raise the context size",
                 needed=total, context=self.n_ctx)
-        n_past, image_tokens, encode_s = 0, 0, 0.0
-        text_tokens: list[int] = []
+
+    def _eval_chunks(self, chunks: Any, name: str, seq: int, cancelled: Callable[[], bool],
+                     done: Prompted, *, last: bool) -> Prompted:
+        """Evaluate chunks into `seq` after what `done` put there (the prompt's earlier passes); the
+        logits of the last text token when this pass is the `last`."""
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        n_past, image_tokens, encode_s = done.n_past, done.image_tokens, done.encode_s
+        text_tokens = list(done.text_tokens)
         new_past = llama_cpp.llama_pos(0)
         for i in range(n_chunks):
             if cancelled():
@@ -265,10 +267,11 @@ class Session:
             else:
                 text_tokens += _text_ids(chunk)
                 ret = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, n_past, seq, self._n_batch,
-                                                         i == n_chunks - 1, ctypes.byref(new_past))
+                                                         last and i == n_chunks - 1, ctypes.byref(new_past))
             if ret != 0:
                 raise EngineError(f"{name}: llama.cpp failed to evaluate the prompt: {LLAMA_LOG.first_error()}")
             n_past = new_past.value
+        total = done.prompt_tokens + mtmd.mtmd_helper_get_n_tokens(chunks)
         return Prompted(n_past, image_tokens, total, encode_s, tuple(text_tokens))
 
     def forget(self, seq: int) -> None:
@@ -277,57 +280,73 @@ class Session:
 
     # -- sampling and decoding ------------------------------------------------------------
 
-    def sampler(self, opts: GenerationOptions, prompt: Sequence[int] = ()) -> Any:
-        """A sampler chain for one caption, its repeat penalty already fed the `prompt`'s text tokens (as
-        llama-server, vLLM and Transformers count the prompt as repeats too); free it with free_sampler."""
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    def sampler(self, opts: GenerationOptions, prompt: Sequence[int] = ()) -> TokenSampler:
+        """One caption's sampling state, its repeat penalty already fed the `prompt`'s text tokens (as
+        llama-server, vLLM and Transformers count the prompt as repeats too)."""
+        return TokenSampler(opts, prompt)
 
-        def add(sampler: Any) -> None:
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
+    def on_device(self, seq: int, sampler: TokenSampler) -> Sampler:
+        """With device sampling, the caption in `seq` sampled in llama.cpp's decode from now on."""
+        return (device_sampling.attach(self._ctx, seq, sampler, self.n_vocab) or sampler) if self.device_sampling \
+            else sampler
 
-        if opts.repeat_penalty != 1.0:
-            penalties = llama_cpp.llama_sampler_init_penalties(self.n_vocab, _REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0)
-            # llama-server accepts every text token of the prompt in order before it samples; the window
-            # keeps only the last _REPEAT_LAST_N, so those alone leave it in the same state.
-            for token in prompt[-_REPEAT_LAST_N:]:
-                llama_cpp.llama_sampler_accept(penalties, token)
-            add(penalties)
-        if opts.temperature <= 0:
-            add(llama_cpp.llama_sampler_init_greedy())
-        else:
-            add(llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
-            add(llama_cpp.llama_sampler_init_temp(opts.temperature))
-            seed = llama_cpp.LLAMA_DEFAULT_SEED if opts.seed is None else opts.seed & 0xFFFFFFFF
-            add(llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+    def release(self, sampler: Sampler) -> None:
+        if isinstance(sampler, DeviceSampler):
+            device_sampling.detach(self._ctx, sampler)
 
-    @staticmethod
-    def free_sampler(sampler: Any) -> None:
-        llama_cpp.llama_sampler_free(sampler)
+    def sample(self, samplers: Sequence[Sampler]) -> list[int]:
+        """The next token of each caption from the last evaluation's rows of logits, in order: one row
+        per sampler (after a prompt, its last token's)."""
+        if self.device_sampling:
+            return device_sampling.sample_step(self._ctx, samplers, self.logits)
+        return sample_rows(self.logits_rows(len(samplers)), samplers)  # type: ignore[arg-type]
 
-    def sample(self, sampler: Any, index: int) -> int:
-        """Sample from the logits of batch row `index` (-1: the last row evaluated)."""
-        return int(llama_cpp.llama_sampler_sample(sampler, self._ctx, index))
+    def logits_rows(self, n: int) -> np.ndarray:
+        """The last evaluation's `n` rows of logits, in place (n x vocabulary float32; valid until the
+        next evaluation)."""
+        first = llama_cpp.llama_get_logits_ith(self._ctx, -1 if n == 1 else 0)
+        if not first:
+            raise EngineError(f"llama.cpp has no logits for {n} caption(s): {LLAMA_LOG.first_error()}")
+        if n > 1:  # a decode step's rows: one block when llama.cpp kept the batch's order, else gathered
+            last = llama_cpp.llama_get_logits_ith(self._ctx, n - 1)
+            step = self.n_vocab * ctypes.sizeof(ctypes.c_float)
+            if ctypes.addressof(last.contents) - ctypes.addressof(first.contents) != (n - 1) * step:
+                return np.stack([self.logits(i) for i in range(n)])
+        return np.ctypeslib.as_array(first, (n, self.n_vocab))
 
     def logits(self, index: int) -> np.ndarray:
+        """A copy of batch row `index`'s logits (-1: the last row evaluated)."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), (self.n_vocab,)).copy()
 
-    def decode(self, tokens: list[tuple[int, int, int]]) -> None:
+    def decode(self, tokens: Sequence[tuple[int, int, int]]) -> None:
         """One decode step: each (token, position, sequence) in a row of its own, all with logits."""
         batch = self._batch
         if batch is None:
             self._check_open(f"{len(tokens)} caption(s)")
-        for i, (token, pos, seq) in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, 1
-        batch.n_tokens = len(tokens)
+        n = len(tokens)
+        rows = np.asarray(tokens, dtype=np.int32).reshape(n, 3)
+        self._batch_token[:n], self._batch_pos[:n] = rows[:, 0], rows[:, 1]
+        seq_ids = batch.seq_id
+        for i, seq in enumerate(rows[:, 2].tolist()):
+            seq_ids[i][0] = seq
+        batch.n_tokens = n
         if llama_cpp.llama_decode(self._ctx, batch) != 0:
-            raise EngineError(f"llama.cpp failed while generating {len(tokens)} caption(s): {LLAMA_LOG.first_error()}")
+            raise EngineError(f"llama.cpp failed while generating {n} caption(s): {LLAMA_LOG.first_error()}")
 
     def is_end(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        end = self._ends.get(token)
+        if end is None:
+            end = self._ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return end
 
     def token_bytes(self, token: int) -> bytes:
+        """A token's text, as bytes (a piece may be part of a UTF-8 character)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        return piece
+
+    def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:  # a piece longer than the buffer: -n is the size it needs
