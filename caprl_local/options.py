@@ -91,6 +91,7 @@ class EngineOptions:
     warmup: bool = True
     verbose: bool = False  # llama.cpp's log lines at their own level instead of DEBUG
     isolate: bool = True  # a pair's first load on this machine runs in a child process (see engine/probe.py)
+    device_sampling: bool = False  # llama.cpp's backend sampling: tokens chosen inside the decode (engine/device_sampling.py)
 
     def __post_init__(self) -> None:
         auto_or_positive("gpu_layers", self.gpu_layers, minimum=-1)
@@ -134,6 +135,7 @@ class EngineKwargs(TypedDict, total=False):
     warmup: bool
     verbose: bool
     isolate: bool
+    device_sampling: bool
 
 
 class FetchKwargs(TypedDict, total=False):

@@ -57,7 +57,8 @@ def test_image(size: int = 112) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def run_ours(model: Path, mmproj: Path, flight: int, tokens: int, *, sampling: str) -> dict[str, Any]:
+def run_ours(model: Path, mmproj: Path, flight: int, tokens: int, *, sampling: str,
+             device_sampling: bool = False) -> dict[str, Any]:
     from caprl_local import Captioner
     from caprl_local.engine import scheduler as sched_mod
     from caprl_local.engine import session as session_mod
@@ -81,7 +82,8 @@ def run_ours(model: Path, mmproj: Path, flight: int, tokens: int, *, sampling: s
     session_mod.Session.decode = timed_decode  # type: ignore[method-assign]
     sched_mod.Scheduler._step = timed_step  # type: ignore[method-assign]
     try:
-        with Captioner(model, mmproj, threads=1, parallel=flight, n_ctx=N_CTX, isolate=False) as cap:
+        with Captioner(model, mmproj, threads=1, parallel=flight, n_ctx=N_CTX, isolate=False,
+                       device_sampling=device_sampling, gpu_layers=-1 if device_sampling else "auto") as cap:
             image = test_image()
             cap.caption(image, max_tokens=4)  # warm-up
             for key in totals:
@@ -96,7 +98,7 @@ def run_ours(model: Path, mmproj: Path, flight: int, tokens: int, *, sampling: s
     generated = sum(c.generated_tokens for c, _ in results)
     # Each caption's generation span ends when its result is out; the run's span starts at the first one's start.
     ends = [t - t0 for _, t in results]
-    starts = [end - c.timings.generation_s for (c, _), end in zip(results, ends)]
+    starts = [end - c.timings.generation_s for (c, _), end in zip(results, ends, strict=True)]
     span = max(ends) - min(starts)
     outside = totals["step_s"] - totals["decode_s"]
     return {
@@ -119,7 +121,7 @@ def run_theirs(server: Path, model: Path, mmproj: Path, flight: int, tokens: int
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [str(server), "-m", str(model), "--mmproj", str(mmproj), "--port", str(port), "--host", "127.0.0.1",
-           "-np", str(flight), "-c", str(N_CTX * flight), "-t", str(flight and 1), "-tb", "1",
+           "-np", str(flight), "-c", str(N_CTX * flight), "-t", "1", "-tb", "1",
            "--temp", "0", "--repeat-penalty", "1.05", "--repeat-last-n", "256", "--log-disable", "--no-warmup"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -147,7 +149,7 @@ def run_theirs(server: Path, model: Path, mmproj: Path, flight: int, tokens: int
         proc.wait(30)
     generated = sum(a["timings"]["predicted_n"] for a, _ in answers)
     ends = [t - t0 for _, t in answers]
-    starts = [end - a["timings"]["predicted_ms"] / 1e3 for (a, _), end in zip(answers, ends)]
+    starts = [end - a["timings"]["predicted_ms"] / 1e3 for (a, _), end in zip(answers, ends, strict=True)]
     return {"tokens": generated, "tokens_per_s": generated / (max(ends) - min(starts))}
 
 
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--flight", type=int, nargs="+", default=[1, 4, 16], help="captions in flight")
     parser.add_argument("--tokens", type=int, default=256, help="forced tokens per caption")
     parser.add_argument("--sampling", choices=["greedy", "greedy-nopenalty", "seeded"], nargs="+", default=["greedy"])
+    parser.add_argument("--device-sampling", action="store_true",
+                        help="also run caprl-local with llama.cpp's backend sampling (--device-sampling)")
     parser.add_argument("--llama-server", type=Path)
     parser.add_argument("--no-server", action="store_true", help="skip llama-server")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs/bench-sampling-cpu")
@@ -189,6 +193,11 @@ def main() -> None:
                     row["llama_server"] = run_theirs(server, model, mmproj, flight, args.tokens)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
+                if args.device_sampling:
+                    rows.append({"sampling": f"{sampling} (device)", "flight": flight,
+                                 "ours": run_ours(model, mmproj, flight, args.tokens, sampling=sampling,
+                                                  device_sampling=True)})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "tokens": args.tokens, "threads": 1}
     (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -159,9 +159,9 @@ def test_each_image_is_sent_as_the_engine_sees_it(stubs: list[Stub], images: Pat
 
 
 def test_every_option_goes_under_each_servers_name(stubs: list[Stub], images: Path) -> None:
-    from caprl_local.engine import scheduler, session
+    from caprl_local.engine import sampling, scheduler
 
-    assert REPEAT_LAST_N == session._REPEAT_LAST_N  # the engine's penalty window
+    assert REPEAT_LAST_N == sampling.REPEAT_LAST_N  # the engine's penalty window
     assert scheduler.LoopGuard is LoopGuard  # the engine guards by the very rule the fleet client runs
     llama = started(stubs, "llama", owned_by="llamacpp")
     body, _ = _sent(llama, images / "photo.jpg", stop=("END",), seed=5)

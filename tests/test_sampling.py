@@ -19,7 +19,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from caprl_local import Captioner
+from caprl_local import Caption, Captioner
+from caprl_local.engine.device_sampling import DeviceSampler
 from caprl_local.engine.sampling import REPEAT_LAST_N, TokenSampler, sample_rows
 from caprl_local.options import GenerationOptions
 
@@ -226,7 +227,7 @@ def captions_with_llama_chains(captioner: Captioner, images: list[Path], **optio
 
     def sample_each(samplers: Sequence[TokenSampler]) -> list[int]:
         rows = [-1] if len(samplers) == 1 else list(range(len(samplers)))
-        return [int(llama_cpp.llama_sampler_sample(chains[id(s)], session._ctx, i)) for s, i in zip(samplers, rows)]
+        return [int(llama_cpp.llama_sampler_sample(chains[id(s)], session._ctx, i)) for s, i in zip(samplers, rows, strict=True)]
 
     session.sampler, session.sample = sampler, sample_each  # type: ignore[method-assign]
     try:
@@ -247,3 +248,26 @@ def test_greedy_captions_are_llama_cpp_chain_captions(tiny_model: tuple[Path, Pa
             ours = [c.text for c in cap.caption_many(files, **options)]  # type: ignore[union-attr, arg-type]
             assert ours == captions_with_llama_chains(cap, files, **options), penalty
             assert all(ours)
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_device_sampling_keeps_greedy_captions(tiny_model: tuple[Path, Path], images: Path, parallel: int) -> None:
+    """llama.cpp's backend sampling (here on the CPU backend, which it supports too) leaves greedy captions
+    as the host's pass makes them, and seeded ones still complete."""
+    files = [images / name for name in ("photo.jpg", "pixel.png", "palette.png", "alpha.png")]
+    options: dict[str, Any] = {"max_tokens": 32, "loop_guard": False}
+    with Captioner(*tiny_model, threads=1, parallel=parallel, isolate=False) as cap:
+        host = [c.text for c in cap.caption_many(files, **options)]  # type: ignore[union-attr]
+    with Captioner(*tiny_model, threads=1, parallel=parallel, isolate=False, device_sampling=True) as cap:
+        session, attached = cap._live().session, []
+        on_device = session.on_device
+
+        def watched(seq: int, sampler: TokenSampler) -> Any:
+            attached.append(on_device(seq, sampler))
+            return attached[-1]
+
+        session.on_device = watched  # type: ignore[method-assign]
+        assert [c.text for c in cap.caption_many(files, **options)] == host  # type: ignore[union-attr]
+        assert len(attached) == len(files) and all(isinstance(s, DeviceSampler) for s in attached)
+        seeded = list(cap.caption_many(files, temperature=0.8, seed=3, max_tokens=16))
+        assert all(isinstance(c, Caption) and c.text for c in seeded)

@@ -118,9 +118,12 @@ engine_options = _options(
                  help="Cap on tokens per image; large images are scaled down to fit."),
     click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=MIN_N_CTX), default=default(EngineOptions, "n_ctx"),
                  show_default=True, help="Context of each caption in tokens: prompt, image and caption together."),
+    click.option("--device-sampling", "-bs", "--backend-sampling", "device_sampling", is_flag=True,
+                 help="Choose each token on the GPU inside llama.cpp's decode (its experimental backend sampling); "
+                      "greedy captions are unchanged. Measure before using it."),
     click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks."),
 )
-ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "n_ctx", "verbose")
+ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "n_ctx", "device_sampling", "verbose")
 
 
 def warn_unused(registry_name: str | None, **chosen: Any) -> None:

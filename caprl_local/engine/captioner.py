@@ -54,7 +54,7 @@ class Captioner(ClosingContext):
 
     Options (keyword only, see :class:`~caprl_local.options.EngineOptions`): gpu_layers,
     threads, n_ctx, parallel, flash_attn, image_min_tokens, image_max_tokens, repack, warmup,
-    verbose, isolate; ``prompt`` is the default caption prompt (CapRL's own if not given);
+    verbose, isolate, device_sampling; ``prompt`` is the default caption prompt (CapRL's own if not given);
     ``cache_dir`` where the first-load check keeps its verdicts (the model cache's folder).
     """
 

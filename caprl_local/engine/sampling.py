@@ -35,6 +35,7 @@ class TokenSampler:
     """One caption's sampling state: its options, the repeat penalty's window, its random stream."""
 
     def __init__(self, options: GenerationOptions, prompt: Sequence[int] = ()) -> None:
+        self.options = options
         self.penalty = np.float32(options.repeat_penalty)
         self.greedy = options.temperature <= 0
         self.temperature = np.float32(options.temperature)
@@ -51,6 +52,11 @@ class TokenSampler:
     @property
     def penalised(self) -> bool:
         return bool(self.penalty != 1.0) and bool(self._counts)
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        """The tokens the repeat penalty looks at, oldest first."""
+        return tuple(self._window)
 
     def accept(self, token: int) -> None:
         """Take a token into the repeat penalty's window (the caption's, or the prompt's)."""

@@ -36,8 +36,7 @@ from ..options import GenerationOptions
 from ..results import Caption, Timings
 from . import lifetime
 from .backend import LLAMA_LOG
-from .sampling import TokenSampler
-from .session import Session
+from .session import Sampler, Session
 
 log = logging.getLogger("caprl_local")
 
@@ -87,7 +86,7 @@ class TextSink(Protocol):
 class _Slot:
     """A request being generated in one sequence: its sampler, position and text so far."""
 
-    def __init__(self, request: Request, seq: int, sampler: TokenSampler, n_past: int, t_start: float) -> None:
+    def __init__(self, request: Request, seq: int, sampler: Sampler, n_past: int, t_start: float) -> None:
         self.request, self.seq, self.sampler, self.n_past, self.t_start = request, seq, sampler, n_past, t_start
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text: list[str] = []
@@ -278,6 +277,8 @@ class Scheduler:
         """The loop's last act: end what it still holds, then free the session (no decode runs now)."""
         with self._cond:
             self.closed = self.closed or _CLOSED
+            for slot in self._active:
+                self.session.release(slot.sampler)
             for request in [*self._admitting, *self._waiting, *(slot.request for slot in self._active)]:
                 request.finish(Cancelled.of(request.name))
             self._active, self._admitting = [], []
@@ -310,6 +311,7 @@ class Scheduler:
             slot.image_tokens, slot.prompt_tokens, slot.encode_s = \
                 prompted.image_tokens, prompted.prompt_tokens, prompted.encode_s
             (slot.pending,) = self._sample([slot])
+            slot.sampler = self.session.on_device(seq, sampler)  # where the device samples, from the next step
             slot.t_prompt = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - any failure here is this image's alone
             self.session.forget(seq)
@@ -368,6 +370,7 @@ class Scheduler:
 
     def _end(self, slot: _Slot, outcome: Caption | BaseException) -> None:
         self._active.remove(slot)
+        self.session.release(slot.sampler)
         self.session.forget(slot.seq)
         self._free.append(slot.seq)
         slot.request.finish(outcome)
