@@ -1,4 +1,4 @@
-"""caprl-local: run the CapRL image-captioning models locally through llama.cpp."""
+"""caprl-local: run the CapRL captioning models (images and videos) locally through llama.cpp."""
 
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .chat import ChatImage, ChatMessage, assistant, system, user
+    from .chat import ChatImage, ChatMessage, ChatVideo, assistant, system, user
+    from .clips import Video
     from .engine import Captioner, CaptionHandle
     from .hub import DownloadProgress, ModelFiles, download_model, list_models
     from .registry import ModelSpec
-    from .results import Activity, Caption, CaptionFailure, Timings
+    from .results import Activity, Caption, CaptionFailure, Timings, VideoStats
 
 # The engine loads llama.cpp's shared libraries; import it on first use only, so that
 # `import caprl_local.errors` (and the CLI's --help) stay instant.
 _LAZY = {
     "Captioner": "engine", "CaptionHandle": "engine", "Caption": "results", "CaptionFailure": "results", "Timings": "results",
-    "Activity": "results",
+    "Activity": "results", "VideoStats": "results", "Video": "clips", "ChatVideo": "chat",
     "ChatMessage": "chat", "ChatImage": "chat", "system": "chat", "user": "chat", "assistant": "chat",
     "ModelFiles": "hub", "DownloadProgress": "hub", "download_model": "hub", "list_models": "hub",
     "ModelSpec": "registry",
@@ -52,6 +53,9 @@ __all__ = [
     "Captioner",
     "ChatImage",
     "ChatMessage",
+    "ChatVideo",
+    "Video",
+    "VideoStats",
     "assistant",
     "system",
     "user",

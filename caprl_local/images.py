@@ -38,6 +38,7 @@ MAX_PIXELS = 150_000_000
 MAX_STREAM_BYTES = 512 * 1024 * 1024
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 BACKGROUND = (255, 255, 255)  # transparent areas are shown on white, as viewers do
 
@@ -120,19 +121,19 @@ def read_bounded(stream: BinaryIO, name: str, *, what: str = "the stream", limit
 
 
 def load_ahead(
-    sources: Iterable[T], *, load: Callable[[T], Image.Image], ahead: int = 2
-) -> Iterator[tuple[T, tuple[Image.Image, float] | Exception]]:
-    """Yield (source, (image, seconds to load)) in order, loading up to `ahead` images in a
+    sources: Iterable[T], *, load: Callable[[T], R], ahead: int = 2
+) -> Iterator[tuple[T, tuple[R, float] | Exception]]:
+    """Yield (source, (what `load` made of it, seconds to load)) in order, loading up to `ahead` in a
     background thread while the caller works on the current one; a failed load yields the
     exception instead. Pillow releases the GIL while decoding, so the overlap is real."""
 
-    def timed(source: T) -> tuple[Image.Image, float]:
+    def timed(source: T) -> tuple[R, float]:
         t0 = time.perf_counter()
         return load(source), time.perf_counter() - t0
 
     it = iter(sources)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caprl-prefetch") as pool:
-        pending: deque[tuple[T, Future[tuple[Image.Image, float]]]] = deque()
+        pending: deque[tuple[T, Future[tuple[R, float]]]] = deque()
         try:
             for source in it:
                 pending.append((source, pool.submit(timed, source)))
@@ -145,7 +146,7 @@ def load_ahead(
                 future.cancel()
 
 
-def _result(source: T, future: Future[tuple[Image.Image, float]]) -> tuple[T, tuple[Image.Image, float] | Exception]:
+def _result(source: T, future: Future[tuple[R, float]]) -> tuple[T, tuple[R, float] | Exception]:
     try:
         return source, future.result()
     except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it per image

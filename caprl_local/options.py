@@ -92,6 +92,11 @@ class EngineOptions:
     verbose: bool = False  # llama.cpp's log lines at their own level instead of DEBUG
     isolate: bool = True  # a pair's first load on this machine runs in a child process (see engine/probe.py)
     device_sampling: bool = False  # llama.cpp's backend sampling: tokens chosen inside the decode (engine/device_sampling.py)
+    # Videos (caprl_local/clips.py): frames per second taken, at most this many, within this many image tokens
+    # (None: what each caption's context leaves after its prompt and new tokens).
+    video_fps: float = 2.0  # what Qwen2.5-VL and Qwen3-VL are trained with (their processors' fps=2)
+    video_max_frames: int = 128  # as CapRL-Video is evaluated
+    video_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         auto_or_positive("gpu_layers", self.gpu_layers, minimum=-1)
@@ -100,6 +105,11 @@ class EngineOptions:
         positive("image_min_tokens", self.image_min_tokens, allow_none=True)
         positive("image_max_tokens", self.image_max_tokens, allow_none=True)
         positive("n_ctx", self.n_ctx, minimum=MIN_N_CTX)
+        positive("video_max_frames", self.video_max_frames, minimum=2)
+        positive("video_max_tokens", self.video_max_tokens, allow_none=True, minimum=16)
+        if isinstance(self.video_fps, bool) or not isinstance(self.video_fps, (int, float)) \
+                or not 0 < self.video_fps <= 60:
+            raise CaprlError(f"video_fps must be a number of frames per second above 0 and at most 60, not {self.video_fps!r}")
 
 
 # The same options as keyword arguments (``**options: Unpack[GenerationKwargs]``), so that an IDE completes them
@@ -136,6 +146,9 @@ class EngineKwargs(TypedDict, total=False):
     verbose: bool
     isolate: bool
     device_sampling: bool
+    video_fps: float
+    video_max_frames: int
+    video_max_tokens: int | None
 
 
 class FetchKwargs(TypedDict, total=False):

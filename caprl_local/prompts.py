@@ -7,6 +7,9 @@ from .errors import CaprlError
 #: CapRL's own caption prompt: what the model was trained to answer.
 DEFAULT_PROMPT = "Please describe this image in detail"
 
+#: CapRL-Video's plain prompt: the default for a video.
+VIDEO_PROMPT = "Please describe this video in detail."
+
 PRESETS: dict[str, str] = {
     "detailed": DEFAULT_PROMPT,
     "short": "Describe this image in one or two sentences.",
@@ -19,6 +22,13 @@ PRESETS: dict[str, str] = {
         "then describe its layout, tables and figures."
     ),
     "tags": "List the subjects, objects, setting, colors and style of this image as comma-separated tags.",
+    "video": VIDEO_PROMPT,
+    # CapRL-Video's second, dense form: every event with its time, for text-to-video training sets.
+    "video-dense": (
+        "Please describe this video in detail, event by event in the order they happen. Give each event its "
+        "time: [mm:ss] for a moment, [mm:ss - mm:ss] for a span. Describe the setting, the subjects and their "
+        "actions, camera motion and shot changes, text on screen, and how the scene changes over time."
+    ),
 }
 
 #: Where the image goes in a prompt; without it, the image comes first, as in CapRL's prompt (see

@@ -20,6 +20,19 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class VideoStats:
+    """What a video caption was made from: the clip's length and the frames the model saw."""
+
+    duration_s: float  # the clip's length
+    frames: int  # frames given to the model
+    fps: float  # the rate they were taken at (frames over the duration)
+    width: int  # each frame's size as the model got it
+    height: int
+    tokens: int  # image tokens the frames cost (within the caption's image_tokens)
+    truncated: bool = False  # the clip ended early or would not all decode: fewer frames than planned
+
+
+@dataclass(frozen=True)
 class Caption:
     """A caption and what it cost."""
 
@@ -33,6 +46,7 @@ class Caption:
     index: int | None = None  # its image's place in caption_many's input (None from caption)
     source: str | None = None  # the server that made it (an endpoint's URL); None: made here
     model: str | None = None  # the model that server reports, where it says
+    video: VideoStats | None = None  # for a video: what of it the model saw
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from pathlib import Path
 
+from PIL import Image
 from typing_extensions import Unpack
 
 from ..captioning import ClosingContext
-from ..chat import ChatMessage, conversation, name_of, prepared, with_prompt
+from ..chat import ChatMessage, ChatVideo, conversation, name_of, prepared, with_prompt
+from ..clips import Video, VideoSettings, is_video_input, prepare_video
 from ..errors import Cancelled, CaprlError, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
@@ -33,9 +35,10 @@ from ..options import (
     make,
     split_pretrained,
 )
-from ..prompts import resolve_prompt
+from ..prompts import VIDEO_PROMPT, resolve_prompt
 from ..registry import DEFAULT_MODEL
-from ..results import Activity, Caption, CaptionFailure
+from ..results import Activity, Caption, CaptionFailure, VideoStats
+from ..videoprompt import form_for
 from .handle import CaptionHandle, cancel_on_close
 from .lifetime import close_later
 from .probe import check_first_load
@@ -133,7 +136,7 @@ class Captioner(ClosingContext):
 
     # -- captions --
 
-    def caption(self, image: ImageInput, *, on_text: Callable[[str], None] | None = None,
+    def caption(self, image: ImageInput | Video, *, on_text: Callable[[str], None] | None = None,
                 generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
         """Caption one image (a path, bytes, PIL image or numpy array).
 
@@ -142,15 +145,15 @@ class Captioner(ClosingContext):
         as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
         in this thread.
         """
-        return _finished(self._start(image, self._options(generation, options)), on_text)
+        return _finished(self._start(image, generation_of(generation, options)), on_text)
 
-    def stream(self, image: ImageInput, *, generation: GenerationOptions | None = None,
+    def stream(self, image: ImageInput | Video, *, generation: GenerationOptions | None = None,
                **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
         """Caption one image, yielding pieces of text as they are generated (options as for caption).
         Closing the generator early cancels the caption."""
-        return cancel_on_close(self._start(image, self._options(generation, options)))
+        return cancel_on_close(self._start(image, generation_of(generation, options)))
 
-    def submit(self, image: ImageInput, *, sink: TextSink | None = None, generation: GenerationOptions | None = None,
+    def submit(self, image: ImageInput | Video, *, sink: TextSink | None = None, generation: GenerationOptions | None = None,
                **options: Unpack[GenerationKwargs]) -> CaptionHandle:
         """Start captioning one image and return at once with its handle (options as for caption).
 
@@ -159,7 +162,7 @@ class Captioner(ClosingContext):
         result is ready (on the decode loop's thread, so put must not block: an event loop's
         ``call_soon_threadsafe``, say); the handle is then not iterable.
         """
-        return self._start(image, self._options(generation, options), sink=sink)
+        return self._start(image, generation_of(generation, options), sink=sink)
 
     def submit_chat(self, messages: Iterable[ChatMessage], *, sink: TextSink | None = None,
                     generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> CaptionHandle:
@@ -187,14 +190,37 @@ class Captioner(ClosingContext):
         its images. ``on_text`` and options as for caption."""
         return _finished(self.submit_chat(messages, generation=generation, **options), on_text)
 
-    def _start(self, image: ImageInput, opts: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
+    def _start(self, image: ImageInput | Video, given: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch
         t0 = time.perf_counter()
-        rgb = self._budget.prepare(image)
-        request = Request(rgb, describe(image), opts, load_s=time.perf_counter() - t0, epoch=epoch)
+        opts = self._resolved(given, video=is_video_input(image))
+        loaded = self._load(image, opts)
+        return self._submit(self._request(image, loaded, opts, load_s=time.perf_counter() - t0, epoch=epoch, sink=sink))
+
+    def _load(self, source: ImageInput | Video, opts: GenerationOptions) -> Image.Image | tuple[ChatVideo, VideoStats]:
+        """Read an input for a caption: an image sized for the projector, or a video's frames (ImageError if it
+        cannot be read; CaprlError for a video on a family that takes none)."""
+        if not is_video_input(source):
+            return self._budget.prepare(source)  # type: ignore[arg-type]
+        form = form_for(self.architecture, self.model_path.name)
+        settings = VideoSettings(fps=self.options.video_fps, max_frames=self.options.video_max_frames,
+                                 max_tokens=self.options.video_max_tokens)
+        return prepare_video(source, form=form, budget=self._budget, settings=settings,  # type: ignore[arg-type]
+                             n_ctx=self.n_ctx, max_new_tokens=opts.max_tokens)
+
+    def _request(self, source: ImageInput | Video, loaded: Image.Image | tuple[ChatVideo, VideoStats],
+                 opts: GenerationOptions, *, load_s: float, epoch: int, sink: TextSink | None = None) -> Request:
+        """The request for a loaded input: a caption of its image, or of its video (in its own prompt's turn)."""
+        name = source.describe() if isinstance(source, Video) else describe(source)
+        if isinstance(loaded, Image.Image):
+            request = Request(loaded, name, opts, load_s=load_s, epoch=epoch)
+        else:
+            video, stats = loaded
+            request = Request(None, name, opts, load_s=load_s, epoch=epoch, video=stats,
+                              messages=(ChatMessage("user", (video, opts.prompt or VIDEO_PROMPT)),))
         if sink is not None:
             request.sink = sink
-        return self._submit(request)
+        return request
 
     def caption_many(
         self,
@@ -220,7 +246,8 @@ class Captioner(ClosingContext):
         inputs by their ``index``).
         """
         scheduler = self._live()
-        opts, epoch = self._options(generation, options), scheduler.epoch
+        given, epoch = generation_of(generation, options), scheduler.epoch
+        image_opts, video_opts = self._resolved(given, video=False), self._resolved(given, video=True)
         total = len(images) if isinstance(images, Sized) else None
         window = self.parallel + 1  # one more than the slots: the next is ready when a slot frees
         events: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (index, piece or the end)
@@ -270,13 +297,16 @@ class Captioner(ClosingContext):
             raise cancelled[0]
 
         try:
-            for index, (source, item) in enumerate(load_ahead(images, load=self._budget.prepare,
-                                                              ahead=max(prefetch, window))):
+            def load(source: ImageInput | Video) -> Image.Image | tuple[ChatVideo, VideoStats]:
+                return self._load(source, video_opts if is_video_input(source) else image_opts)
+
+            for index, (source, item) in enumerate(load_ahead(images, load=load, ahead=max(prefetch, window))):
                 if isinstance(item, BaseException):
-                    settle(index, _failure(describe(source), item))
+                    settle(index, _failure(source.describe() if isinstance(source, Video) else describe(source), item))
                 else:
                     sink = _Tagged(events, index, text=on_text is not None)
-                    request = Request(item[0], describe(source), opts, load_s=item[1], epoch=epoch, sink=sink)
+                    opts = video_opts if is_video_input(source) else image_opts
+                    request = self._request(source, item[0], opts, load_s=item[1], epoch=epoch, sink=sink)
                     running[index] = request
                     self._submit(request)
                 collect(block=len(running) >= window)
@@ -337,6 +367,11 @@ class Captioner(ClosingContext):
     def _options(self, generation: GenerationOptions | None, options: GenerationKwargs) -> GenerationOptions:
         """The one GenerationOptions of a call, built at its edge; the default prompt filled in."""
         return generation_of(generation, options).resolved(self.default_prompt)
+
+    def _resolved(self, given: GenerationOptions, *, video: bool) -> GenerationOptions:
+        """A call's options with its prompt spelt out: the one given, else the image default or, for a video,
+        CapRL-Video's plain prompt."""
+        return given.resolved(VIDEO_PROMPT if video else self.default_prompt)
 
     def _submit(self, request: Request) -> CaptionHandle:
         scheduler = self._live()

@@ -33,7 +33,7 @@ from ..chat import ChatMessage, caption_conversation
 from ..errors import Cancelled, CaprlError, EngineError
 from ..loopguard import LoopGuard
 from ..options import GenerationOptions
-from ..results import Caption, Timings
+from ..results import Caption, Timings, VideoStats
 from . import lifetime
 from .backend import LLAMA_LOG
 from .session import Sampler, Session
@@ -58,6 +58,7 @@ class Request:
     sink: TextSink = field(default_factory=lambda: queue.SimpleQueue[str | None]())  # the text as generated, then _END
     cancelled: bool = False
     messages: tuple[ChatMessage, ...] | None = None  # a conversation to answer (its images prepared), else a caption
+    video: VideoStats | None = None  # a video's caption: what of the clip its conversation holds
 
     def conversation(self) -> tuple[ChatMessage, ...]:
         """What the model is prompted with: the conversation, or a caption's one user turn."""
@@ -135,6 +136,7 @@ class _Slot:
         return Caption(
             text=text, image=self.request.name, image_tokens=self.image_tokens, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.n_gen, finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            video=self.request.video,
             timings=Timings(
                 image_load_s=self.request.load_s, image_encode_s=self.encode_s, prompt_eval_s=prompt_s,
                 generation_s=gen_s, total_s=t_end - self.t_start + self.request.load_s,
