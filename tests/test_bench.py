@@ -50,3 +50,22 @@ def test_bench_is_reachable_from_the_cli() -> None:
 
     result = run_cli("bench", "-h")
     assert result.returncode == 0 and "--mtmd-cli" in result.stdout
+
+
+def test_sampling_bench_smoke_run(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
+    """scripts/bench_sampling.py on the tiny pair, host and device sampling, without llama-server."""
+    model, mmproj = tiny_model
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_sampling.py"), "--model", str(model), "--mmproj", str(mmproj),
+         "--flight", "1", "2", "--tokens", "8", "--sampling", "greedy", "seeded", "--device-sampling", "--no-server",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["sampling"], r["flight"]) for r in rows] == [
+        ("greedy", 1), ("greedy (device)", 1), ("greedy", 2), ("greedy (device)", 2),
+        ("seeded", 1), ("seeded (device)", 1), ("seeded", 2), ("seeded (device)", 2)]
+    assert all(r["ours"]["tokens"] == 8 * r["flight"] and r["ours"]["outside_ms_per_token"] > 0 for r in rows)
+    assert "| greedy | 2 |" in (out / "bench.md").read_text()
