@@ -21,7 +21,7 @@ from typing_extensions import Unpack
 from ..captioning import ClosingContext
 from ..chat import ChatMessage, ChatVideo, conversation, name_of, prepared, with_prompt
 from ..clips import Video, VideoSettings, is_video_input, prepare_video
-from ..errors import Cancelled, CaprlError, EngineError
+from ..errors import Cancelled, EngineError
 from ..families import check_model_files
 from ..hub import ModelFiles, download_model
 from ..images import ImageInput, describe, load_ahead
@@ -39,26 +39,28 @@ from ..prompts import VIDEO_PROMPT, resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Activity, Caption, CaptionFailure, VideoStats
 from ..videoprompt import form_for
-from .handle import CaptionHandle, cancel_on_close
+from .handle import CaptionHandle, Tagged, cancel_on_close, failure, finished, outcome
 from .lifetime import close_later
 from .probe import check_first_load
-from .scheduler import Request, Scheduler, TextSink, text_of
+from .scheduler import Request, Scheduler, TextSink
 from .session import Session
 
 
 class Captioner(ClosingContext):
-    """A loaded CapRL model pair that captions images.
+    """A loaded CapRL model pair that captions images and videos.
 
     One instance may be shared between threads: captions asked for at the same time are
     decoded together, up to ``parallel`` at once, and the rest wait their turn in order.
 
         with Captioner("CapRL-3B.Q4_K_M.gguf", "CapRL-3B.mmproj-f16.gguf") as cap:
             print(cap.caption("photo.jpg").text)
+            print(cap.caption("clip.mp4").text)  # a video: its sampled frames in one prompt
 
     Options (keyword only, see :class:`~caprl_local.options.EngineOptions`): gpu_layers,
     threads, n_ctx, parallel, flash_attn, image_min_tokens, image_max_tokens, repack, warmup,
-    verbose, isolate, device_sampling; ``prompt`` is the default caption prompt (CapRL's own if not given);
-    ``cache_dir`` where the first-load check keeps its verdicts (the model cache's folder).
+    verbose, isolate, device_sampling, video_fps, video_max_frames, video_max_tokens; ``prompt`` is
+    the default caption prompt (CapRL's own if not given); ``cache_dir`` where the first-load check
+    keeps its verdicts (the model cache's folder).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], *,
@@ -145,7 +147,7 @@ class Captioner(ClosingContext):
         as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
         in this thread.
         """
-        return _finished(self._start(image, generation_of(generation, options)), on_text)
+        return finished(self._start(image, generation_of(generation, options)), on_text)
 
     def stream(self, image: ImageInput | Video, *, generation: GenerationOptions | None = None,
                **options: Unpack[GenerationKwargs]) -> Generator[str, None, None]:
@@ -188,7 +190,7 @@ class Captioner(ClosingContext):
              generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
         """Answer a conversation (see submit_chat) and return the Caption: its image_tokens are those of all
         its images. ``on_text`` and options as for caption."""
-        return _finished(self.submit_chat(messages, generation=generation, **options), on_text)
+        return finished(self.submit_chat(messages, generation=generation, **options), on_text)
 
     def _start(self, image: ImageInput | Video, given: GenerationOptions, *, sink: TextSink | None = None) -> CaptionHandle:
         epoch = self._live().epoch
@@ -275,7 +277,7 @@ class Captioner(ClosingContext):
                         on_text(running[index].name, piece)
                     continue
                 try:
-                    settle(index, _outcome(running.pop(index)))
+                    settle(index, outcome(running.pop(index)))
                 except Cancelled as exc:  # the run ends, once every result finished before it is out
                     cancelled.append(exc)
                     for request in running.values():
@@ -302,9 +304,9 @@ class Captioner(ClosingContext):
 
             for index, (source, item) in enumerate(load_ahead(images, load=load, ahead=max(prefetch, window))):
                 if isinstance(item, BaseException):
-                    settle(index, _failure(source.describe() if isinstance(source, Video) else describe(source), item))
+                    settle(index, failure(source.describe() if isinstance(source, Video) else describe(source), item))
                 else:
-                    sink = _Tagged(events, index, text=on_text is not None)
+                    sink = Tagged(events, index, text=on_text is not None)
                     opts = video_opts if is_video_input(source) else image_opts
                     request = self._request(source, item[0], opts, load_s=item[1], epoch=epoch, sink=sink)
                     running[index] = request
@@ -377,42 +379,3 @@ class Captioner(ClosingContext):
         scheduler = self._live()
         scheduler.submit(request)
         return CaptionHandle(request, scheduler)
-
-
-def _finished(handle: CaptionHandle, on_text: Callable[[str], None] | None) -> Caption:
-    """The handle's caption, its text passed to `on_text` as it comes (in this thread)."""
-    try:
-        if on_text is not None:
-            for piece in text_of(handle._request):
-                on_text(piece)
-        return handle.result()
-    except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
-        handle.cancel()
-        raise
-
-
-class _Tagged:
-    """A request's text sink in caption_many: its pieces (if wanted) and its end, tagged with its
-    index, into the one queue the caller waits on."""
-
-    def __init__(self, events: queue.SimpleQueue[tuple[int, str | None]], index: int, *, text: bool) -> None:
-        self.events, self.index, self.text = events, index, text
-
-    def put(self, piece: str | None, /) -> None:
-        if piece is None or self.text:
-            self.events.put((self.index, piece))
-
-
-def _outcome(request: Request) -> Caption | CaptionFailure:
-    try:
-        return request.future.result()
-    except Cancelled:
-        raise
-    except CaprlError as exc:
-        return _failure(request.name, exc)
-
-
-def _failure(name: str, exc: BaseException) -> CaptionFailure:
-    message = str(exc) if isinstance(exc, CaprlError) else f"{name}: cannot read the image ({type(exc).__name__}: {exc})"
-    kind = type(exc).__name__ if isinstance(exc, CaprlError) else "ImageError"
-    return CaptionFailure(image=name, error=message, kind=kind)

@@ -1,11 +1,14 @@
-"""A caption in flight: the handle :meth:`Captioner.submit` returns, and the generator ``stream`` makes of one."""
+"""A caption in flight: the handle :meth:`Captioner.submit` returns, the generator ``stream`` makes of one, and
+how a request's end becomes a result (caption_many's tagged sinks, outcomes and failures)."""
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Generator, Iterator
+import queue
+from collections.abc import Callable, Generator, Iterator
 
-from ..results import Caption
+from ..errors import Cancelled, CaprlError
+from ..results import Caption, CaptionFailure
 from .scheduler import Request, Scheduler, text_of
 
 
@@ -58,3 +61,42 @@ def cancel_on_close(handle: CaptionHandle) -> Generator[str, None, None]:
     finally:
         if not handle.done():
             handle.cancel()
+
+
+def finished(handle: CaptionHandle, on_text: Callable[[str], None] | None) -> Caption:
+    """The handle's caption, its text passed to `on_text` as it comes (in this thread)."""
+    try:
+        if on_text is not None:
+            for piece in text_of(handle._request):
+                on_text(piece)
+        return handle.result()
+    except BaseException:  # Ctrl-C or on_text failing: the caption is not wanted any more
+        handle.cancel()
+        raise
+
+
+class Tagged:
+    """A request's text sink in caption_many: its pieces (if wanted) and its end, tagged with its
+    index, into the one queue the caller waits on."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[int, str | None]], index: int, *, text: bool) -> None:
+        self.events, self.index, self.text = events, index, text
+
+    def put(self, piece: str | None, /) -> None:
+        if piece is None or self.text:
+            self.events.put((self.index, piece))
+
+
+def outcome(request: Request) -> Caption | CaptionFailure:
+    try:
+        return request.future.result()
+    except Cancelled:
+        raise
+    except CaprlError as exc:
+        return failure(request.name, exc)
+
+
+def failure(name: str, exc: BaseException) -> CaptionFailure:
+    message = str(exc) if isinstance(exc, CaprlError) else f"{name}: cannot read the image ({type(exc).__name__}: {exc})"
+    kind = type(exc).__name__ if isinstance(exc, CaprlError) else "ImageError"
+    return CaptionFailure(image=name, error=message, kind=kind)
