@@ -5,7 +5,7 @@ Pure: no llama.cpp and no pixels. The layout comes from the frames' timestamps a
 input: every frame a bitmap, the two frames of a group marked mergeable, so that the Qwen-VL projectors
 fold them into one image (Conv3D's two temporal halves), and the text between the images.
 
-The forms, by family (see docs/robustness.md for the reasons):
+The forms (each family module in caprl_local.families names the one it reads; docs/robustness.md says why):
 
 - ``qwen3`` (Qwen3-VL, CapRL 2.0, CapRL-Video-4B): ``<{t:.1f} seconds>`` before each pair, t the mean
   time of the pair's two frames. This is what Qwen3-VL's own processor writes, and llama.cpp's
@@ -57,18 +57,6 @@ QWEN3_VL = VideoForm("qwen3")
 LLAMA_CPP = VideoForm("llama.cpp")
 INTERNVL = VideoForm("frames", merge=1)
 PLAIN = VideoForm("none")
-
-#: Text model architecture (the families' key) -> the form its family reads a video in.
-FORMS: dict[str, VideoForm] = {"qwen3vl": QWEN3_VL, "qwen2vl": LLAMA_CPP, "qwen3": INTERNVL}
-
-
-def form_for(architecture: str, model: str) -> VideoForm:
-    """The video form of a model's family; CaprlError for a family that cannot take video."""
-    form = FORMS.get(architecture)
-    if form is None:
-        raise CaprlError(f"{model}: this model family cannot take video; use a Qwen-VL model")
-    return form
-
 
 def check_timestamps(timestamps: Sequence[float]) -> None:
     """At least one frame, each time a finite number of seconds from 0 on, never going back."""

@@ -21,18 +21,10 @@ from PIL import Image
 from caprl_local import CaprlError, Captioner, EngineError, PromptTooLongError
 from caprl_local.chat import ChatMessage, ChatVideo, assistant, name_of, render_chat, user, video_pieces, with_prompt
 from caprl_local.engine import media
+from caprl_local.families import FAMILIES
+from caprl_local.families import video_form as form_for
 from caprl_local.prompts import chatml
-from caprl_local.videoprompt import (
-    FORMS,
-    INTERNVL,
-    LLAMA_CPP,
-    PLAIN,
-    QWEN3_VL,
-    VideoForm,
-    form_for,
-    image_groups,
-    layout,
-)
+from caprl_local.videoprompt import INTERNVL, LLAMA_CPP, PLAIN, QWEN3_VL, VideoForm, image_groups, layout
 
 tiny = load_script("make_tiny_model")
 SHORT = {"max_tokens": 8, "repeat_penalty": 1.0}
@@ -90,11 +82,11 @@ def test_a_merging_form_costs_half_the_frames(n: int) -> None:
 
 def test_each_family_has_its_form_and_others_none() -> None:
     assert (form_for("qwen3vl", "m"), form_for("qwen2vl", "m"), form_for("qwen3", "m")) == (QWEN3_VL, LLAMA_CPP, INTERNVL)
-    assert set(FORMS) == {"qwen3vl", "qwen2vl", "qwen3"}
+    assert {name for name, family in FAMILIES.items() if family.video} == {"qwen3vl", "qwen2vl", "qwen3"}
     for architecture in ("llama", "gemma3", ""):
         with pytest.raises(CaprlError) as info:
             form_for(architecture, "Other-7B.gguf")
-        assert str(info.value) == "Other-7B.gguf: this model family cannot take video; use a Qwen-VL model"
+        assert str(info.value) == "Other-7B.gguf: this model family cannot take video; use a Qwen-VL or InternVL model"
 
 
 @pytest.mark.parametrize(("make", "words"), [

@@ -22,7 +22,7 @@ from ..captioning import ClosingContext
 from ..chat import ChatMessage, ChatVideo, conversation, name_of, prepared, with_prompt
 from ..clips import Video, VideoSettings, is_video_input, prepare_video
 from ..errors import Cancelled, EngineError
-from ..families import check_model_files
+from ..families import check_model_files, video_form
 from ..hub import ModelFiles, download_model
 from ..images import ImageInput, describe, load_ahead
 from ..options import (
@@ -38,7 +38,6 @@ from ..options import (
 from ..prompts import VIDEO_PROMPT, resolve_prompt
 from ..registry import DEFAULT_MODEL
 from ..results import Activity, Caption, CaptionFailure, VideoStats
-from ..videoprompt import form_for
 from .handle import CaptionHandle, Tagged, cancel_on_close, failure, finished, outcome
 from .lifetime import close_later
 from .probe import check_first_load
@@ -204,7 +203,7 @@ class Captioner(ClosingContext):
         cannot be read; CaprlError for a video on a family that takes none)."""
         if not is_video_input(source):
             return self._budget.prepare(source)  # type: ignore[arg-type]
-        form = form_for(self.architecture, self.model_path.name)
+        form = video_form(self.architecture, self.model_path.name)
         settings = VideoSettings(fps=self.options.video_fps, max_frames=self.options.video_max_frames,
                                  max_tokens=self.options.video_max_tokens)
         return prepare_video(source, form=form, budget=self._budget, settings=settings,  # type: ignore[arg-type]

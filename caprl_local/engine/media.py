@@ -131,4 +131,4 @@ def check_groups(pieces: Sequence[Piece], merge: int, name: str, model: str) -> 
     widest = max((len(piece.frames) for piece in pieces), default=0)
     if widest > merge:
         raise EngineError(f"{name}: the video was laid out with {widest} frames to an image, but {model} reads "
-                          f"{merge}; lay it out in the model's own video form (caprl_local.videoprompt.form_for)")
+                          f"{merge}; lay it out in the model's own video form (caprl_local.families.video_form)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..budgets import ImageBudget, TiledBudget
 from ..options import EngineOptions
+from ..videoprompt import VideoForm
 
 #: Tensors the Qwen-VL projectors share: the patch embedding (two frames) and the merger's MLP.
 PATCH = ("v.patch_embd.weight", "v.patch_embd.weight.1")
@@ -20,6 +21,7 @@ BLOCK = ("attn_out.weight", "ln1.weight", "ln2.weight", "ffn_up.weight", "ffn_do
 class Family:
     """One family of vision-language GGUFs: a text architecture and the projectors that pair with it.
 
+    ``video`` is the form a family reads a video's frames in, or None for a family that takes no video.
     The default image budget is Qwen-VL's (sides in multiples of patch x merge pixels, area within the
     token cap); a family that sizes images otherwise overrides :meth:`budget`.
     """
@@ -33,6 +35,7 @@ class Family:
     block_tensors: tuple[str, ...]
     f32_tensors: tuple[str, ...] = ()  # ... and those it asserts are f32
     output_bias: str = "mm.2.bias"  # the projector's last bias: its width is what the text model receives
+    video: VideoForm | None = None  # how it reads a video's frames (caprl_local.videoprompt); None: it reads none
 
     def budget(self, projector: Mapping[str, Any], options: EngineOptions) -> ImageBudget | TiledBudget:
         """How images are sized for this projector (its GGUF metadata) within the image-token cap."""

@@ -12,6 +12,7 @@ from typing import Any
 from ..budgets import TiledBudget
 from ..errors import CaprlError
 from ..options import EngineOptions
+from ..videoprompt import INTERNVL
 from .base import BLOCK, Family
 
 
@@ -34,4 +35,5 @@ FAMILY = InternVL(
     ("v.patch_embd.weight", "v.class_embd", "v.position_embd.weight",
      *(f"mm.model.mlp.{i}.{k}" for i in (0, 1, 3) for k in ("weight", "bias"))),
     ("attn_q.weight", "attn_k.weight", "attn_v.weight", *BLOCK), output_bias="mm.model.mlp.3.bias",
+    video=INTERNVL,  # "Frame{i}: " and one image a frame, as InternVL's processor writes a video
 )
