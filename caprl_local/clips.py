@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .budgets import ImageBudget, TiledBudget
@@ -70,9 +71,11 @@ VideoInput = Video | str | os.PathLike[str] | bytes | bytearray | memoryview
 
 
 def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | TiledBudget, settings: VideoSettings,
-                  n_ctx: int, max_new_tokens: int) -> tuple[ChatVideo, VideoStats]:
+                  n_ctx: int, max_new_tokens: int, deadline_s: float | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> tuple[ChatVideo, VideoStats]:
     """Probe, plan and read a video for a caption: its frames and timestamps in the family's form, and the
-    numbers of what was used. ImageError for a clip that cannot be read, or a context with no room for one."""
+    numbers of what was used. ImageError for a clip that cannot be read, or a context with no room for one;
+    Cancelled once `cancelled()` is true, and ImageError past `deadline_s` seconds of reading."""
     from .video import probe_video, read_frames  # PyAV: its extra, named in the error when missing
 
     given = source.source if isinstance(source, Video) else source
@@ -87,7 +90,7 @@ def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | 
                          "video; raise the context size (-c) or lower max_tokens")
     info = probe_video(clip)
     plan = _plan(info, form=form, budget=budget, settings=settings, most=most)
-    with read_frames(clip, plan, info=info) as stream:
+    with read_frames(clip, plan, info=info, deadline_s=deadline_s, cancelled=cancelled) as stream:
         frames = list(stream)
     if not frames:
         raise ImageError(f"{name}: no frame could be read from the video; check the file")

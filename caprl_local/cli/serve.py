@@ -102,6 +102,8 @@ def _listen(host: str, port: int) -> Any:
               help="Requests that may wait, in arrival order, beyond those decoding; more get 503 with the expected "
                    "wait in Retry-After [default: 512].")
 @click.option("--max-body-mb", type=click.IntRange(min=1), default=32, show_default=True, help="Largest request body.")
+@click.option("--max-video-mb", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest video a request may name (a file or URL; a data URI is within --max-body-mb too).")
 @click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Time a client has to send a request's headers, and again its body; slower ones are cut off "
                    "[default: 60].")
@@ -118,7 +120,7 @@ def _listen(host: str, port: int) -> Any:
                    "(repeatable; otherwise only public addresses are fetched).")
 def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool, mmproj_quant: str | None,
           cache_dir: str | None, offline: bool, parallel: Parallel, host: str, port: int, api_key: str | None,
-          queue: int | None, max_body_mb: int, allow_remote_images: bool, allowed_local_dir: str | None,
+          queue: int | None, max_body_mb: int, max_video_mb: int, allow_remote_images: bool, allowed_local_dir: str | None,
           image_networks: tuple[Any, ...], read_timeout: float | None, cors_origins: tuple[str, ...],
           **engine: Any) -> None:
     """Serve the model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
@@ -157,7 +159,8 @@ def serve(model: str, mmproj_path: str | None, quant: str | None, imatrix: bool,
         model_id = files.name or files.model.stem
         policy = ImagePolicy(allow_remote=allow_remote_images,
                              local_dir=Path(allowed_local_dir) if allowed_local_dir else None,
-                             networks=image_networks, max_pixels=ImagePolicy.pixels_for(engine.get("image_max_tokens")))
+                             networks=image_networks, max_pixels=ImagePolicy.pixels_for(engine.get("image_max_tokens")),
+                             max_video_bytes=max_video_mb * 1024 * 1024)
         options = ServeOptions(host=host, port=port, model_id=model_id, api_key=api_key, images=policy,
                                max_body_bytes=max_body_mb * 1024 * 1024, cors_origins=cors_origins)
         # Where not given, ServeOptions' defaults (defined there once).

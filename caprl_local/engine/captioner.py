@@ -20,7 +20,7 @@ from typing_extensions import Unpack
 
 from ..captioning import ClosingContext
 from ..chat import ChatMessage, ChatVideo, conversation, name_of, prepared, with_prompt
-from ..clips import Video, VideoSettings, is_video_input, prepare_video
+from ..clips import Video, VideoInput, VideoSettings, is_video_input, prepare_video
 from ..errors import Cancelled, EngineError
 from ..families import check_model_files, video_form
 from ..hub import ModelFiles, download_model
@@ -173,11 +173,13 @@ class Captioner(ClosingContext):
         It is rendered through the model's own chat template; the messages' text is always text (typed
         control tokens or media markers are never markup). The prompt (the one given, a preset's, or the
         default) is added to the last user turn only when no message carries text of its own, so that
-        ``submit_chat([user(image)])`` is ``submit(image)`` exactly. The images are read and sized here, in
-        the calling thread (a bad one raises ImageError); sink and options as for submit.
+        ``submit_chat([user(image)])`` is ``submit(image)`` exactly (a conversation holding a video gets
+        CapRL-Video's prompt by default). The images are read and sized here, in the calling thread (a bad one
+        raises ImageError); a video's frames come sampled already (:meth:`prepare_video`); sink and options as
+        for submit.
         """
-        epoch = self._live().epoch
-        opts, turns = self._options(generation, options), conversation(messages)
+        epoch, turns = self._live().epoch, conversation(messages)
+        opts = self._resolved(generation_of(generation, options), video=any(m.videos for m in turns))
         name, t0 = name_of(turns), time.perf_counter()  # named by the images as given, before they are read
         turns = prepared(with_prompt(turns, opts.prompt), self._budget.prepare)
         request = Request(None, name, opts, load_s=time.perf_counter() - t0, epoch=epoch, messages=turns)
@@ -198,16 +200,31 @@ class Captioner(ClosingContext):
         loaded = self._load(image, opts)
         return self._submit(self._request(image, loaded, opts, load_s=time.perf_counter() - t0, epoch=epoch, sink=sink))
 
+    def prepare_video(self, source: VideoInput, *, generation: GenerationOptions | None = None,
+                      deadline_s: float | None = None, cancelled: Callable[[], bool] | None = None,
+                      ) -> tuple[ChatVideo, VideoStats]:
+        """A video's frames sampled as a caption of it would take them (this Captioner's video_fps,
+        video_max_frames, video_max_tokens and the room its context leaves after ``generation``'s
+        max_tokens), for a conversation (``user(video, text)``), and what of the clip they hold.
+        ``deadline_s``: seconds the reading may take; ``cancelled``: stop reading once it returns True.
+        ImageError for a clip that cannot be read; CaprlError for a family that takes no video."""
+        opts = self._resolved(generation or GenerationOptions(), video=True)
+        return self._video(source, opts, deadline_s=deadline_s, cancelled=cancelled)
+
     def _load(self, source: ImageInput | Video, opts: GenerationOptions) -> Image.Image | tuple[ChatVideo, VideoStats]:
         """Read an input for a caption: an image sized for the projector, or a video's frames (ImageError if it
         cannot be read; CaprlError for a video on a family that takes none)."""
         if not is_video_input(source):
             return self._budget.prepare(source)  # type: ignore[arg-type]
+        return self._video(source, opts)  # type: ignore[arg-type]  # a video input: a path, bytes or Video
+
+    def _video(self, source: VideoInput, opts: GenerationOptions, *, deadline_s: float | None = None,
+               cancelled: Callable[[], bool] | None = None) -> tuple[ChatVideo, VideoStats]:
         form = video_form(self.architecture, self.model_path.name)
         settings = VideoSettings(fps=self.options.video_fps, max_frames=self.options.video_max_frames,
                                  max_tokens=self.options.video_max_tokens)
-        return prepare_video(source, form=form, budget=self._budget, settings=settings,  # type: ignore[arg-type]
-                             n_ctx=self.n_ctx, max_new_tokens=opts.max_tokens)
+        return prepare_video(source, form=form, budget=self._budget, settings=settings, n_ctx=self.n_ctx,
+                             max_new_tokens=opts.max_tokens, deadline_s=deadline_s, cancelled=cancelled)
 
     def _request(self, source: ImageInput | Video, loaded: Image.Image | tuple[ChatVideo, VideoStats],
                  opts: GenerationOptions, *, load_s: float, epoch: int, sink: TextSink | None = None) -> Request:

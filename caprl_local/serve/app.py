@@ -17,6 +17,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,10 +33,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ..chat import ChatMessage
 from ..errors import CaprlError
 from .admission import Admission, Place, stopping
-from .chat import fetch_images
+from .chat import Turn
 from .jobs import Job, caption_error, in_daemon_thread
 from .protocol import (
     ApiError,
@@ -44,13 +44,13 @@ from .protocol import (
     chunk,
     completion,
     completion_id,
-    image_bytes,
     model_list,
     names_model,
     parse_chat,
     usage,
 )
 from .server import Server, config, listen, url_host
+from .videos import Clip, read_media, video_refusal
 
 if TYPE_CHECKING:  # serve submits captions one by one: the local engine itself, not the batch contract
     import socket
@@ -63,7 +63,8 @@ log = logging.getLogger("caprl_local")
 DEFAULT_QUEUE = 512
 #: Seconds a client has for a request's head, and again for its body (llama-server allows 600 for both).
 DEFAULT_READ_TIMEOUT_S = 60.0
-#: Images read at once (a data URI's base64 decoded, a URL fetched when allowed), each in a worker thread.
+#: Images and videos read at once (a data URI's base64 decoded, a URL fetched when allowed, a video's headers
+#: probed), each in a worker thread.
 READERS = 4
 #: Bodies above this are parsed in a worker thread, so that the event loop keeps serving.
 _PARSE_INLINE = 1 << 20
@@ -105,6 +106,9 @@ class _State:
         self.aborts: set[_Abort] = set()
         self.jobs: set[Job] = set()
         self.created = int(time.time())
+        # Videos whose frames are read at once, as many as images are decoded; a read whose request has gone
+        # runs on in its daemon thread, and keeps its place here until it ends.
+        self.video_reads = threading.BoundedSemaphore(self.admission.engine_limit)
         self._limiters: tuple[anyio.CapacityLimiter, anyio.CapacityLimiter] | None = None
 
     def limiters(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
@@ -160,10 +164,13 @@ def create_app(captioner: Captioner, options: ServeOptions) -> Starlette:
                 if not names_model(asked.model, options.model_id):
                     raise ApiError(404, f"model {(asked.model or '')[:100]!r} is not served here; this server runs "
                                    f"{options.model_id!r}", code="model_not_found", param="model")
+                if videos := [video for message in asked.messages for video in message.videos]:
+                    if why := video_refusal(captioner):  # before anything is fetched
+                        raise ApiError(400, f"{videos[0].where}: {why}", code="video_unsupported", param="messages")
                 readers, decoders = state.limiters()
                 turns = await _read_images(asked, options.images, readers)
                 asked = dataclasses.replace(asked, messages=())  # a queued request holds the images' bytes only
-                job = Job(captioner, turns, asked.options, place, text=asked.stream)
+                job = Job(captioner, turns, asked.options, place, text=asked.stream, gate=state.video_reads)
                 state.jobs.add(job)
                 async with _watching(request, abort):
                     await place.turn()
@@ -295,18 +302,13 @@ def _too_large(limit: int) -> ApiError:
 
 
 async def _read_images(asked: ChatRequest, policy: ImagePolicy,
-                       readers: anyio.CapacityLimiter) -> tuple[ChatMessage, ...]:
-    """The conversation with each image's encoded bytes (a data URI decoded, a file or URL read where allowed),
-    in a worker thread."""
-    def fetch() -> tuple[ChatMessage, ...]:
-        return fetch_images(asked.messages, lambda url: image_bytes(url, policy))
-
+                       readers: anyio.CapacityLimiter) -> tuple[Turn[Clip], ...]:
+    """The conversation with each image's encoded bytes and each video read (see read_media), in a worker thread."""
     try:
         async with readers:
-            return await in_daemon_thread(fetch)
+            return await in_daemon_thread(lambda: read_media(asked.messages, policy))
     except CaprlError as exc:
         raise caption_error(exc) from exc
-
 
 
 class _Stream(StreamingResponse):

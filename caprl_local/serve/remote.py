@@ -1,4 +1,4 @@
-"""Fetching an image URL from public addresses only: the host resolved here, each address checked and the
+"""Fetching an image (or video) URL from public addresses only: the host resolved here, each address checked and the
 one checked connected to (no second lookup for a rebinding DNS server to answer), redirects followed here
 and each checked again, every read and write within one deadline for the whole fetch."""
 
@@ -48,8 +48,8 @@ class TooLarge(Exception):
     """The body is over the byte cap (its Content-Length says so, or its bytes do)."""
 
 
-def fetch(url: str, policy: Bounds, deadline: float, tls: ssl.SSLContext | None) -> bytes:
-    """The body at `url`, redirects followed here (each target checked as the first)."""
+def fetch(url: str, policy: Bounds, deadline: float, tls: ssl.SSLContext | None, *, accept: str = "image/*") -> bytes:
+    """The body at `url`, redirects followed here (each target checked as the first); `accept`: the media asked for."""
     for _ in range(policy.max_redirects + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -63,7 +63,7 @@ def fetch(url: str, policy: Bounds, deadline: float, tls: ssl.SSLContext | None)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         target = re.sub(r"[^\x21-\x7e]", lambda m: quote(m.group()), target)  # spaces, non-ASCII: as browsers send them
         context = (tls or _system_tls()) if scheme == "https" else None
-        location, body = _get(host, port, target, context, policy, deadline)
+        location, body = _get(host, port, target, context, policy, deadline, accept)
         if location is None:
             return body
         url = urljoin(url, location)
@@ -71,7 +71,7 @@ def fetch(url: str, policy: Bounds, deadline: float, tls: ssl.SSLContext | None)
 
 
 def _get(host: str, port: int, target: str, tls: ssl.SSLContext | None, policy: Bounds,
-         deadline: float) -> tuple[str | None, bytes]:
+         deadline: float, accept: str) -> tuple[str | None, bytes]:
     """(a redirect's Location, b"") or (None, the body), from the first checked address that answers."""
     failures = []
     for family, sockaddr in _addresses(host, port, policy, deadline):
@@ -83,15 +83,15 @@ def _get(host: str, port: int, target: str, tls: ssl.SSLContext | None, policy: 
             connection.close()
             continue
         try:
-            return _exchange(connection, target, policy)
+            return _exchange(connection, target, policy, accept)
         finally:
             connection.close()
     raise Refused(f"cannot connect to {host} ({'; '.join(failures)})")
 
 
-def _exchange(connection: _Connection, target: str, policy: Bounds) -> tuple[str | None, bytes]:
+def _exchange(connection: _Connection, target: str, policy: Bounds, accept: str) -> tuple[str | None, bytes]:
     connection.putrequest("GET", target, skip_accept_encoding=True)
-    for header, value in (("Accept", "image/*"), ("Accept-Encoding", "identity"), ("Connection", "close"),
+    for header, value in (("Accept", accept), ("Accept-Encoding", "identity"), ("Connection", "close"),
                           ("User-Agent", f"caprl-local/{__version__}")):
         connection.putheader(header, value)
     connection.endheaders()
