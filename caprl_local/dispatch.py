@@ -18,26 +18,33 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .clips import Video
 from .errors import Cancelled, EngineError, ImageError
 from .fleet import Fleet, Member
 from .options import GenerationOptions
 from .results import Caption, CaptionFailure
-from .wire import Answer, Busy, Faulty, Refused, Rejected, Reply, Server
+from .wire import Answer, Busy, Faulty, Refused, Rejected, Reply, Server, Unsupported
 
 log = logging.getLogger("caprl_local")
 
 
 @dataclass(eq=False)
 class Job:
-    """One image of a run, and the endpoints that failed it so far."""
+    """One image or video of a run, and the endpoints that failed it so far."""
 
     index: int
     name: str
+    video: Video | None = None  # a video: read again for each attempt (a clip is large), never kept
     png: bytes | None = None  # the prepared image, kept for its next attempt
     load_s: float = 0.0
     sent_at: float = 0.0  # when its latest request left
     faults: list[str] = field(default_factory=list)  # "URL what went wrong", one per failed attempt
     tried: set[str] = field(default_factory=set)
+    unsupported: set[str] = field(default_factory=set)  # the endpoints that cannot take it (a video on llama-server)
+
+    def avoids(self, member: Member) -> bool:
+        """Whether `member` said it cannot take this input: it is not asked again."""
+        return member.url in self.unsupported
 
 
 #: What a thread reports: ("probe" or "done", the endpoint, the job (None for a probe), the outcome, when it began).
@@ -53,25 +60,29 @@ class Limits:
     timeout_s: float  # of each request
     attempts: int  # failed attempts (on endpoints that took the request) after which an image fails
     outage_s: float  # with no endpoint usable, the run stops after this long
+    video_extra_s: float = 0.0  # added to a video's requests (its frames are many images to read)
 
 
 class Run:
     """One caption_many over a fleet; see the module docstring."""
 
     def __init__(self, fleet: Fleet, *, probe: Callable[[Member], Server], attempt: Attempt, limits: Limits,
-                 opts: GenerationOptions, prompt: str, count: Callable[[int, int], None]) -> None:
+                 opts: GenerationOptions, prompt: str, count: Callable[[int, int], None],
+                 video_prompt: str | None = None) -> None:
         self.fleet, self.probe, self.attempt, self.limits = fleet, probe, attempt, limits
         self.opts, self.prompt, self.count = opts, prompt, count  # count(requests in flight +-, tokens made)
+        self.video_prompt = video_prompt or prompt
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.jobs: deque[Job] = deque()
         self.remaining = self.done = self.in_flight = 0
         self.usable_at = time.monotonic()  # the last moment some endpoint was usable
 
-    def results(self, images: Iterable[str], cancelled: threading.Event,
+    def results(self, images: Iterable[tuple[str, Video | None]], cancelled: threading.Event,
                 progress: Callable[[int, int | None], None] | None) -> Iterator[Caption | CaptionFailure]:
-        """Each image's result, in the order they finish; Cancelled once `cancelled` is set, EngineError once no
-        endpoint has been usable for too long (or every one refuses us)."""
-        self.jobs.extend(Job(i, name) for i, name in enumerate(images))
+        """Each input's result (an image file's name, or a video's name and the video), in the order they finish;
+        Cancelled once `cancelled` is set, EngineError once no endpoint has been usable for too long (or every
+        one refuses us)."""
+        self.jobs.extend(Job(i, name, video) for i, (name, video) in enumerate(images))
         total = self.remaining = len(self.jobs)
         try:
             while self.remaining:
@@ -103,26 +114,35 @@ class Run:
             raise EngineError(f"every endpoint refuses the requests ({self.fleet.describe()}); "
                               f"{self.remaining} images were not captioned")
         self._assign(now)
-        outage = self.limits.outage_s
-        if any((m.state == "up" or m.in_flight) and not m.stalled(now, outage) for m in self.fleet.members):
-            self.usable_at = now  # some endpoint takes requests (one that only says "busy" has a bound too)
+        if any(self._usable(m, now) for m in self.fleet.members):
+            self.usable_at = now
         elif now - self.usable_at > self.limits.outage_s:
-            raise EngineError(f"no endpoint has answered for {self.limits.outage_s:g} s ({self.fleet.describe()}); "
+            what = "endpoint that takes the videos left" if self.jobs and any(  # those up cannot (llama-server)
+                m.state == "up" and all(job.avoids(m) for job in self.jobs) for m in self.fleet.members) else "endpoint"
+            raise EngineError(f"no {what} has answered for {self.limits.outage_s:g} s ({self.fleet.describe()}); "
                               f"{self.remaining} images were not captioned: run the same command again to "
                               "caption them")
 
+    def _usable(self, member: Member, now: float) -> bool:
+        """Whether `member` takes requests (one that only says "busy" has a bound too), for an input still to go."""
+        if not (member.state == "up" or member.in_flight) or member.stalled(now, self.limits.outage_s):
+            return False
+        return bool(member.in_flight) or any(not job.avoids(member) for job in self.jobs)
+
     def _assign(self, now: float) -> None:
         """Hand waiting images to endpoints with room, the least loaded first: each to one it has not failed on
-        while one is up, else to any."""
+        while one is up, else to any that can take it."""
         free = self.fleet.free(now)
         waiting: list[Job] = []
         while self.jobs and free:
             job = self.jobs.popleft()
-            fresh = [m for m in free if m.url not in job.tried]
-            if not fresh and any(m.state == "up" and m.url not in job.tried for m in self.fleet.members):
-                waiting.append(job)  # an endpoint it has not failed on will have room soon
+            able = [m for m in free if not job.avoids(m)]
+            fresh = [m for m in able if m.url not in job.tried]
+            if not able or not fresh and any(m.state == "up" and m.url not in job.tried and not job.avoids(m)
+                                             for m in self.fleet.members):
+                waiting.append(job)  # an endpoint it has not failed on (or one that takes it) will have room soon
                 continue
-            member = min(fresh or free, key=lambda m: m.in_flight / m.width)
+            member = min(fresh or able, key=lambda m: m.in_flight / m.width)
             self._send(member, job)
             free = [m for m in free if m.in_flight < m.width]
         self.jobs.extendleft(reversed(waiting))
@@ -134,9 +154,11 @@ class Run:
         member.in_flight += 1
         self.in_flight += 1
         self.count(1, 0)
-        started, timeout = time.monotonic(), self.limits.timeout_s
+        started = time.monotonic()
+        timeout = self.limits.timeout_s + (self.limits.video_extra_s if job.video is not None else 0.0)
+        prompt = self.video_prompt if job.video is not None else self.prompt
         self._spawn(lambda: ("done", member, job, guarded(
-            lambda: self.attempt(member, job, self.prompt, self.opts, timeout)), started))
+            lambda: self.attempt(member, job, prompt, self.opts, timeout)), started))
 
     def _spawn(self, work: Callable[[], Event]) -> None:
         threading.Thread(target=lambda: self.events.put(work()), daemon=True, name="caprl-endpoint").start()
@@ -171,6 +193,12 @@ class Run:
                            prompt_tokens=outcome.prompt_tokens, generated_tokens=outcome.generated_tokens,
                            finish_reason=outcome.finish_reason, timings=timings, index=job.index, source=url,
                            model=outcome.model)
+        if isinstance(outcome, Unsupported):  # never sent: another endpoint, if one may take it
+            job.unsupported.add(url)
+            if all(job.avoids(m) or m.state == "refused" for m in self.fleet.members):
+                return CaptionFailure(image=name, error=f"{name}: {url} {outcome}", kind="CaprlError",
+                                      index=job.index, source=url)
+            return None
         if isinstance(outcome, Rejected):
             self.fleet.answered(member)
             return CaptionFailure(image=name, error=f"{name}: {url} {outcome}", kind="ImageError", index=job.index,
@@ -198,7 +226,7 @@ def _poisoned(job: Job, url: str) -> CaptionFailure:
     return CaptionFailure(image=job.name, kind="EngineError", index=job.index, source=url, error=(
         f"{job.name}: failed on {tried} endpoint{'s' * (tried > 1)} ("
         + "; ".join(f"{fault} ({n} times)" if n > 1 else fault for fault, n in said.items())
-        + "); the servers may be unable to caption this image"))
+        + f"); the servers may be unable to caption this {'video' if job.video is not None else 'image'}"))
 
 
 def guarded(work: Callable[[], Any]) -> Any:

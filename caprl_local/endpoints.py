@@ -3,8 +3,11 @@
 :class:`EndpointCaptioner` satisfies the :class:`~caprl_local.captioning.Captioning` contract, so a run over
 endpoints writes the same outputs, resumes the same way and isolates failures the same way as a local one.
 Each image is sent as the local engine would see it, with every caption option under the names each server
-honours (wire.py), so that the captions equal a local run's. One dispatcher thread hands each image to an
-endpoint with room (a bounded number of requests each) and sorts what comes back:
+honours (wire.py), so that the captions equal a local run's. A video (a path with a video suffix, or a
+:class:`~caprl_local.clips.Video`) is sent as its clip's bytes, bounded in size, with the sampling asked of
+it where a server takes that per request; llama-server, which has no video input, is never sent one. One
+dispatcher thread hands each input to an endpoint with room (a bounded number of requests each) and sorts
+what comes back:
 
 - a caption, or a 4xx about the image: that image's result;
 - a 5xx, garbage with status 200, a hang past the deadline, a dropped connection: a fault of that endpoint;
@@ -21,9 +24,9 @@ usable for ``outage_s``: the images not yet captioned get no result, so the same
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,13 +38,15 @@ from typing_extensions import Unpack
 from . import wire
 from .budgets import ImageBudget, TiledBudget
 from .captioning import ClosingContext, ImageFile
+from .clips import MAX_VIDEO_BYTES, Video, is_video_input, sniff
 from .dispatch import Job, Limits, Run, guarded, note_probe
 from .errors import CaprlError, ImageError
 from .fleet import Fleet, Member, Policy
-from .options import DEFAULT_MAX_IMAGE_TOKENS, GenerationKwargs, GenerationOptions, generation_of, positive
-from .prompts import resolve_prompt
+from .options import DEFAULT_MAX_IMAGE_TOKENS, EngineOptions, GenerationKwargs, GenerationOptions, generation_of, positive
+from .printable import printable
+from .prompts import VIDEO_PROMPT, resolve_prompt
 from .results import Activity, Caption, CaptionFailure
-from .wire import Answer, Faulty, Reply, Server
+from .wire import Answer, Clip, Faulty, Reply, Server, Unsupported
 
 log = logging.getLogger("caprl_local")
 
@@ -58,6 +63,13 @@ BASE_TIMEOUT_S, TIMEOUT_PER_TOKEN_S = 120.0, 0.5
 DEFAULT_OUTAGE_S = 300.0
 #: The Qwen-VL grid (patch 14 x merge 2): how CapRL-3B and CapRL 2.0 images are sized.
 QWEN_VL_ALIGN = 28
+#: The most bytes of one clip sent to an endpoint (``video_max_bytes``, at most clips.MAX_VIDEO_BYTES). A clip
+#: travels as base64 in the JSON body (4/3 of its size), which is built whole here for each request in flight and
+#: parsed whole by the server (caprl-local serve takes 32 MB bodies by default): a longer clip is cut or
+#: re-encoded first, or captioned locally, where it streams from its file.
+MAX_SENT_VIDEO_BYTES = 64 * 1024 * 1024
+#: The seconds added to a video request's default deadline for each frame it may be sampled to.
+TIMEOUT_PER_FRAME_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,13 +100,20 @@ class EndpointCaptioner(ClosingContext):
                  outage_s: float = DEFAULT_OUTAGE_S, prompt: str | None = None,
                  image_max_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, image_min_tokens: int | None = None,
                  image_budget: ImageBudget | TiledBudget | None = None, policy: Policy | None = None,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, video_fps: float = EngineOptions.video_fps,
+                 video_max_frames: int = EngineOptions.video_max_frames,
+                 video_max_bytes: int = MAX_SENT_VIDEO_BYTES) -> None:
         self.endpoints = list(endpoints)
         if not self.endpoints:
             raise CaprlError("no endpoint given")
         positive("attempts", attempts)
         positive("image_max_tokens", image_max_tokens, allow_none=True)
         positive("image_min_tokens", image_min_tokens, allow_none=True)
+        EngineOptions(video_fps=video_fps, video_max_frames=video_max_frames)  # checked as the engine's own
+        positive("video_max_bytes", video_max_bytes)
+        if video_max_bytes > MAX_VIDEO_BYTES:
+            raise CaprlError(f"video_max_bytes must be at most {MAX_VIDEO_BYTES:,}, not {video_max_bytes:,}")
+        self.video_fps, self.video_max_frames, self.video_max_bytes = video_fps, video_max_frames, video_max_bytes
         for value, name in ((timeout_s, "timeout_s"), (outage_s, "outage_s"), (connect_timeout_s, "connect_timeout_s")):
             if value is not None and not value > 0:
                 raise CaprlError(f"{name} must be a number of seconds above 0, not {value!r}")
@@ -141,23 +160,26 @@ class EndpointCaptioner(ClosingContext):
         self.cancel()
         self.http.clear()
 
-    def caption_many(self, images: Iterable[ImageFile], *, generation: GenerationOptions | None = None,
+    def caption_many(self, images: Iterable[ImageFile | Video], *, generation: GenerationOptions | None = None,
                      on_text: Callable[[str, str], None] | None = None,
                      progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
                      **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
-        """Caption image files on the endpoints, yielding each result as it comes (in the order they finish,
-        each with its ``index`` in `images` and its ``source``). Raises EngineError once no endpoint has been
-        usable for ``outage_s`` (or every one refuses us), and Cancelled after cancel(), in both cases after
-        yielding every result finished before. ``on_text`` receives each caption whole, as it comes back;
-        ``prefetch`` is unused (each image is read as it is sent)."""
+        """Caption image files and videos on the endpoints, yielding each result as it comes (in the order they
+        finish, each with its ``index`` in `images` and its ``source``). Raises EngineError once no endpoint
+        has been usable for ``outage_s`` (or every one refuses us), and Cancelled after cancel(), in both cases
+        after yielding every result finished before. ``on_text`` receives each caption whole, as it comes back;
+        ``prefetch`` is unused (each input is read as it is sent). A video's prompt, unless one is given, is
+        CapRL-Video's (as the engine's)."""
         opts = generation_of(generation, options)
         _check_sent(opts)
-        prompt = opts.resolved(self.default_prompt).prompt
-        assert prompt is not None
+        prompt, video_prompt = opts.resolved(self.default_prompt).prompt, opts.resolved(VIDEO_PROMPT).prompt
+        assert prompt is not None and video_prompt is not None
+        extra = 0.0 if self.timeout_s else TIMEOUT_PER_FRAME_S * self.video_max_frames
         run = Run(self.fleet, probe=self._probe, attempt=self._attempt, opts=opts, prompt=prompt, count=self._count,
-                  limits=Limits(self.timeout_s or request_timeout(opts), self.attempts, self.outage_s))
+                  video_prompt=video_prompt,
+                  limits=Limits(self.timeout_s or request_timeout(opts), self.attempts, self.outage_s, extra))
         try:
-            for result in run.results([os.fspath(image) for image in images], self._cancelled, progress):
+            for result in run.results((_named(image) for image in images), self._cancelled, progress):
                 if on_text is not None and isinstance(result, Caption):
                     on_text(result.image, result.text)
                 yield result
@@ -217,19 +239,99 @@ class EndpointCaptioner(ClosingContext):
 
     def _attempt(self, member: Member, job: Job, prompt: str, opts: GenerationOptions,
                  timeout_s: float) -> Reply | Answer | ImageError:
-        """One request for one image to one endpoint: its reply, or what it came to instead."""
-        if job.png is None:
+        """One request for one image or video to one endpoint: its reply, or what it came to instead."""
+        assert member.server is not None
+        media: bytes | Clip
+        if job.video is not None:
+            if not member.server.takes_video:
+                return Unsupported(f"is {member.server.kind}, which has no video input in its API; caption videos on "
+                                   "caprl-local serve or vLLM endpoints")
             try:
-                job.png, job.load_s = wire.prepare_image(job.name, self.budget)
+                started = time.perf_counter()
+                media = Clip(*_read_clip(job.video, job.name, self.video_max_bytes), self.video_fps, self.video_max_frames)
+                job.load_s = time.perf_counter() - started
             except ImageError as exc:
                 return exc
+        else:
+            if job.png is None:
+                try:
+                    job.png, job.load_s = wire.prepare_image(job.name, self.budget)
+                except ImageError as exc:
+                    return exc
+            media = job.png
         job.sent_at = time.monotonic()
-        assert member.server is not None
-        body = json.dumps(wire.request_body(member.server, job.png, prompt, opts)).encode()
+        body = wire.request_body(member.server, media, prompt, opts)
+        del media  # a clip's bytes: only the body's copy stays while the request is out
         status, headers, data = wire.exchange(self.http, "POST", member.url.rstrip("/") + "/chat/completions",
                                          self._headers(member.url), body, timeout_s=timeout_s,
                                          connect_s=self.connect_s)
         return wire.read_reply(status, headers, data, member.server, opts)
+
+
+def _named(source: ImageFile | Video) -> tuple[str, Video | None]:
+    """An input as a run takes it: its name for messages, and the video it is (None for an image file)."""
+    if isinstance(source, Video):
+        return source.describe(), source
+    name = os.fspath(source)
+    return (name, Video(name)) if is_video_input(name) else (name, None)
+
+
+def _read_clip(video: Video, name: str, most: int) -> tuple[bytes, str]:
+    """A clip's bytes and media type, `most` bytes at most: a file over it is refused from its size, before a
+    byte is read (ImageError, as a bad image file)."""
+    given = video.source
+    if isinstance(given, (bytes, bytearray, memoryview)):  # in memory already: copied only once it fits
+        size = given.nbytes if isinstance(given, memoryview) else len(given)
+        data = bytes(given) if size <= most else b""
+    else:
+        data, size = _read_file(os.fspath(given), name, most)
+    if size > most:
+        raise ImageError(f"{name}: {size:,} bytes of video is over the {most:,} a request to an endpoint may carry; "
+                         "cut or re-encode the clip, or caption it locally")
+    media_type = _media_type(data[:64])
+    if media_type is None:
+        raise ImageError(f"{name}: not a video file (MP4/MOV, Matroska/WebM or AVI); check the file")
+    return data, media_type
+
+
+def _read_file(path: str, name: str, most: int) -> tuple[bytes, int]:
+    """A regular file's bytes and size; nothing opened of one over `most` bytes (its size says so), nor of a FIFO
+    or a device. ImageError where it cannot be read."""
+    def measured(info: os.stat_result) -> int:
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{name}: is a directory, not a video file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{name}: is not a regular file; save the video to a file first")
+        return info.st_size
+
+    try:
+        size = measured(os.stat(path))
+        if size > most:
+            return b"", size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # replaced by a FIFO since: no wait
+        with os.fdopen(fd, "rb") as fh:
+            size = measured(os.fstat(fh.fileno()))  # the file opened is the one measured
+            if size > most:
+                return b"", size
+            data = fh.read(most + 1)  # a file that grows as it is read is refused too
+            return data, len(data)
+    except FileNotFoundError as exc:
+        raise ImageError(f"{name}: no such file; check the path") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read file ({printable(exc.strerror or str(exc), limit=160)})") from exc
+
+
+def _media_type(head: bytes) -> str | None:
+    """The media type of a clip from its first bytes, as a data URL names it; None for one that is no video."""
+    if not sniff(head[:16]):
+        return None
+    if head[4:8] == b"ftyp":
+        return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska, or WebM, which names itself in its header
+        return "video/webm" if b"webm" in head else "video/x-matroska"
+    return "video/x-msvideo"
 
 
 def _check_sent(opts: GenerationOptions) -> None:

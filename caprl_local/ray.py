@@ -1,18 +1,16 @@
 """Caption datasets on a Ray cluster with Ray Data (the ``ray`` extra): one loaded Captioner per actor.
 
-:func:`caption_dataset` adds ``caption`` and ``error`` columns to a Ray Dataset, in the style of
-Ray's own LLM processors; :class:`RayCaptioner` offers what the batch runner uses of a Captioner,
-so ``caprl-local caption --ray`` writes the same outputs, resumes and isolates failures as a
-local run. Ray schedules the work; each node resolves the model through its own cache (or a
-shared ``cache_dir``).
+:func:`caption_dataset` adds ``caption`` and ``error`` columns (and a video's numbers) to a Ray Dataset,
+in the style of Ray's own LLM processors; :class:`RayCaptioner` offers what the batch runner uses of a
+Captioner, so ``caprl-local caption --ray`` writes the same outputs, resumes and isolates failures as a local
+run. Ray schedules the work; each node resolves the model through its own cache (or a shared ``cache_dir``).
 
-An actor that dies (killed, out of memory, a crash in llama.cpp) is restarted by Ray and its
-batch retried there (Ray Data's actor-pool defaults: unlimited restarts and task retries); the
-other actors' batches are kept. A small ledger actor remembers across those deaths which batches
-and images were begun and never finished, so that a batch whose actor died :data:`BATCH_TRIES`
-times is captioned image by image, and an image whose actor died while captioning it alone
-(:data:`IMAGE_TRIES` times) becomes that image's failure: a poison image costs a bounded number
-of restarts, never the run.
+An actor that dies (killed, out of memory, a crash in llama.cpp) is restarted by Ray and its batch retried
+there (Ray Data's actor-pool defaults: unlimited restarts and task retries); the other actors' batches are
+kept. A small ledger actor remembers across those deaths which batches and images were begun and never
+finished, so that a batch whose actor died :data:`BATCH_TRIES` times is captioned image by image, and an image
+whose actor died while captioning it alone (:data:`IMAGE_TRIES` times) becomes that image's failure: a poison
+image costs a bounded number of restarts, never the run.
 """
 
 from __future__ import annotations
@@ -46,14 +44,19 @@ from .options import (
     split_pretrained,
 )
 from .registry import DEFAULT_MODEL
-from .results import Activity, Caption, CaptionFailure, Timings
+from .results import Activity, Caption, CaptionFailure, Timings, VideoStats
 
 log = logging.getLogger("caprl_local")
 
 #: The columns caption_dataset adds, with their Arrow types: a column with no value in a batch
-#: (``error`` when nothing failed) is a typed null, never a NaN.
+#: (``error`` when nothing failed, a video's for an image) is a typed null, never a NaN.
 TYPES = {"caption": pa.string(), "error": pa.string(), "error_kind": pa.string(), "image_tokens": pa.int64(),
-         "prompt_tokens": pa.int64(), "generated_tokens": pa.int64(), "finish_reason": pa.string()}
+         "prompt_tokens": pa.int64(), "generated_tokens": pa.int64(), "finish_reason": pa.string(),
+         "duration_s": pa.float64(), "frames": pa.int64(), "fps": pa.float64(), "frame_width": pa.int64(),
+         "frame_height": pa.int64(), "video_tokens": pa.int64(), "truncated": pa.bool_()}
+#: A video's columns and the fields of Caption.video they hold (by the names the JSONL records give them).
+VIDEO_FIELDS = {"duration_s": "duration_s", "frames": "frames", "fps": "fps", "frame_width": "width",
+                "frame_height": "height", "video_tokens": "tokens", "truncated": "truncated"}
 COLUMNS = tuple(TYPES)
 
 #: Whole tries of a batch whose actor dies; after them it is captioned image by image.
@@ -65,9 +68,8 @@ LOAD_TRIES = 3
 
 
 class _Ledger:
-    """What a run remembers across actor deaths (one per run, zero CPUs): the keys of the batches,
-    images and model loads begun and never finished (their actor died), and the first caprl-local
-    error an actor met (Ray passes on only the text of an actor's own errors)."""
+    """What a run remembers across actor deaths (one per run, zero CPUs): the keys of the batches, images and model
+    loads begun and never finished, and the first caprl-local error an actor met (Ray passes on only its text)."""
 
     def __init__(self) -> None:
         self.open: dict[str, int] = {}
@@ -75,16 +77,14 @@ class _Ledger:
 
     def begin(self, key: str) -> int:
         """The earlier tries of `key` that never finished; counts this one."""
-        tries = self.open.get(key, 0)
-        self.open[key] = tries + 1
-        return tries
+        self.open[key] = self.open.get(key, 0) + 1
+        return self.open[key] - 1
 
     def end(self, key: str) -> None:
         self.open.pop(key, None)
 
     def fail(self, error: CaprlError) -> None:
-        if self.error is None:
-            self.error = error
+        self.error = self.error or error
 
     def failure(self) -> CaprlError | None:
         return self.error
@@ -150,27 +150,24 @@ def _digest(images: list[Any]) -> str:
     """A key for a batch's images: paths, encoded bytes or arrays."""
     h = hashlib.blake2b(digest_size=16)
     for image in images:
-        if isinstance(image, str):
-            data = b"s" + image.encode("utf-8", "surrogateescape")
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            data = b"b" + bytes(image)
-        elif isinstance(image, np.ndarray):
-            data = f"a{image.dtype}{image.shape}".encode() + image.tobytes()
-        else:
-            data = repr(image).encode()
+        data = (b"s" + image.encode("utf-8", "surrogateescape") if isinstance(image, str) else
+                b"b" + bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else
+                f"a{image.dtype}{image.shape}".encode() + image.tobytes() if isinstance(image, np.ndarray) else
+                repr(image).encode())
         h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
 
 
 def _with_columns(batch: pa.Table, results: list[Caption | CaptionFailure]) -> pa.Table:
     """`batch` with the caption columns (replacing any of the same names); its own columns untouched."""
-    rows = [{"caption": r.text, "error": None, "error_kind": None, "image_tokens": r.image_tokens,
-             "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens, "finish_reason": r.finish_reason}
+    rows = [{"caption": r.text, "image_tokens": r.image_tokens, "prompt_tokens": r.prompt_tokens,
+             "generated_tokens": r.generated_tokens, "finish_reason": r.finish_reason,  # a video's numbers, or nulls
+             **{column: getattr(r.video, name) for column, name in VIDEO_FIELDS.items() if r.video is not None}}
             if isinstance(r, Caption) else
-            {"caption": None, "error": r.error, "error_kind": r.kind, "image_tokens": 0, "prompt_tokens": 0,
-             "generated_tokens": 0, "finish_reason": None} for r in results]
+            {"error": r.error, "error_kind": r.kind, "image_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0}
+            for r in results]
     for name, kind in TYPES.items():
-        column = pa.array([row[name] for row in rows], type=kind)
+        column = pa.array([row.get(name) for row in rows], type=kind)
         at = batch.schema.get_field_index(name)
         batch = batch.set_column(at, name, column) if at >= 0 else batch.append_column(name, column)
     return batch
@@ -194,12 +191,10 @@ _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def init_local(**options: Any) -> None:
     """Start a Ray instance on this machine that listens on 127.0.0.1 only, with no dashboard.
 
-    On Linux, Ray's own ``ray.init()`` binds its services to the machine's network address,
-    where anyone who can reach it may run code as this user (Ray has no authentication).
-    Call this before building a Dataset (Ray Data starts an instance of its own otherwise) when
-    the work should stay on this machine; ``ray start --head`` makes a real cluster. `options`
-    go to ``ray.init`` (``num_cpus``, say).
-    """
+    On Linux, Ray's own ``ray.init()`` binds its services to the machine's network address, where anyone who
+    can reach it may run code as this user (Ray has no authentication). Call this before building a Dataset
+    (Ray Data starts an instance of its own otherwise) when the work should stay on this machine; ``ray start
+    --head`` makes a real cluster. `options` go to ``ray.init`` (``num_cpus``, say)."""
     from ray._private import ray_constants  # the switch's value, read by Ray at import
 
     previous = os.environ.get(_LOOPBACK_SWITCH)
@@ -225,12 +220,12 @@ def _plain(value: Any) -> Any:
 def caption_dataset(ds: Any, *, model: str = DEFAULT_MODEL, image_column: str = "image", actors: int = 1,
                     cpus_per_actor: float | None = None, gpus_per_actor: float = 0, batch_size: int = 8,
                     generation: GenerationOptions | None = None, **options: Unpack[DatasetKwargs]) -> Any:
-    """`ds` with caption columns (``caption``, ``error``, token counts), captioned by `actors` Ray
-    actors each holding one loaded Captioner. The image column holds paths (readable on the
-    nodes) or encoded bytes; the other columns pass through as they are. Options are those of
-    Captioner.from_pretrained (download, engine, the default prompt) and of caption (or one
-    ``generation`` value); an actor's llama.cpp threads default to its CPUs. Call it with Ray
-    started (:func:`init_local`, or ``ray.init`` for a cluster)."""
+    """`ds` with caption columns (``caption``, ``error``, token counts, a video's numbers), captioned by `actors`
+    Ray actors each holding one loaded Captioner. The image column holds paths (readable on the nodes) or encoded
+    bytes, of images or videos; the other columns pass through as they are. Options are those of
+    Captioner.from_pretrained (download, engine, the default prompt) and of caption (or one ``generation`` value);
+    an actor's llama.cpp threads default to its CPUs. Call it with Ray started (:func:`init_local`, or
+    ``ray.init`` for a cluster)."""
     return _caption_dataset(ds, _ledger(), model=model, image_column=image_column, actors=actors,
                             cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
                             generation=generation, **options)
@@ -331,8 +326,7 @@ class RayCaptioner(ClosingContext):
         self.model = Path(model).name if model.lower().endswith(".gguf") else model  # as results name it
         self.actors, self.cpus, self.gpus, self.batch_size = actors, cpus_per_actor, gpus_per_actor, batch_size
         self.threads = int(cpus_per_actor or options.get("threads") or 1)
-        self._cancelled = threading.Event()
-        self._tokens = 0
+        self._cancelled, self._tokens = threading.Event(), 0
         if not ray.is_initialized():
             _quiet()
             self._connect(address or os.environ.get("RAY_ADDRESS") or None)
@@ -357,17 +351,16 @@ class RayCaptioner(ClosingContext):
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def close(self) -> None:
-        self.cancel()
+    close = cancel  # nothing else to free: the actors go with their run
 
     def caption_many(self, images: Iterable[ImageFile], *, generation: GenerationOptions | None = None,
                      on_text: Callable[[str, str], None] | None = None,
                      progress: Callable[[int, int | None], None] | None = None, prefetch: int = 2,
                      **options: Unpack[GenerationKwargs]) -> Iterator[Caption | CaptionFailure]:
-        """Caption image files on the cluster, yielding each result as its batch comes back (with its
-        ``index`` in `images`); Cancelled after cancel(). ``on_text`` receives each caption whole, as it
-        comes back; ``prefetch`` is unused (the actors read the images). A run Ray gives up on raises one
-        CaprlError (an actor's own error where it met one); what came back before it was yielded."""
+        """Caption image and video files (a video by its suffix) on the cluster, yielding each result as its batch
+        comes back (with its ``index`` in `images`); Cancelled after cancel(). ``on_text`` receives each caption
+        whole, as it comes back; ``prefetch`` is unused (the actors read the files). A run Ray gives up on raises
+        one CaprlError (an actor's own error where it met one); what came back before it was yielded."""
         opts = generation_of(generation, options)  # a bad option fails here, before the cluster starts on it
         names = [os.fspath(image) for image in images]
         done = 0
@@ -383,10 +376,11 @@ class RayCaptioner(ClosingContext):
             else:
                 if on_text is not None:
                     on_text(row["image"], row["caption"])
+                video = VideoStats(**{f: _plain(row[c]) for c, f in VIDEO_FIELDS.items()}) if row["frames"] is not None else None
                 yield Caption(text=row["caption"], image=row["image"], image_tokens=int(row["image_tokens"]),
                               prompt_tokens=int(row["prompt_tokens"]), generated_tokens=int(row["generated_tokens"]),
                               finish_reason=row["finish_reason"], timings=Timings(0, 0, 0, 0, 0, 0, 0),
-                              index=int(row["index"]))
+                              index=int(row["index"]), video=video)
         if self._cancelled.is_set():
             raise Cancelled("cancelled")
 

@@ -1,10 +1,10 @@
 """What a fleet client says to one OpenAI-compatible server, and what it takes from the answers.
 
 Pure but for the HTTP exchange itself: the image as the local engine would see it (upright, flattened,
-at the family's grid, as a PNG so that its pixels survive), the request under the names every server
-honours, and each answer sorted into what it is: a caption, this image's failure, a busy server, a
-faulty one, one that refuses us, or one out of reach. Nothing a server says is trusted: each field is
-checked and bounded before use, and its text is escaped before it reaches a message.
+at the family's grid, as a PNG so that its pixels survive) or a video clip's own bytes, the request under
+the names every server honours, and each answer sorted into what it is: a caption, this image's failure,
+a busy server, a faulty one, one that refuses us, or one out of reach. Nothing a server says is trusted:
+each field is checked and bounded before use, and its text is escaped before it reaches a message.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,8 @@ GREEDY_SAMPLERS, SAMPLING_SAMPLERS = ["penalties", "top_k"], ["penalties", "top_
 #: generated token when asked (``logprobs``), so that the loop guard can cut exactly where the engine's would.
 KINDS = {"caprl-local": "caprl-local", "llamacpp": "llama-server", "vllm": "vLLM", "sglang": "SGLang"}
 NAMES_TOKENS = frozenset({"llama-server", "vLLM", "SGLang"})
+#: The servers whose API has no video input (llama-server's chat completions take images and audio only).
+NO_VIDEO = frozenset({"llama-server"})
 #: A chat template for the servers (llama-server's --chat-template-file, vLLM's and SGLang's --chat-template) that
 #: lays a caption out as the local engine does: ChatML with no system turn (a Qwen-VL model's own template adds
 #: "You are a helpful assistant."), the image and the prompt's text run together (llama-server's --no-jinja
@@ -44,6 +47,7 @@ NO_SYSTEM_TEMPLATE = """\
 {%- for message in messages %}<|im_start|>{{ message['role'] }}
 {% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}\
 {% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>\
+{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>\
 {% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
@@ -82,6 +86,10 @@ class Unreachable(Answer):
     """The request never reached the server (connection refused, no such host)."""
 
 
+class Unsupported(Answer):
+    """The server cannot take this kind of input (a video on llama-server): never sent, and no fault of it."""
+
+
 @dataclass(frozen=True)
 class Server:
     """What a probe learnt of one endpoint."""
@@ -94,6 +102,11 @@ class Server:
     def guards_loops(self) -> bool:
         """It ends a looping caption itself, as the local engine does (caprl-local serve)."""
         return self.kind == "caprl-local"
+
+    @property
+    def takes_video(self) -> bool:
+        """Its API has a video input (one it does not recognise is given the chance)."""
+        return self.kind not in NO_VIDEO
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,17 @@ class Reply:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class Clip:
+    """A video clip for a request: its bytes as read (bounded by the caller), their media type, and the
+    frame sampling asked of the servers that take it per request."""
+
+    data: bytes
+    media_type: str  # video/mp4, video/webm, ...
+    fps: float
+    max_frames: int
+
+
 def prepare_image(name: str, budget: ImageBudget | TiledBudget) -> tuple[bytes, float]:
     """The image file as the local engine would see it, as PNG bytes, and the seconds that took (ImageError)."""
     started = time.perf_counter()
@@ -118,11 +142,14 @@ def prepare_image(name: str, budget: ImageBudget | TiledBudget) -> tuple[bytes, 
     return out.getvalue(), time.perf_counter() - started
 
 
-def request_body(server: Server, png: bytes, prompt: str, opts: GenerationOptions) -> dict[str, Any]:
-    """The chat-completions request for one image, every caption option under each server's name for it."""
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
-    before, mark, after = prompt.partition(IMAGE_PLACEHOLDER)  # as the engine: the image there, else first
-    parts = [before, image, after] if mark else [image, prompt]
+def request_body(server: Server, media: bytes | Clip, prompt: str, opts: GenerationOptions) -> bytes:
+    """The chat-completions request (JSON bytes) for one image (PNG bytes) or video clip, every caption option
+    and sampling hint under each server's name for it."""
+    token = secrets.token_hex(16)  # stands for the media's data URL until the body is encoded (see below)
+    kind = "video_url" if isinstance(media, Clip) else "image_url"
+    part = {"type": kind, kind: {"url": token}}
+    before, mark, after = prompt.partition(IMAGE_PLACEHOLDER)  # as the engine: the media there, else first
+    parts = [before, part, after] if mark else [part, prompt]
     content = [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts if p]
     body: dict[str, Any] = {
         "model": server.model, "messages": [{"role": "user", "content": content}], "stream": False,
@@ -144,7 +171,18 @@ def request_body(server: Server, png: bytes, prompt: str, opts: GenerationOption
         body["loop_guard"] = False
     elif not opts.ignore_eos and server.kind in NAMES_TOKENS and not server.guards_loops:
         body["logprobs"], body["top_logprobs"] = True, 1  # each token named, for the loop guard here
-    return body
+    if isinstance(media, Clip) and server.kind == "vLLM":
+        # vLLM's frame reader takes a rate and a most per request (merged over its --media-io-kwargs), and
+        # Qwen-VL's processor the rate the frames were taken at; caprl-local serve samples as its own options
+        # say, and SGLang names no such option.
+        body["media_io_kwargs"] = {"video": {"fps": media.fps, "num_frames": media.max_frames}}
+        body["mm_processor_kwargs"] = {"fps": media.fps}
+    # The media goes in as bytes: a clip's base64 is never copied into a JSON string and out again (base64's
+    # characters need no escaping in JSON, and no other text holds a random token).
+    head, tail = json.dumps(body).encode().split(token.encode(), 1)
+    data = media.data if isinstance(media, Clip) else media
+    scheme = f"data:{media.media_type};base64," if isinstance(media, Clip) else "data:image/png;base64,"
+    return b"".join((head, scheme.encode(), base64.b64encode(data), tail))
 
 
 def read_reply(status: int, headers: Any, data: bytes, server: Server, opts: GenerationOptions) -> Reply:
