@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import click
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
+from .interrupts import GracefulInterrupt
 from .printable import human_size, printable, printable_text
-from .safefiles import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from .results import Activity, Caption
     from .transfer import DownloadProgress
 
-C = TypeVar("C", bound="Captioning")
+__all__ = ["BatchProgress", "CaptionStages", "DownloadBar", "GracefulInterrupt", "Streamer", "clear_status",
+           "configure_logging", "counted", "duration", "inputs", "loaded", "results_stream", "say", "stage", "status"]
 
 
 def duration(seconds: float) -> str:
@@ -119,10 +121,23 @@ class _Shown:
         return getattr(self.stream, name)
 
 
-def loaded(captioner: Captioning, *, images: int | None = None) -> None:
-    """One line on what the load chose (device, captions in flight, threads), on stderr."""
+def counted(n: int, noun: str) -> str:
+    """`n` and its noun, plural unless one ("1 video", "3 images")."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def inputs(total: int, videos: int) -> str:
+    """How many inputs there are, as a person says it: "3 images", "2 videos", "5 images and videos"."""
+    if not videos:
+        return counted(total, "image")
+    return counted(total, "video") if videos == total else f"{total} images and videos"
+
+
+def loaded(captioner: Captioning, *, images: int | None = None, videos: int = 0) -> None:
+    """One line on what the load chose (device, captions in flight, threads), on stderr; `images` counts
+    the inputs, `videos` those of them that are videos."""
     where = "the GPU" if captioner.on_gpu else "the CPU"
-    what = f"{images} image{'s' * (images != 1)}: " if images else ""
+    what = f"{inputs(images, videos)}: " if images else ""
     width = captioner.parallel if images is None else min(captioner.parallel, images)
     in_flight = f"{width} captions in flight" if width > 1 else "1 caption at a time"
     click.echo(f"{what}{in_flight} on {where}, {captioner.threads} CPU thread{'s' * (captioner.threads > 1)}",
@@ -130,18 +145,22 @@ def loaded(captioner: Captioning, *, images: int | None = None) -> None:
 
 
 class BatchProgress:
-    """Per-image error lines, a progress bar on a terminal, and the closing summary, on stderr.
+    """Per-input error lines, a progress bar on a terminal, and the closing summary, on stderr.
 
-    The bar moves as images finish, in any order, and a watcher thread names what the engine does from
-    the start, long before the first image is done: reading images, encoding one, or generating (tokens/s).
+    The bar moves as inputs finish, in any order, and a watcher thread names what the engine does from
+    the start, long before the first one is done: reading images or a video, encoding one, or generating
+    (tokens/s). `videos`: how many of the `total` inputs are videos; `order`: the inputs still to caption, in
+    the order the batch takes them (BatchPlan.passes), so that a video being read is named.
     """
 
     POLL_S = 0.5
 
-    def __init__(self, total: int, skipped: int, *, show: bool, quiet: bool) -> None:
-        self.total, self.skipped, self.quiet = total, skipped, quiet
-        self.bar = tqdm(total=total, initial=skipped, unit="image", file=sys.stderr, disable=not show,
-                        dynamic_ncols=True, smoothing=0.1, leave=False)
+    def __init__(self, total: int, skipped: int, *, show: bool, quiet: bool, videos: int = 0,
+                 order: Sequence[BatchItem] = ()) -> None:
+        self.total, self.skipped, self.quiet, self.videos = total, skipped, quiet, videos
+        self.order, self.written = order, 0  # results come out in `order`: the next one is what is read or made
+        self.bar = tqdm(total=total, initial=skipped, unit="image" if not videos else "input", file=sys.stderr,
+                        disable=not show, dynamic_ncols=True, smoothing=0.1, leave=False)
         self.stop = threading.Event()
         self.watcher: threading.Thread | None = None
 
@@ -162,17 +181,28 @@ class BatchProgress:
                 recent = (now.tokens - before.tokens) / max(t - at, 1e-6)
                 rate = recent if rate is None else 0.8 * rate + 0.2 * recent  # steady, yet follows changes
             before, at = now, t
-            self.bar.set_postfix_str(stage(now, rate), refresh=False)
+            self.bar.set_postfix_str(stage(now, rate, video=self._next_video()), refresh=False)
             self.bar.refresh()
 
+    def _next_video(self) -> str | None:
+        """The name of the next result's input, if it is a video. Each pass's results come in order and its
+        reading thread reads in that order: with nothing in flight, that input is the one being read; with one
+        caption in flight, it is that one."""
+        upcoming = self.order[self.written] if self.written < len(self.order) else None
+        return printable(Path(upcoming.path).name, limit=40) if upcoming is not None and upcoming.media == "video" else None
+
     def done(self, finished: int) -> None:
-        """`finished` images of this run are done (in any order)."""
+        """`finished` inputs of this run are done (in any order)."""
         self.bar.n = self.skipped + finished
         self.bar.refresh()
 
     def result(self, item: BatchItem, record: dict[str, Any], summary: BatchSummary) -> None:
+        self.written += 1
         if "error" in record:
-            tqdm.write(printable(f"Error: {record['error']}"), file=sys.stderr)
+            error = str(record["error"])
+            if item.path not in error and printable(item.path) not in error:  # "needs PyAV": which input it was
+                error = f"{item.path}: {error}"
+            tqdm.write(printable(f"Error: {error}"), file=sys.stderr)
 
     def finish(self, summary: BatchSummary | None) -> None:
         self.stop.set()
@@ -185,28 +215,46 @@ class BatchProgress:
 
     def _summary(self, summary: BatchSummary | None) -> None:
         if summary is None:
-            click.echo(f"Nothing to do: all {self.total} images already have a result "
+            click.echo(f"Nothing to do: all {inputs(self.total, self.videos)} already have a result "
                        "(--overwrite captions them again).", err=True)
             return
         looped = f", {summary.repeating} cut short for repeating themselves" if summary.repeating else ""
         done, failed, skipped = summary.done, summary.failed, self.skipped
-        left = self.total - skipped - done - failed  # every image counted once, as on the bar
+        left = self.total - skipped - done - failed  # every input counted once, as on the bar
+        made = self._made(summary)  # with videos: what of each kind, and their frames (images alone: as it was)
         if summary.interrupted:
-            counts = f"Interrupted: {done} captioned, {failed} failed, {left} not finished ({skipped} skipped"
+            counts = f"Interrupted: {done} captioned{f' ({made})' if made else ''}, {failed} failed, {left} not " \
+                     f"finished ({skipped} skipped"
         else:
-            counts = f"Captioned {done} of {self.total} images ({skipped} skipped, {failed} failed" + \
+            what = f"{self.total} images" if not self.videos else inputs(self.total, self.videos)
+            counts = f"Captioned {done} of {what}{f', {made}' if made else ''} ({skipped} skipped, {failed} failed" + \
                 (f", {left} not finished" if left else "")
-        click.echo(f"{counts}{looped}) in {duration(summary.seconds)}, {summary.images_per_minute:.1f} images/min.",
+        noun = "images" if not self.videos else "videos" if self.videos == self.total else "captions"
+        click.echo(f"{counts}{looped}) in {duration(summary.seconds)}, {summary.images_per_minute:.1f} {noun}/min.",
                    err=True)
 
+    def _made(self, summary: BatchSummary) -> str:
+        """What a run with videos captioned: "3 images and 2 videos from 48 frames" ("from 48 frames" if all are
+        videos); "" for images alone."""
+        frames = [f"from {counted(summary.frames, 'frame')}"] if summary.frames else []
+        if not self.videos or self.videos == self.total:
+            return " ".join(frames)
+        kinds = [counted(n, noun) for n, noun in ((summary.images, "image"), (summary.videos, "video")) if n]
+        return " ".join([" and ".join(kinds), *frames]) if kinds else ""
 
-def stage(now: Activity, rate: float | None) -> str:
-    """What the engine is doing, in a few words (the bar's postfix)."""
+
+def stage(now: Activity, rate: float | None, *, video: str | None = None) -> str:
+    """What the engine is doing, in a few words (the bar's postfix); `video`: the video next in order, if the next
+    input is one (read while nothing is in flight, encoded while it is the one caption in flight)."""
+    if video is not None and now.encoding == now.generating == 1 and not now.waiting:
+        return f"encoding video {video}"
     if now.encoding:
         busy = now.generating - now.encoding
         return f"encoding {now.encoding} image{'s' * (now.encoding > 1)}" + (f", {busy} generating" if busy else "")
     if now.generating:  # the rate once measured over generating alone
         return f"{now.generating} generating" + ("" if rate is None else f", {rate:.1f} tokens/s")
+    if video is not None:  # its frames are being read and sampled (a remote captioner's: sent, and read there)
+        return f"reading video {video}"
     if rate:  # captions made elsewhere, counted as their tokens come back
         return f"{rate:.1f} tokens/s"
     return "reading images"
@@ -247,19 +295,20 @@ def _words(text: str) -> str:
 
 
 class CaptionStages:
-    """The status line while one caption is made (stderr, when a person watches): reading the image, encoding
-    it (a minute on a CPU), generating, from the captioner's activity. Once the caption streams to this terminal
-    it is the line; with stdout elsewhere the line goes on, with the tokens so far, until the caption ends."""
+    """The status line while one caption is made (stderr, when a person watches): reading the image (or reading and
+    sampling the video: `media`), encoding it (a minute on a CPU), generating, from the captioner's activity. Once
+    the caption streams to this terminal it is the line; with stdout elsewhere the line goes on, with the tokens so
+    far, until the caption ends."""
 
     POLL_S = 0.25
 
-    def __init__(self, captioner: Captioning, streamer: Streamer) -> None:
-        self.captioner, self.streamer = captioner, streamer
+    def __init__(self, captioner: Captioning, streamer: Streamer, *, media: str = "image") -> None:
+        self.captioner, self.streamer, self.media = captioner, streamer, media
         self.stop = threading.Event()
         self.watcher: threading.Thread | None = None
 
     def __enter__(self) -> CaptionStages:
-        status("Reading the image ...")
+        status("Reading the video and sampling its frames ..." if self.media == "video" else "Reading the image ...")
         if sys.stderr.isatty():
             self.watcher = threading.Thread(target=self._watch, name="caprl-stages", daemon=True)
             self.watcher.start()
@@ -271,7 +320,8 @@ class CaptionStages:
             now = self.captioner.activity()
             if not (now.encoding or now.generating or self.streamer.started):
                 continue  # still reading it, in the caller's thread
-            line = "Encoding the image ..." if now.encoding else f"Generating the caption ({now.tokens - base} tokens) ..."
+            line = f"Encoding the {self.media} ..." if now.encoding else \
+                f"Generating the caption ({now.tokens - base} tokens) ..."
             with self.streamer.lock:
                 if self.stop.is_set() or (self.streamer.started and self.streamer.tty):
                     return
@@ -288,7 +338,7 @@ class CaptionStages:
             status("")
 
 
-# --- the process: its log lines on stderr, Ctrl-C ---------------------------------------------
+# --- the process: its log lines on stderr (Ctrl-C: interrupts.GracefulInterrupt) -----------------
 
 
 class _Printable(logging.Formatter):
@@ -338,41 +388,3 @@ def configure_logging(verbose: bool) -> None:
     ours.addHandler(handler)
     ours.setLevel(logging.WARNING)
     ours.propagate = False
-
-
-class GracefulInterrupt:
-    """Ctrl-C, SIGTERM or SIGHUP while captioning: ask the captioner to stop at the next token, so
-    the run ends cleanly with what is done written and the summary shown; a second signal stops
-    at once. (A service manager's stop and a closed terminal deserve the same care as Ctrl-C.)
-
-    (A KeyboardInterrupt raised by Python's default handler can land inside llama.cpp's log
-    callback, where ctypes swallows it, and the Ctrl-C would be lost.)
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.captioner: Captioning | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested or self.captioner is None:
-            self.requested = True
-            raise KeyboardInterrupt
-        self.requested = True
-        self.captioner.cancel()
-
-    def watch(self, captioner: C) -> C:
-        self.captioner = captioner
-        if self.requested:  # Ctrl-C came while the model was loading
-            captioner.close()
-            raise KeyboardInterrupt
-        return captioner

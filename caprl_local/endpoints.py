@@ -53,7 +53,7 @@ log = logging.getLogger("caprl_local")
 #: How each caption option reaches a server, under the names the OpenAI-compatible servers honour (see
 #: wire.request_body): an option missing here is refused unless left at its default, never dropped in silence.
 SENT = frozenset({"prompt", "preset", "max_tokens", "temperature", "top_p", "seed", "repeat_penalty", "stop",
-                  "loop_guard", "ignore_eos"})
+                  "loop_guard", "ignore_eos", "video_prompt"})
 #: Seconds a probe (GET /models and the like) may take.
 PROBE_TIMEOUT_S = 10.0
 #: The default deadline of one caption request: a generous time for the image and the prompt, and for each
@@ -172,7 +172,8 @@ class EndpointCaptioner(ClosingContext):
         CapRL-Video's (as the engine's)."""
         opts = generation_of(generation, options)
         _check_sent(opts)
-        prompt, video_prompt = opts.resolved(self.default_prompt).prompt, opts.resolved(VIDEO_PROMPT).prompt
+        prompt = opts.resolved(self.default_prompt).prompt
+        video_prompt = opts.video_prompt or opts.resolved(VIDEO_PROMPT).prompt
         assert prompt is not None and video_prompt is not None
         extra = 0.0 if self.timeout_s else TIMEOUT_PER_FRAME_S * self.video_max_frames
         run = Run(self.fleet, probe=self._probe, attempt=self._attempt, opts=opts, prompt=prompt, count=self._count,

@@ -1,7 +1,8 @@
 """What to caption: files, folders, glob patterns and list files (one path or JSON object a line) as items.
 
+Items are images and videos alike (a folder gives both: see :mod:`caprl_local.inputkinds`).
 Pure: reads the file system and list files, touches nothing else. A file, folder or pattern
-named directly that gives no image is an error at once (before any model is downloaded); a
+named directly that gives nothing to caption is an error at once (before any model is downloaded); a
 missing file in a list stays an item, reported with the results, so that one stale line does
 not stop a dataset.
 
@@ -25,14 +26,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
 from .errors import CaprlError
+from .inputkinds import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, Media, media_in, media_of, pattern_root
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_KEPT_BYTES", "MAX_LINE_BYTES", "MAX_LIST_BYTES", "MAX_LIST_LINES", "MEDIA_EXTENSIONS",
+           "BatchItem", "Collected", "Media", "collect_inputs", "gather_inputs", "loads_line", "read_list", "shard_index",
+           "shard_name", "shard_of"]
 
 log = logging.getLogger("caprl_local")
 
-#: File name extensions taken from folders (files named explicitly are tried whatever their name).
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-    ".tga", ".ppm", ".pgm", ".pbm", ".ico", ".avif", ".jp2",
-})
 
 class _NoFields(Mapping[str, Any]):
     """The fields of an item that has none: one mapping shared by all (a plain list has millions)."""
@@ -61,7 +62,7 @@ _NO_FIELDS = _NoFields()
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
-    """One image to caption, with the other fields of its JSONL input line, if any.
+    """One image or video to caption, with the other fields of its JSONL input line, if any.
 
     ``shard_key`` is the name that picks the item's shard (see :func:`shard_name`); the
     collectors set it, and an item made by hand falls back to its path, normalized."""
@@ -73,8 +74,13 @@ class BatchItem:
 
     @property
     def key(self) -> str:
-        """The image's identity for resuming, whatever the working directory."""
+        """The input's identity for resuming, whatever the working directory."""
         return os.path.abspath(self.path)
+
+    @property
+    def media(self) -> Media:
+        """"video" or "image", by its name, as the Captioner tells them apart."""
+        return media_of(self.path)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def collect_inputs(
     """Expand files, folders and glob patterns, then the lines of a list file, into items.
 
     A list holds one path per line, or JSON objects with an ``image`` field (the CapRL-2M
-    layout), whose other fields are kept; relative paths are taken from the list's folder.
+    layout; or ``video``), whose other fields are kept; relative paths are taken from the list's folder.
     A list is UTF-8; bytes that are not (a file name in another encoding) stand for themselves,
     as os.fsdecode reads them. The same image named twice is captioned once. ``shard=(i, n)``
     keeps shard i (from 1) of n only, as :func:`shard_of` would, without holding the others.
@@ -326,9 +332,9 @@ def _read_entries(lines: Iterator[str], base: Path, source: str, keep: _Keeper, 
                 raise CaprlError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
             except RecursionError as exc:
                 raise CaprlError(f"{source}:{number}: not valid JSON (nested too deeply)") from exc
-            if not isinstance(extra, dict) or not isinstance(extra.get("image"), str):
-                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path")
-            entry: str = extra["image"]
+            entry: str | None = _entry_of(extra)
+            if entry is None:
+                raise CaprlError(f"{source}:{number}: the JSON object has no \"image\" path (nor a \"video\" one)")
         else:
             entry = line
         name = _normal(entry)
@@ -341,21 +347,31 @@ def _read_entries(lines: Iterator[str], base: Path, source: str, keep: _Keeper, 
                            shard_key=name), len(line), source)
 
 
+def _entry_of(record: Any) -> str | None:
+    """The path a list's JSON object names: its "image" field (CapRL-2M's), else its "video" field."""
+    if not isinstance(record, dict):
+        return None
+    for name in ("image", "video"):
+        if isinstance(record.get(name), str):
+            return str(record[name])
+    return None
+
+
 def _expand(arg: str, recursive: bool, keep: _Keeper) -> None:
-    """Add the images of this shard that one argument names; raises CaprlError when it names none."""
+    """Add the images and videos of this shard that one argument names; raises CaprlError when it names none."""
     path = Path(arg)
     if path.is_dir():
         found = []
         seen = False
-        for parts in _images_in(arg, recursive):
+        for parts in media_in(arg, recursive):
             seen = True
             name = "/".join(parts)
             if keep.takes(name):
                 found.append(parts)
         if not seen:
             deeper = not recursive and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
-            raise CaprlError(f"{arg}: no images in this folder" + (", only in its sub-folders (search them "
-                                                                   "recursively)" if deeper else ""))
+            raise CaprlError(f"{arg}: no images in this folder, nor videos" + (
+                ": they are only in its sub-folders (search them recursively)" if deeper else ""))
         for parts in sorted(found):  # as pathlib sorts paths: part by part
             keep.add(BatchItem(str(path.joinpath(*parts)), shard_key="/".join(parts)))
         return
@@ -365,7 +381,7 @@ def _expand(arg: str, recursive: bool, keep: _Keeper) -> None:
             keep.add(BatchItem(arg, shard_key=name))
         return
     if glob.has_magic(arg):
-        root = _pattern_root(arg)
+        root = pattern_root(arg)
         matched: list[tuple[str, str]] = []
         seen = False
         for match in glob.iglob(arg, recursive=True):
@@ -382,39 +398,3 @@ def _expand(arg: str, recursive: bool, keep: _Keeper) -> None:
             keep.add(BatchItem(match, shard_key=name))
         return
     raise CaprlError(f"{arg}: no such file or folder")
-
-
-def _images_in(folder: str, recursive: bool, within: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """The images in a folder, as their parts below it: hidden names skipped, links to folders not
-    followed (as pathlib's rglob), in no particular order."""
-    here = os.path.join(folder, *within)
-    try:
-        with os.scandir(here) as entries:
-            listed = list(entries)
-    except OSError as exc:
-        if not within:
-            raise CaprlError(f"{folder}: cannot read this folder ({exc.strerror or exc})") from exc
-        log.warning("%s: cannot read this folder (%s); its images are left out", here, exc.strerror or exc)
-        return
-    for entry in listed:
-        if entry.name.startswith("."):
-            continue
-        try:
-            if recursive and entry.is_dir(follow_symlinks=False):
-                yield from _images_in(folder, recursive, (*within, entry.name))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                yield (*within, entry.name)
-        except OSError:
-            continue  # gone since it was listed
-
-
-def _pattern_root(pattern: str) -> str:
-    """The folder a glob pattern starts from: its leading parts without wildcards."""
-    drive, rest = os.path.splitdrive(pattern)
-    parts = rest.replace(os.altsep, os.sep).split(os.sep) if os.altsep else rest.split(os.sep)
-    fixed = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        fixed.append(part)
-    return drive + (os.sep.join(fixed) or (os.sep if rest.startswith(os.sep) else "."))

@@ -55,9 +55,13 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()  # the caption ends before the first of these strings
     loop_guard: bool = True  # end a caption that repeats itself (see engine/scheduler.py); off with ignore_eos
     ignore_eos: bool = False  # always generate max_tokens (for benchmarks)
+    # A video's prompt where it is not `prompt` (a batch of both); None: `prompt`, or CapRL-Video's when none is given.
+    video_prompt: str | None = None
 
     def __post_init__(self) -> None:
         positive("max_tokens", self.max_tokens)
+        if self.video_prompt is not None and not (isinstance(self.video_prompt, str) and self.video_prompt.strip()):
+            raise CaprlError("the video prompt is empty; give some text or leave it out for CapRL-Video's default")
         if self.prompt is not None and self.preset is not None:
             raise CaprlError("give either a prompt or a preset, not both")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1 or not self.repeat_penalty > 0:
@@ -129,6 +133,7 @@ class GenerationKwargs(TypedDict, total=False):
     stop: tuple[str, ...]
     loop_guard: bool
     ignore_eos: bool
+    video_prompt: str | None
 
 
 class EngineKwargs(TypedDict, total=False):

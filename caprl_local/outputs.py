@@ -1,9 +1,10 @@
 """Where a batch's results go: JSONL, plain text and sidecar files, each record whole or not at all.
 
-An existing output tells which images are done (for resuming); one run at a time writes a
-file; files we write appear atomically or are appended to record by record. A line we did not
-write is never removed: a JSONL file holding one is refused. ``-o`` follows a symlink to the
-file it names; a device, FIFO or socket is written as a stream (no resume, no lock, no rename).
+Images and videos alike: a video's record has a few fields more (see batch.video_fields), its sidecar
+is named as an image's (clip.txt beside clip.mp4). An existing output tells which inputs are done (for
+resuming); one run at a time writes a file; files we write appear atomically or are appended to
+record by record. A line we did not write is never removed: a JSONL file holding one is refused.
+``-o`` follows a symlink to the file it names; a device, FIFO or socket is written as a stream (no resume, no lock, no rename).
 Any file name, UTF-8 or not, is written so that it reads back the same, and files stay UTF-8.
 """
 
@@ -243,9 +244,9 @@ class OutputOptions:
 
     format: Literal["text", "jsonl"] = "text"
     path: str | None = None  # a file instead of the stream ("-": the stream)
-    sidecar: bool = False  # photo.txt beside photo.jpg
+    sidecar: bool = False  # photo.txt beside photo.jpg, clip.txt beside clip.mp4
     sidecar_ext: str = ".txt"
-    overwrite: bool = False  # caption images that already have a result again
+    overwrite: bool = False  # caption images and videos that already have a result again
     inputs: tuple[str, ...] = ()  # files the run reads (list files), which results never go into
     caption_field: str = "caption"  # the JSONL records' field for the caption
 
@@ -255,9 +256,11 @@ class OutputOptions:
                              f"{', '.join(sorted(RESULT_FIELDS))}")
 
 
-#: The fields a record of ours has besides the caption's and the input's own: never the caption's.
+#: The fields a record of ours has besides the caption's and the input's own: never the caption's. (A video's
+#: has those of batch.video_fields too.)
 RESULT_FIELDS = frozenset({"path", "model", "quant", "prompt", "image_tokens", "prompt_tokens", "generated_tokens",
-                           "finish_reason", "timings", "error", "error_kind", "endpoint"})
+                           "finish_reason", "timings", "error", "error_kind", "endpoint", "media", "duration_s", "frames",
+                           "fps", "frame_width", "frame_height", "video_tokens", "truncated"})
 
 
 class _SidecarCaption:
@@ -290,7 +293,8 @@ def open_outputs(options: OutputOptions, *, stream: TextIO, items: Iterable[Batc
             sidecars = SidecarOutput(options.sidecar_ext, overwrite=options.overwrite, items=items)
             outputs.append(sidecars if options.caption_field == "caption" else _SidecarCaption(sidecars, options.caption_field))
             if path and os.path.abspath(path) in {os.path.abspath(sidecars.path_for(i)) for i in items}:
-                raise CaprlError(f"{path}: is also the sidecar of an image; write the results to another file")
+                raise CaprlError(f"{path}: is also the sidecar of an image or video being captioned; write the results "
+                                 "to another file")
         if options.format == "jsonl":
             outputs.append(JsonlOutput(path, overwrite=options.overwrite, stream=stream, items=items or None,
                                        inputs=options.inputs, caption_field=options.caption_field))

@@ -1,4 +1,5 @@
-"""Sidecars: ``photo.txt`` beside ``photo.jpg``, and each folder's index of the prompts they were written for.
+"""Sidecars: ``photo.txt`` beside ``photo.jpg`` (``clip.txt`` beside ``clip.mp4``), and each folder's index of the
+prompts they were written for.
 
 A dataset folder may come from anywhere: a sidecar that is a symlink, FIFO or device is
 replaced, never written through or read; names that would be too long are cut to fit; a cut
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CaprlError
+from .inputkinds import media_of
 from .inputs import BatchItem
 from .safefiles import (
     append_line,
@@ -37,7 +39,8 @@ log = logging.getLogger("caprl_local")
 class SidecarOutput:
     """``photo.txt`` beside ``photo.jpg``, written to a temporary name and renamed.
 
-    Images that would share a sidecar (``photo.jpg`` and ``photo.png`` in one run) each get
+    A video's sidecar is named as an image's. Inputs that would share a sidecar (``photo.jpg`` and ``photo.png``,
+    or ``clip.jpg`` and ``clip.mp4``, in one run) each get
     one named after the whole file name instead (``photo.jpg.txt``, ``photo.png.txt``), so
     that no caption overwrites another; a name longer than the folder allows is cut short
     with a hash of the whole (a warning says so). Each folder's ``INDEX`` remembers the prompt
@@ -78,7 +81,8 @@ class SidecarOutput:
         keys = {item.key for item in items}
         for item in items:
             if os.path.abspath(self.paths[item.key]) in keys:  # --sidecar-ext .jpg beside a .png
-                raise CaprlError(f"{self.paths[item.key]}: its caption would be written over an image being captioned; "
+                what = "a video" if media_of(self.paths[item.key]) == "video" else "an image"
+                raise CaprlError(f"{self.paths[item.key]}: its caption would be written over {what} being captioned; "
                                  "choose another sidecar extension")
 
     def _sidecar(self, item: BatchItem, *, shared: bool) -> tuple[Path, str]:

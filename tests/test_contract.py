@@ -178,13 +178,19 @@ def _bodies(url: str, bodies: list[dict[str, Any]], image: Path, **options: Any)
     return bodies.pop()
 
 
-def test_every_caption_option_reaches_the_endpoints(recorder: tuple[str, list[dict[str, Any]]], images: Path) -> None:
-    assert set(CHANGED) == {f.name for f in dataclasses.fields(GenerationOptions)}  # a new option is added here too
+def test_every_caption_option_reaches_the_endpoints(recorder: tuple[str, list[dict[str, Any]]], images: Path,
+                                                    tmp_path: Path) -> None:
+    assert set(CHANGED) | {"video_prompt"} == {f.name for f in dataclasses.fields(GenerationOptions)}  # a new one here too
     url, bodies = recorder
     plain = _bodies(url, bodies, images / "photo.jpg")
     for name, value in CHANGED.items():
         sent = _bodies(url, bodies, images / "photo.jpg", **{name: value})
         assert sent != plain, f"{name} was not sent"
+    clip = tmp_path / "clip.mp4"  # sent as its bytes, not decoded here: an MP4's opening is all it needs
+    clip.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))
+    with EndpointCaptioner([Endpoint(url, concurrency=1)]) as fleet:
+        assert all(isinstance(r, Caption) for r in fleet.caption_many([clip], video_prompt="Tell the clip."))
+    assert bodies.pop()["messages"][0]["content"][1]["text"] == "Tell the clip."
     assert _bodies(url, bodies, images / "photo.jpg", ignore_eos=True)["ignore_eos"] is True
     preset = _bodies(url, bodies, images / "photo.jpg", preset="short")
     assert preset["messages"][0]["content"][1]["text"] == resolve_prompt(preset="short") == PRESETS["short"]

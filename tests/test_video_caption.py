@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-from caprl_local import Caption, CaptionFailure, Captioner, ImageError, Video
+from caprl_local import Caption, Captioner, CaptionFailure, ImageError, Video
 from caprl_local.clips import is_video_input
 from caprl_local.prompts import VIDEO_PROMPT
 

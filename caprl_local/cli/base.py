@@ -117,13 +117,26 @@ engine_options = _options(
                  default=default(EngineOptions, "image_max_tokens"), show_default=True,
                  help="Cap on tokens per image; large images are scaled down to fit."),
     click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=MIN_N_CTX), default=default(EngineOptions, "n_ctx"),
-                 show_default=True, help="Context of each caption in tokens: prompt, image and caption together."),
+                 show_default=True, help="Context of each caption in tokens: prompt, image or video, and caption together."),
+    click.option("--fps", "video_fps", type=click.FloatRange(min=0, max=60, min_open=True),
+                 default=default(EngineOptions, "video_fps"), show_default=True,
+                 help="Frames a second taken from a video (Qwen-VL's processors sample at 2 fps; fewer frames "
+                      "where --max-frames or the token budget says so)."),
+    click.option("--max-frames", "video_max_frames", type=click.IntRange(min=2),
+                 default=default(EngineOptions, "video_max_frames"), show_default=True,
+                 help="Most frames taken from one video; a longer one is sampled more sparsely (CapRL-Video is "
+                      "evaluated on up to 128 frames)."),
+    click.option("--max-video-tokens", "video_max_tokens", type=click.IntRange(min=16),
+                 default=default(EngineOptions, "video_max_tokens"),
+                 help="Cap on a video's image tokens; fewer and smaller frames to fit [default: what each caption's "
+                      "context leaves after the prompt and --max-tokens; raise -c/--ctx-size for long clips]."),
     click.option("--device-sampling", "-bs", "--backend-sampling", "device_sampling", is_flag=True,
                  help="Choose each token on the GPU inside llama.cpp's decode (its experimental backend sampling); "
                       "greedy captions are unchanged. Measure before using it."),
     click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's log, timings and tracebacks."),
 )
-ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "n_ctx", "device_sampling", "verbose")
+ENGINE_NAMES = ("gpu_layers", "threads", "image_max_tokens", "n_ctx", "video_fps", "video_max_frames", "video_max_tokens",
+                "device_sampling", "verbose")
 
 
 def warn_unused(registry_name: str | None, **chosen: Any) -> None:

@@ -1,7 +1,8 @@
-"""``caprl-local caption``: one image, a folder, a dataset; here, or on OpenAI-compatible servers."""
+"""``caprl-local caption``: one image or video, a folder, a dataset; here, or on OpenAI-compatible servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing_extensions import Unpack
 from .. import console
 from ..errors import CaprlError
 from ..options import GenerationKwargs, GenerationOptions, Parallel, PretrainedKwargs, default
-from ..prompts import PRESETS
+from ..prompts import PRESETS, VIDEO_PROMPT
 from .base import (
     ENGINE_NAMES,
     EXIT_FAILURE,
@@ -39,33 +40,41 @@ if TYPE_CHECKING:
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))
 @source_options
 @click.option("--image", "extra_images", multiple=True, type=click.Path(path_type=str), metavar="FILE",
-              help="An image to caption, as if given among IMAGES (repeatable; llama.cpp's spelling).")
-@click.option("--recursive", "-r", is_flag=True, help="Take images from sub-folders of folders too.")
+              help="An image (or video) to caption, as if given among IMAGES (repeatable; llama.cpp's spelling).")
+@click.option("--recursive", "-r", is_flag=True, help="Take images and videos from sub-folders of folders too.")
 @click.option("--from-list", "list_file", metavar="FILE",
-              help="Read images from FILE ('-' for stdin): a path per line, or JSONL objects with an "
-                   "\"image\" field whose other fields are kept in the output.")
+              help="Read images and videos from FILE ('-' for stdin): a path per line, or JSONL objects with an "
+                   "\"image\" (or \"video\") field whose other fields are kept in the output.")
 @click.option("--null", "-0", "null", is_flag=True,
               help="The --from-list FILE holds paths each ended by a NUL byte, as find -print0 writes them "
                    "(like xargs -0): each taken as it is.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
-              help="Output format; jsonl gives one object per image with tokens, timings or the error.")
+              help="Output format; jsonl gives one object per image or video with tokens, timings (a video's frames, "
+                   "their rate and size) or the error.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format jsonl.")
 @click.option("--caption-field", default="caption", show_default=True, metavar="NAME",
               help="The JSONL field that holds the caption. With --format jsonl, a --from-list record that has this "
                    "field already is refused, so that its own value is never replaced: name another field.")
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=str),
               help="Write results to FILE instead of stdout ('-': stdout); with jsonl, images already in it are skipped.")
-@click.option("--sidecar", is_flag=True, help="Write each caption beside its image (photo.jpg -> photo.txt).")
+@click.option("--sidecar", is_flag=True, help="Write each caption beside its image or video (photo.jpg -> photo.txt, "
+                                              "clip.mp4 -> clip.txt).")
 @click.option("--sidecar-ext", default=".txt", show_default=True, help="File extension for --sidecar.")
-@click.option("--overwrite", is_flag=True, help="Caption images that already have a result again.")
+@click.option("--overwrite", is_flag=True, help="Caption images and videos that already have a result again.")
 @click.option("--parallel", type=AutoOrNumber(1, "1 or more captions in flight"), default="auto", show_default=True,
               help="Captions in flight at once in a batch: more images per minute for a little more memory "
                    "(auto: as many as memory allows, at most 4 on a CPU with up to 4 threads, 8 with more, "
                    "16 on a GPU).")
 @click.option("--progress/--quiet", "progress", default=None,
               help="Force the progress bar on or off [default: on when stderr is a terminal].")
-@click.option("--prompt", "-p", help="Your own instruction; '<image>' marks where the image goes (default: first).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), help="A ready-made prompt [default: the model's own].")
+@click.option("--prompt", "-p", help="Your own instruction, for images and videos alike; '<image>' marks where the image "
+                                    "goes (default: first).")
+@click.option("--video-prompt", metavar="TEXT",
+              help="The instruction for videos, where it is not --prompt's (a folder of both) [default: --prompt or "
+                   "--preset's, else CapRL-Video's 'Please describe this video in detail.'].")
+@click.option("--preset", type=click.Choice(list(PRESETS)),
+              help="A ready-made prompt, for images and videos alike [default: the model's own for an image, "
+                   "the video preset's for a video].")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=default(GenerationOptions, "max_tokens"),
               show_default=True, help="Stop after this many new tokens.")
 @click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=default(GenerationOptions, "temperature"),
@@ -119,12 +128,16 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             shard: tuple[int, int] | None, **options: Any) -> None:
     """Caption IMAGES (files, folders, glob patterns, or - for one image on stdin) and print the captions.
 
-    One image: its caption on stdout, as it is written. Many: each written as it is done; the
-    same command run again (after Ctrl-C, say) skips images that already have a --sidecar or
+    Videos (.mp4, .mov, .mkv, .webm, .avi) are captioned from frames sampled at --fps, among images or alone.
+    One image or video: its caption on stdout, as it is written. Many: each written as it is done; the
+    same command run again (after Ctrl-C, say) skips those that already have a --sidecar or
     an entry in the --output file. The model is fetched and verified on first use, then cached:
     later runs need no network.
     """
     generation = _generation(prompt, preset, options)  # the caption options, checked before anything runs
+    # Where no prompt was chosen, a video gets CapRL-Video's own and an image the model's: each kept (and resumed) by it.
+    video_prompt = generation.video_prompt or (VIDEO_PROMPT if generation.prompt is None and generation.preset is None
+                                               else None)
     images = (*images, *extra_images)
     if as_json:
         if fmt != "jsonl" and click.get_current_context().get_parameter_source("fmt") is ParameterSource.COMMANDLINE:
@@ -143,6 +156,7 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
     if (endpoints or ray_address is not None) and (from_stdin or (endpoints and ray_address is not None)):
         raise click.UsageError("--endpoint and --ray take files, folders or lists, and not both at once")
     from ..batch import OutputOptions, caption_field_taken
+    from ..clips import sniff
     from ..engine import Captioner  # imported here so that --help stays instant
     from ..hub import download_model
     from ..libtiff import capture_libtiff_messages
@@ -169,7 +183,8 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
         remote: EndpointCaptioner | RayCaptioner
         if endpoints:
             remote = _endpoints(endpoints, endpoint_model, endpoint_concurrency, api_key, timeout_s=endpoint_timeout,
-                                outage_s=endpoint_outage, image_max_tokens=engine["image_max_tokens"])
+                                outage_s=endpoint_outage, image_max_tokens=engine["image_max_tokens"],
+                                video_fps=engine["video_fps"], video_max_frames=engine["video_max_frames"])
         else:
             fetch = {"mmproj": mmproj_path, "quant": quant, "imatrix": imatrix, "mmproj_quant": mmproj_quant,
                      "cache_dir": cache_dir, "offline": offline}
@@ -177,15 +192,17 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
                           **{k: v for k, v in {**fetch, **engine}.items() if v is not None and v is not False})
         with console.GracefulInterrupt() as interrupt:
             summary = batch.run(lambda n: interrupt.watch(remote), generation.resolved(DEFAULT_PROMPT),
-                                model=remote.model, quant=quant)
+                                model=remote.model, quant=quant, video_prompt=video_prompt)
         return _ended(summary)
     if not offline and not model.lower().endswith(".gguf"):  # at once: a stalled network is never a silent wait
         console.status(f"Looking for {model} (the cache, then the Hub) ...")
     files = download_model(model, mmproj=mmproj_path, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant,
                            cache_dir=cache_dir, offline=offline, progress=console.DownloadBar())
     warn_unused(files.name, quant=quant, imatrix=imatrix, mmproj_quant=mmproj_quant)
-    generation = generation.resolved(files.prompt or DEFAULT_PROMPT)
+    image_generation = generation.resolved(files.prompt or DEFAULT_PROMPT)
     single = from_stdin or (len(images) == 1 and [i.path for i in items] == list(images))  # a file, not a folder
+    video = sniff(stdin_image[:16]) if from_stdin else single and items[0].media == "video"
+    one = dataclasses.replace(image_generation, prompt=video_prompt) if video and video_prompt else image_generation
 
     with console.GracefulInterrupt() as interrupt:
         def load(in_flight: Parallel, announce: bool = False) -> Captioner:
@@ -193,22 +210,22 @@ def caption(images: tuple[str, ...], model: str, mmproj_path: str | None, quant:
             captioner = Captioner(files.model, files.mmproj, parallel=in_flight, cache_dir=cache_dir, **engine)
             console.status("")
             if announce:
-                console.loaded(captioner, images=None if single else len(items))
+                console.loaded(captioner, images=None if single else len(items), videos=sum(i.media == "video" for i in items))
             return interrupt.watch(captioner)
 
         if single and fmt == "text" and not (output or sidecar or list_file):
             with load(1, announce=engine["verbose"] or sys.stderr.isatty()) as cap:
-                _caption_one(cap, stdin_image if from_stdin else images[0], generation, engine["verbose"])
+                _caption_one(cap, stdin_image if from_stdin else images[0], one, engine["verbose"], video=video)
             return
         if from_stdin:  # one JSONL record, as a batch writes it
             with load(1, announce=engine["verbose"]) as cap:
-                failed = _caption_stdin(cap, stdin_image, generation, caption_field, model=files.name or files.model.name,
-                                        quant=files.quant)
+                failed = _caption_stdin(cap, stdin_image, one, caption_field, model=files.name or files.model.name,
+                                        quant=files.quant, video=video)
             if failed:
                 raise SystemExit(EXIT_FAILURE)
             return
-        summary = batch.run(lambda n: load(n, announce=show or engine["verbose"]), generation,
-                            model=files.name or files.model.name, quant=files.quant)
+        summary = batch.run(lambda n: load(n, announce=show or engine["verbose"]), image_generation,
+                            model=files.name or files.model.name, quant=files.quant, video_prompt=video_prompt)
     _ended(summary)
 
 
@@ -227,26 +244,28 @@ def _inputs(images: tuple[str, ...], *, recursive: bool, list_file: str | None,
 
     found = gather_inputs(images, recursive=recursive, list_file=list_file, stdin=sys.stdin, shard=shard, null=null)
     if not images and not found.listed:  # an empty shard of a list is no error
-        raise CaprlError(f"{list_file}: the list names no images")
+        raise CaprlError(f"{list_file}: the list names no images (nor videos)")
     return found.items
 
 
 class _Batch:
     """A batch run as the command shows it: the plan, a progress display, the captioner loaded only if
-    there is work (as many captions in flight as asked, never more than there are images)."""
+    there is work (as many captions in flight as asked, never more than there are inputs)."""
 
     def __init__(self, items: list[BatchItem], outputs: OutputOptions, *, parallel: Parallel, show: bool,
                  quiet: bool) -> None:
         self.items, self.outputs, self.parallel, self.show, self.quiet = items, outputs, parallel, show, quiet
 
     def run(self, load: Callable[[Parallel], Captioning], generation: GenerationOptions, *, model: str,
-            quant: str | None) -> BatchSummary | None:
+            quant: str | None, video_prompt: str | None = None) -> BatchSummary | None:
         from ..batch import plan_batch, run_batch
 
         summary = None
         with plan_batch(self.items, outputs=self.outputs, stream=console.results_stream(progress=self.show),
-                        generation=generation, model=model, quant=quant) as plan:
-            progress = console.BatchProgress(len(plan.items), plan.skipped, show=self.show, quiet=self.quiet)
+                        generation=generation, model=model, quant=quant, video_prompt=video_prompt) as plan:
+            order = [item for _, items in plan.passes() for item in items]  # as run_batch takes them
+            progress = console.BatchProgress(len(plan.items), plan.skipped, show=self.show, quiet=self.quiet,
+                                             videos=plan.videos, order=order)
             if plan.todo:
                 with load(plan.width(self.parallel)) as captioner:
                     progress.watch(captioner)
@@ -277,11 +296,13 @@ def _ray(model: str, address: str | None, actors: int, cpus: float | None, gpus:
 
 
 def _endpoints(urls: tuple[str, ...], model: str | None, concurrency: int | None, key: str | None, *,
-               timeout_s: float | None, outage_s: float, image_max_tokens: int | None) -> EndpointCaptioner:
+               timeout_s: float | None, outage_s: float, image_max_tokens: int | None, video_fps: float,
+               video_max_frames: int) -> EndpointCaptioner:
     from ..endpoints import Endpoint, EndpointCaptioner
 
     captioner = EndpointCaptioner((Endpoint(url, model=model, api_key=key, concurrency=concurrency) for url in urls),
-                                  timeout_s=timeout_s, outage_s=outage_s, image_max_tokens=image_max_tokens)
+                                  timeout_s=timeout_s, outage_s=outage_s, image_max_tokens=image_max_tokens,
+                                  video_fps=video_fps, video_max_frames=video_max_frames)
     console.say(f"Captioning on {len(urls)} endpoint{'s' * (len(urls) > 1)} ({captioner.model}), "  # the servers' names
                 f"{captioner.parallel} requests at once in all")
     return captioner
@@ -298,8 +319,8 @@ def _check_output_is_not_an_input(output: str | None, list_file: str | None) -> 
 
 
 def _caption_stdin(cap: Captioner, image: bytes, generation: GenerationOptions, caption_field: str, *, model: str,
-                   quant: str | None) -> bool:
-    """The image on stdin as one JSONL record on stdout, its path "<stdin>"; True when it failed."""
+                   quant: str | None, video: bool = False) -> bool:
+    """The image (or video) on stdin as one JSONL record on stdout, its path "<stdin>"; True when it failed."""
     from ..batch import BatchPlan, result_record
     from ..inputs import BatchItem
     from ..outputs import JsonlOutput
@@ -308,27 +329,41 @@ def _caption_stdin(cap: Captioner, image: bytes, generation: GenerationOptions, 
     item = BatchItem("<stdin>")
     plan = BatchPlan([item], [], generation, model=model, quant=quant, caption_field=caption_field)
     result = next(iter(cap.caption_many([image], generation=generation)))
-    JsonlOutput(None, stream=console.results_stream(progress=False)).write(item, result_record(item, result, plan))
+    record = result_record(item, result, plan)
+    if video and "media" not in record:  # "<stdin>" has no suffix to tell it by
+        record["media"] = "video"
+    JsonlOutput(None, stream=console.results_stream(progress=False)).write(item, record)
     if isinstance(result, CaptionFailure):
         console.say(f"Error: {result.error}")
     return isinstance(result, CaptionFailure)
 
 
 def _read_stdin() -> bytes:
+    """The image or video on stdin, within an image's bound (a video's, for bytes that open like one)."""
+    from ..clips import MAX_VIDEO_BYTES, sniff
     from ..errors import ImageError
-    from ..images import read_bounded
+    from ..images import MAX_STREAM_BYTES, read_bounded
 
     if sys.stdin is None or sys.stdin.isatty():
         raise click.UsageError("'-' reads an image from stdin: pipe or redirect one in (caprl-local caption - < photo.jpg)")
-    data = read_bounded(sys.stdin.buffer, "<stdin>", what="stdin")
+    stream = sys.stdin.buffer
+    head = stream.read(16)
+
+    class _Peeked:  # the stream with its first bytes back in front, for read_bounded's one read
+        def read(self, size: int) -> bytes:
+            return head + stream.read(size - len(head))
+
+    bound = MAX_VIDEO_BYTES if sniff(head) else MAX_STREAM_BYTES
+    data = read_bounded(_Peeked(), "<stdin>", what="stdin", limit=bound)  # type: ignore[arg-type]
     if not data:
         raise ImageError("<stdin>: no image data (stdin was empty); pipe or redirect an image file in")
     return data
 
 
-def _caption_one(cap: Captioner, image: str | bytes, generation: GenerationOptions, verbose: bool) -> None:
+def _caption_one(cap: Captioner, image: str | bytes, generation: GenerationOptions, verbose: bool, *,
+                 video: bool = False) -> None:
     on_text = console.Streamer()  # to a terminal or a pipe: each piece as it is generated
-    with console.CaptionStages(cap, on_text):  # reading, encoding (a minute on a CPU), generating: the status line
+    with console.CaptionStages(cap, on_text, media="video" if video else "image"):  # reading, encoding, generating
         result = cap.caption(image, on_text=on_text, generation=generation)
     click.echo("")
     on_text.ended(result)  # a caption the loop guard cut back is shorter than the text streamed: said on stderr
@@ -340,3 +375,7 @@ def _caption_one(cap: Captioner, image: str | bytes, generation: GenerationOptio
             f"prompt {t.prompt_tokens_per_s:.1f} tok/s, generation {t.generation_tokens_per_s:.1f} tok/s",
             err=True,
         )
+    if verbose and result.video is not None:
+        v = result.video
+        click.echo(f"{v.frames} frames of the {v.duration_s:.2f} s video at {v.fps:g} fps, {v.width}x{v.height}, "
+                   f"{v.tokens} video tokens" + (" (the clip ended early)" if v.truncated else ""), err=True)

@@ -139,11 +139,12 @@ class Captioner(ClosingContext):
 
     def caption(self, image: ImageInput | Video, *, on_text: Callable[[str], None] | None = None,
                 generation: GenerationOptions | None = None, **options: Unpack[GenerationKwargs]) -> Caption:
-        """Caption one image (a path, bytes, PIL image or numpy array).
+        """Caption one image (a path, bytes, PIL image or numpy array) or video (a path with a video suffix,
+        a clip's bytes, or a :class:`~caprl_local.clips.Video`).
 
         Options (see :class:`~caprl_local.options.GenerationOptions`): prompt, preset,
-        max_tokens, temperature, top_p, seed, repeat_penalty, stop, loop_guard, ignore_eos; or all of them
-        as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
+        max_tokens, temperature, top_p, seed, repeat_penalty, stop, loop_guard, ignore_eos, video_prompt; or all
+        of them as one ``generation`` value. ``on_text``, if given, receives each piece of text as it is generated,
         in this thread.
         """
         return finished(self._start(image, generation_of(generation, options)), on_text)
@@ -387,8 +388,10 @@ class Captioner(ClosingContext):
         return generation_of(generation, options).resolved(self.default_prompt)
 
     def _resolved(self, given: GenerationOptions, *, video: bool) -> GenerationOptions:
-        """A call's options with its prompt spelt out: the one given, else the image default or, for a video,
-        CapRL-Video's plain prompt."""
+        """A call's options with its prompt spelt out: for a video its video_prompt, else the one given, else the
+        image default or, for a video, CapRL-Video's plain prompt."""
+        if video and given.video_prompt is not None:
+            return dataclasses.replace(given, prompt=given.video_prompt, preset=None)
         return given.resolved(VIDEO_PROMPT if video else self.default_prompt)
 
     def _submit(self, request: Request) -> CaptionHandle:
