@@ -175,4 +175,4 @@ def _refuse_inputs(given: str, real: str, items: Iterable[BatchItem], inputs: It
     names = {os.path.basename(given), os.path.basename(real)}
     for item in items:
         if os.path.basename(item.path) in names and same_file(real, item.path):
-            raise CaprlError(f"{given}: is an image being captioned; write the results to another file")
+            raise CaprlError(f"{given}: is an image or video being captioned; write the results to another file")

@@ -96,7 +96,10 @@ def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | 
         raise ImageError(f"{name}: no frame could be read from the video; check the file")
     video = ChatVideo.of(frames, form, name)
     tokens = image_groups(layout(video.timestamps, form)) * _per_group(plan, budget)
-    stats = VideoStats(duration_s=info.duration_s, frames=len(frames), fps=round(plan.fps, 3),
+    # A clip that ended early (cut short, or a header that lies) is as long as far as it was read.
+    duration = min(info.duration_s, max(f.source_s for f in frames) + 1 / max(plan.fps, 1e-3)) if stream.truncated \
+        else info.duration_s
+    stats = VideoStats(duration_s=round(duration, 3), frames=len(frames), fps=round(plan.fps, 3),
                        width=plan.frame_size[0], height=plan.frame_size[1], tokens=tokens,
                        truncated=stream.truncated)
     return video, stats

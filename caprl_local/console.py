@@ -247,12 +247,13 @@ def stage(now: Activity, rate: float | None, *, video: str | None = None) -> str
     """What the engine is doing, in a few words (the bar's postfix); `video`: the video next in order, if the next
     input is one (read while nothing is in flight, encoded while it is the one caption in flight)."""
     if video is not None and now.encoding == now.generating == 1 and not now.waiting:
-        return f"encoding video {video}"
+        return f"encoding video {video}" + (f", {counted(now.frames, 'frame')} read" if now.frames else "")
     if now.encoding:
         busy = now.generating - now.encoding
         return f"encoding {now.encoding} image{'s' * (now.encoding > 1)}" + (f", {busy} generating" if busy else "")
     if now.generating:  # the rate once measured over generating alone
-        return f"{now.generating} generating" + ("" if rate is None else f", {rate:.1f} tokens/s")
+        return f"{now.generating} generating" + ("" if rate is None else f", {rate:.1f} tokens/s") + \
+            (f", {counted(now.frames, 'frame')} read" if now.frames else "")
     if video is not None:  # its frames are being read and sampled (a remote captioner's: sent, and read there)
         return f"reading video {video}"
     if rate:  # captions made elsewhere, counted as their tokens come back
@@ -315,12 +316,14 @@ class CaptionStages:
         return self
 
     def _watch(self) -> None:
-        base, shown = self.captioner.activity().tokens, ""
+        first = self.captioner.activity()
+        base, frames, shown = first.tokens, first.frames, ""
         while not self.stop.wait(self.POLL_S):
             now = self.captioner.activity()
             if not (now.encoding or now.generating or self.streamer.started):
                 continue  # still reading it, in the caller's thread
-            line = f"Encoding the {self.media} ..." if now.encoding else \
+            read = f" ({counted(now.frames - frames, 'frame')})" if now.frames > frames else ""
+            line = f"Encoding the {self.media}{read} ..." if now.encoding else \
                 f"Generating the caption ({now.tokens - base} tokens) ..."
             with self.streamer.lock:
                 if self.stop.is_set() or (self.streamer.started and self.streamer.tty):

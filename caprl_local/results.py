@@ -23,7 +23,7 @@ class Timings:
 class VideoStats:
     """What a video caption was made from: the clip's length and the frames the model saw."""
 
-    duration_s: float  # the clip's length
+    duration_s: float  # the clip's length (one that ended early: as far as it was read)
     frames: int  # frames given to the model
     fps: float  # the rate they were taken at (frames over the duration)
     width: int  # each frame's size as the model got it
@@ -68,3 +68,4 @@ class Activity:
     waiting: int  # captions asked for, waiting for a free slot
     tokens: int  # tokens generated since the Captioner was loaded
     encoding: int = 0  # of the captions generating, those whose image and prompt are being evaluated (no text yet)
+    frames: int = 0  # video frames read and sampled since the Captioner was loaded

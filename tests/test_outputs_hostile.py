@@ -131,7 +131,7 @@ def test_an_image_being_captioned_is_never_an_output(captioner: Captioner, image
     items = copies(images, tmp_path, ["shot.png", "other.png"])
     before = Path(items[0].path).read_bytes()
     for fmt, some in (("text", items[:1]), ("text", items), ("jsonl", items)):
-        with pytest.raises(CaprlError, match="is an image being captioned"):
+        with pytest.raises(CaprlError, match="is an image or video being captioned"):
             run(captioner, some, format=fmt, path=items[0].path, overwrite=True)
     with pytest.raises(CaprlError, match="over an image being captioned"):
         run(captioner, items, sidecar=True, sidecar_ext=".png", overwrite=True)

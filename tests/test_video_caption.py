@@ -127,3 +127,15 @@ def test_fewer_frames_per_second_take_fewer_frames(tmp_path: Path, folder: Path)
         assert video is not None and video.frames == 2
     with pytest.raises(Exception, match="video_fps"):
         Captioner(*pair, threads=1, isolate=False, video_fps=0)
+
+
+def test_activity_counts_the_frames_read(cap: Captioner, folder: Path) -> None:
+    before = cap.activity().frames
+    video = cap.caption(clips.mp4(folder), max_tokens=2).video
+    assert video is not None and cap.activity().frames == before + video.frames
+
+
+def test_a_clip_that_ends_early_is_as_long_as_it_was_read(cap: Captioner, folder: Path) -> None:
+    caption = cap.caption(clips.avi_long_claim(folder), max_tokens=2)  # 2 s, its header says 20
+    assert caption.video is not None and caption.video.truncated
+    assert caption.video.duration_s <= 3.0  # not the length its header claims

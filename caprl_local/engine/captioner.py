@@ -11,6 +11,7 @@ import dataclasses
 import os
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sized
 from pathlib import Path
@@ -66,6 +67,8 @@ class Captioner(ClosingContext):
                  prompt: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
                  **options: Unpack[EngineKwargs]) -> None:
         self._scheduler: Scheduler | None = None
+        self._frames_lock = threading.Lock()  # videos are read in callers' and prefetch threads
+        self._frames_read = 0  # video frames read and sampled so far, for progress displays
         self.options = make(EngineOptions, options)
         self.default_prompt = resolve_prompt(prompt=prompt)
         pair = check_model_files(model_path, mmproj_path)
@@ -224,8 +227,11 @@ class Captioner(ClosingContext):
         form = video_form(self.architecture, self.model_path.name)
         settings = VideoSettings(fps=self.options.video_fps, max_frames=self.options.video_max_frames,
                                  max_tokens=self.options.video_max_tokens)
-        return prepare_video(source, form=form, budget=self._budget, settings=settings, n_ctx=self.n_ctx,
-                             max_new_tokens=opts.max_tokens, deadline_s=deadline_s, cancelled=cancelled)
+        video = prepare_video(source, form=form, budget=self._budget, settings=settings, n_ctx=self.n_ctx,
+                              max_new_tokens=opts.max_tokens, deadline_s=deadline_s, cancelled=cancelled)
+        with self._frames_lock:
+            self._frames_read += video[1].frames
+        return video
 
     def _request(self, source: ImageInput | Video, loaded: Image.Image | tuple[ChatVideo, VideoStats],
                  opts: GenerationOptions, *, load_s: float, epoch: int, sink: TextSink | None = None) -> Request:
@@ -344,7 +350,7 @@ class Captioner(ClosingContext):
         """What the engine is doing now (for progress displays); cheap, from any thread."""
         assert self._scheduler is not None
         in_flight, encoding, waiting, tokens = self._scheduler.activity()  # after close too: a display may ask
-        return Activity(generating=in_flight, waiting=waiting, tokens=tokens, encoding=encoding)
+        return Activity(generating=in_flight, waiting=waiting, tokens=tokens, encoding=encoding, frames=self._frames_read)
 
     def cancel(self) -> None:
         """Stop every caption in progress or waiting, at the next token; their calls raise Cancelled.
