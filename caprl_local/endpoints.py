@@ -42,8 +42,8 @@ from .clips import MAX_VIDEO_BYTES, Video, is_video_input, sniff
 from .dispatch import Job, Limits, Run, guarded, note_probe
 from .errors import CaprlError, ImageError
 from .fleet import Fleet, Member, Policy
+from .images import read_errors
 from .options import DEFAULT_MAX_IMAGE_TOKENS, EngineOptions, GenerationKwargs, GenerationOptions, generation_of, positive
-from .printable import printable
 from .prompts import VIDEO_PROMPT, resolve_prompt
 from .results import Activity, Caption, CaptionFailure
 from .wire import Answer, Clip, Faulty, Reply, Server, Unsupported
@@ -305,7 +305,7 @@ def _read_file(path: str, name: str, most: int) -> tuple[bytes, int]:
             raise ImageError(f"{name}: is not a regular file; save the video to a file first")
         return info.st_size
 
-    try:
+    with read_errors(name):
         size = measured(os.stat(path))
         if size > most:
             return b"", size
@@ -316,12 +316,6 @@ def _read_file(path: str, name: str, most: int) -> tuple[bytes, int]:
                 return b"", size
             data = fh.read(most + 1)  # a file that grows as it is read is refused too
             return data, len(data)
-    except FileNotFoundError as exc:
-        raise ImageError(f"{name}: no such file; check the path") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot read file ({printable(exc.strerror or str(exc), limit=160)})") from exc
 
 
 def _media_type(head: bytes) -> str | None:

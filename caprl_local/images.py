@@ -16,7 +16,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, TypeVar, Union
 
@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .printable import printable
 
 _WARNINGS_LOCK = threading.Lock()
 
@@ -75,7 +76,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, draft_pixels
         return _decode(io.BytesIO(bytes(source)), name, max_pixels, draft_pixels)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        try:
+        with read_errors(name):
             st = path.stat()
             if stat.S_ISDIR(st.st_mode):
                 raise ImageError(f"{name}: is a directory, not an image file")
@@ -89,17 +90,24 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, draft_pixels
             kind = _kind(st.st_mode)
             with open(path, "rb") as fh:
                 data = read_bounded(fh, name, what=kind)
-        except FileNotFoundError as exc:
-            raise ImageError(f"{name}: no such file; check the path") from exc
-        except PermissionError as exc:
-            raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
-        except OSError as exc:
-            raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
         if not data:
             raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it" if kind == "a file"
                              else f"{name}: nothing could be read from it ({kind}); give an image file")
         return _decode(io.BytesIO(data), name, max_pixels, draft_pixels)
     raise ImageError(f"{name}: unsupported image input; pass a path, bytes, a PIL image or a numpy array")
+
+
+@contextmanager
+def read_errors(name: str) -> Iterator[None]:
+    """An OSError reading input `name` (an image's file, a video's) as its one-line ImageError."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise ImageError(f"{name}: no such file; check the path") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read file ({printable(exc.strerror or str(exc), limit=160)})") from exc
 
 
 def _kind(mode: int) -> str:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO, Union
 from PIL import Image
 
 from .errors import Cancelled, ImageError
-from .images import BACKGROUND, describe
+from .images import BACKGROUND, describe, read_errors
 from .printable import printable
 from .videoplan import VideoInfo, VideoPlan, check_duration, check_frame_size, frame_rate, quarter_turn, seconds
 
@@ -91,7 +91,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _open_file(path: Path, name: str) -> BinaryIO:
-    try:
+    with read_errors(name):
         st = path.stat()
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"{name}: is a directory, not a video file")
@@ -101,12 +101,6 @@ def _open_file(path: Path, name: str) -> BinaryIO:
         if st.st_size == 0:
             raise ImageError(f"{name}: file is empty (0 bytes); re-export or re-download it")
         return open(path, "rb")
-    except FileNotFoundError as exc:
-        raise ImageError(f"{name}: no such file; check the path") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{name}: permission denied; check the file's permissions") from exc
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
 
 
 @contextmanager

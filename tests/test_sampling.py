@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from caprl_local import Caption, Captioner
-from caprl_local.engine.device_sampling import DeviceSampler
+from caprl_local.engine.device_sampling import DeviceSampler, chain_for
 from caprl_local.engine.sampling import REPEAT_LAST_N, TokenSampler, sample_rows
 from caprl_local.options import GenerationOptions
 
@@ -29,21 +29,9 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 
 def llama_chain(opts: GenerationOptions, prompt: Sequence[int], n_vocab: int = V) -> Any:
-    """llama.cpp's chain for these options, as the engine built it before: penalties, then greedy or
-    top-p, temperature and dist."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    if opts.repeat_penalty != 1.0:
-        penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, REPEAT_LAST_N, opts.repeat_penalty, 0.0, 0.0)
-        for token in prompt:
-            llama_cpp.llama_sampler_accept(penalties, token)
-        llama_cpp.llama_sampler_chain_add(chain, penalties)
-    if opts.temperature <= 0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-    else:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(opts.top_p, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(opts.temperature))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist((opts.seed or 0) & 0xFFFFFFFF))
-    return chain
+    """llama.cpp's own chain for these options (penalties, then greedy; or penalties, top-p, temperature, dist),
+    as the engine built it for every caption before, and builds it now for device sampling."""
+    return chain_for(opts, tuple(prompt), n_vocab)
 
 
 def chain_pick(chain: Any, row: np.ndarray) -> int:
