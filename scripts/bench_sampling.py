@@ -13,6 +13,8 @@ flight, CAPTIONS x TOKENS forced tokens (end of turn ignored), one thread, CapRL
   the same files and thread, the same requests at once through /v1/chat/completions: generation
   tokens/s from its own timings (skipped with a message when no llama-server is found:
   --llama-server, build/llama.cpp/build/bin, the PATH).
+- with --device-sampling (for a GPU build), each again with llama.cpp's backend sampling: caprl-local's
+  --device-sampling and llama-server's -bs.
 
 Generation tokens/s is every caption's generated tokens over the span from the first caption's
 first token to the last caption's end.
@@ -117,12 +119,14 @@ def _sampling(name: str) -> dict[str, Any]:
     return {"temperature": 0.7, "top_p": 0.9, "seed": 1, "repeat_penalty": 1.05}
 
 
-def run_theirs(server: Path, model: Path, mmproj: Path, flight: int, tokens: int) -> dict[str, Any]:
+def run_theirs(server: Path, model: Path, mmproj: Path, flight: int, tokens: int, *,
+               backend_sampling: bool = False, gpu: bool = False) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [str(server), "-m", str(model), "--mmproj", str(mmproj), "--port", str(port), "--host", "127.0.0.1",
            "-np", str(flight), "-c", str(N_CTX * flight), "-t", "1", "-tb", "1",
-           "--temp", "0", "--repeat-penalty", "1.05", "--repeat-last-n", "256", "--log-disable", "--no-warmup"]
+           "--temp", "0", "--repeat-penalty", "1.05", "--repeat-last-n", "256", "--log-disable", "--no-warmup",
+           *(["-bs"] if backend_sampling else []), *(["-ngl", "99"] if gpu else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(base, proc)
@@ -169,7 +173,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="forced tokens per caption")
     parser.add_argument("--sampling", choices=["greedy", "greedy-nopenalty", "seeded"], nargs="+", default=["greedy"])
     parser.add_argument("--device-sampling", action="store_true",
-                        help="also run caprl-local with llama.cpp's backend sampling (--device-sampling)")
+                        help="also run caprl-local with llama.cpp's backend sampling (--device-sampling), and "
+                             "llama-server with -bs; every layer offloaded (for a GPU build)")
     parser.add_argument("--llama-server", type=Path)
     parser.add_argument("--no-server", action="store_true", help="skip llama-server")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs/bench-sampling-cpu")
@@ -190,13 +195,16 @@ def main() -> None:
                 row: dict[str, Any] = {"sampling": sampling, "flight": flight,
                                        "ours": run_ours(model, mmproj, flight, args.tokens, sampling=sampling)}
                 if server is not None and sampling == "greedy":
-                    row["llama_server"] = run_theirs(server, model, mmproj, flight, args.tokens)
+                    row["llama_server"] = run_theirs(server, model, mmproj, flight, args.tokens, gpu=args.device_sampling)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
                 if args.device_sampling:
                     rows.append({"sampling": f"{sampling} (device)", "flight": flight,
                                  "ours": run_ours(model, mmproj, flight, args.tokens, sampling=sampling,
                                                   device_sampling=True)})
+                    if server is not None and sampling == "greedy":  # llama-server's own backend sampling: -bs
+                        rows[-1]["llama_server"] = run_theirs(server, model, mmproj, flight, args.tokens,
+                                                              backend_sampling=True, gpu=True)
                     print(json.dumps(rows[-1]), file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "tokens": args.tokens, "threads": 1}
