@@ -7,10 +7,10 @@ and projector type of the published GGUFs, with seeded random weights: CapRL-3B
 internlm's files, deepstack projector included), with an `internvl` shape
 CapRL-InternVL3.5-8B (InternViT + Qwen3, as llama.cpp's converter writes InternVL3.5). `--shape tiny` / `tiny-qwen3vl`
 (~400 KB) let llama.cpp load them, encode real images and generate real tokens in
-milliseconds, for tests. `--shape caprl-3b` / `caprl-qwen3vl-2b` have the real
-models' dimensions and vocabulary and, with `--quant Q4_K_M` (llama.cpp's own
+milliseconds, for tests. `--shape caprl-3b` / `caprl-qwen3vl-2b` / `caprl-qwen3vl-4b` have
+the real models' dimensions and vocabulary and, with `--quant Q4_K_M` (llama.cpp's own
 quantizer), cost what the real files cost to run: for benchmarks. Their sizes are
-checked against the published ones.
+checked against the published ones, where a size is published (PUBLISHED_BYTES).
 
     python scripts/make_tiny_model.py OUT_DIR [--shape tiny-qwen3vl] [--seed N] [--projection-dim N]
     python scripts/make_tiny_model.py OUT_DIR --shape caprl-3b --quant Q4_K_M [--mmproj-type f16|Q8_0]
@@ -58,6 +58,12 @@ class Shape:
     v_image_size: int = 560  # Qwen3-VL: side of its learned position grid, in pixels
     n_merges: int = 160
     n_vocab: int | None = None  # pad the vocabulary to this size (the real one: 151,936)
+    stem: str = ""  # the files' stem and general.name/basename/size_label ("": the family's first model's)
+
+    @property
+    def model_stem(self) -> str:
+        """The model's file stem, e.g. CapRL-Qwen3VL-4B: its name, basename and size label too."""
+        return self.stem or {"qwen3vl": "CapRL-Qwen3VL-2B", "internvl": "CapRL-InternVL3.5-8B"}.get(self.family, "CapRL-3B")
 
 
 SHAPES = {
@@ -84,6 +90,13 @@ SHAPES = {
         family="qwen3vl", n_embd=2048, n_layer=28, n_head=16, n_head_kv=8, n_ff=6144, head_dim=128,
         rope_sections=(24, 20, 20, 0), v_embd=1024, v_layer=24, v_head=16, v_ff=4096, v_deepstack=(5, 11, 17),
         v_image_size=768, n_vocab=151936,
+    ),
+    # Qwen3-VL-4B: config.json of Qwen/Qwen3-VL-4B-Instruct (and so of CapRL-Qwen3VL-4B and CapRL-Video-4B). The vision
+    # tower is the 2B's; its mergers write 2560-wide features (out_hidden_size), the text model's width.
+    "caprl-qwen3vl-4b": Shape(
+        family="qwen3vl", n_embd=2560, n_layer=36, n_head=32, n_head_kv=8, n_ff=9728, head_dim=128,
+        rope_sections=(24, 20, 20, 0), v_embd=1024, v_layer=24, v_head=16, v_ff=4096, v_deepstack=(5, 11, 17),
+        v_image_size=768, n_vocab=151936, stem="CapRL-Qwen3VL-4B",
     ),
 }
 
@@ -120,9 +133,8 @@ def write_text_model(path: Path, shape: Shape, rng: np.random.Generator, *, drop
 
     w = _Writer(str(path), "qwen3" if internvl else shape.family, drop=drop)
     w.add_type(gguf.GGUFType.MODEL)
-    name, basename, size = ("CapRL InternVL3.5 8B", "CapRL-InternVL3.5", "8B") if internvl else \
-        ("CapRL Qwen3VL 2B", "CapRL-Qwen3VL", "2B") if qwen3 else ("CapRL 3B", "CapRL", "3B")
-    w.add_name(name)
+    basename, _, size = shape.model_stem.rpartition("-")
+    w.add_name(shape.model_stem.replace("-", " "))
     w.add_basename(basename)
     w.add_size_label(size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -329,10 +341,10 @@ def write_tiny_pair(
     chat_template: str | None = None,
 ) -> tuple[Path, Path]:
     """Write `<stem>.<quant or f16>.gguf` and `<stem>.mmproj-<type>.gguf` into out_dir; return their paths."""
-    stem = stem or {"qwen3vl": "CapRL-Qwen3VL-2B", "internvl": "CapRL-InternVL3.5-8B"}.get(SHAPES[shape].family, "CapRL-3B")
+    dims = SHAPES[shape]
+    stem = stem or dims.model_stem
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dims = SHAPES[shape]
     rng = np.random.default_rng(seed)
     model, mmproj = out / f"{stem}.{quant or 'f16'}.gguf", out / f"{stem}.mmproj-{mmproj_type}.gguf"
     f16 = out / f"{stem}.f16.gguf"
@@ -397,7 +409,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projection-dim", type=int, help="write a mismatched projector (for error tests)")
-    parser.add_argument("--stem", help="file name stem (default: CapRL-3B, or CapRL-Qwen3VL-2B for qwen3vl shapes)")
+    parser.add_argument("--stem", help="file name stem (default: the shape's model, e.g. CapRL-3B, CapRL-Qwen3VL-4B)")
     parser.add_argument("--drop-tensor", action="append", default=[], help="leave a tensor out (for error tests)")
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--quant", choices=list(_FTYPES), help="quantize the text model (default: f16)")

@@ -46,6 +46,13 @@ SKIP: list[tuple[str, str]] = [
     (r"^ray start\b", "starts a Ray head node that listens on the network"),
     (r"/mnt/data/", "a 2M-line list on a shared disk, run I of 1000 (the same command on a local list runs above)"),
     (r"s3://", "reads and writes S3 from a Ray cluster (its imports are run)"),
+    (r"^cmake --build\b", "builds one more of llama.cpp's tools (a long build)"),
+    (r"^(LLAMA|REPO)=", "names a folder or a Hub repo for the conversion commands below it"),
+    (r"^python -m venv /tmp/convert-venv$", "the converter's own environment (PyTorch and pinned packages)"),
+    (r"/pip install -r\b", "installs the converter's packages from the package index (PyTorch: GBs)"),
+    (r"\bhf download\b", "downloads the CapRL-Video-4B checkpoint (9 GB) from the Hub"),
+    (r"convert_hf_to_gguf\.py\b", "converts the CapRL-Video-4B checkpoint (needs it and PyTorch)"),
+    (r"llama-quantize\b", "quantizes the converted CapRL-Video-4B (needs the conversion above)"),
 ]
 
 #: Commands that would run long or until stopped, or need other hosts: checked against --help.
@@ -54,7 +61,8 @@ HELP: list[tuple[str, str]] = [
     (r"--ray\b", "Ray: starts an instance or joins a cluster (tests/test_ray.py runs it)"),
     (r"^caprl-local serve\b", "a server that runs until stopped (the requests below go to one started here)"),
     (r"make_tiny_model\.py \S+ --shape caprl-", "writes a full-sized (GB) random-weight model"),
-    (r"scripts/bench(_serve|_scale)?\.py\b", "a benchmark: minutes, and llama.cpp's own tools"),
+    (r"scripts/bench(_serve|_scale|_video)?\.py\b", "a benchmark: minutes, and llama.cpp's own tools"),
+    (r"-m CapRL-Video-4B-Q4_K_M\.gguf", "captions with the converted CapRL-Video-4B (above: a 9 GB download)"),
     (r"scripts/bench_plots\.py\b", "redraws docs/plots from the benchmarks' results"),
     (r"scripts/fuzz_models\.py\b", "thousands of damaged models (tests/test_fuzz.py runs 300)"),
 ]
