@@ -389,10 +389,6 @@ class Captioner(ClosingContext):
             raise EngineError(scheduler.closed)
         return scheduler
 
-    def _options(self, generation: GenerationOptions | None, options: GenerationKwargs) -> GenerationOptions:
-        """The one GenerationOptions of a call, built at its edge; the default prompt filled in."""
-        return generation_of(generation, options).resolved(self.default_prompt)
-
     def _resolved(self, given: GenerationOptions, *, video: bool) -> GenerationOptions:
         """A call's options with its prompt spelt out: for a video its video_prompt, else the one given, else the
         image default or, for a video, CapRL-Video's plain prompt."""
