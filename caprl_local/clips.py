@@ -52,10 +52,15 @@ def is_video_input(source: object) -> bool:
     return False
 
 
+#: QuickTime files from before MP4 may start with one of these atoms instead of ftyp.
+QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+
+
 def sniff(head: bytes) -> bool:
     """Whether the first bytes of a file are a video container's (MP4/MOV, Matroska/WebM, AVI)."""
     return (head[4:8] == b"ftyp" and head[8:12] not in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")) \
-        or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+        or head[4:8] in QUICKTIME_ATOMS or head[:4] == b"\x1a\x45\xdf\xa3" \
+        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
 
 
 @dataclass(frozen=True)

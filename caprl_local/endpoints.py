@@ -326,7 +326,7 @@ def _media_type(head: bytes) -> str | None:
         return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
     if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska, or WebM, which names itself in its header
         return "video/webm" if b"webm" in head else "video/x-matroska"
-    return "video/x-msvideo"
+    return "video/x-msvideo" if head[:4] == b"RIFF" else "video/quicktime"  # a QuickTime file older than MP4's ftyp
 
 
 def _check_sent(opts: GenerationOptions) -> None:

@@ -63,6 +63,7 @@ def test_a_path_bytes_and_video_value_are_the_same_caption(cap: Captioner, folde
     assert cap.caption(clip.read_bytes(), max_tokens=6).text == by_path.text
     assert cap.caption(Video(clip.read_bytes(), name="clip"), max_tokens=6).text == by_path.text
     assert is_video_input(clip.read_bytes()) and not is_video_input(b"\x89PNG\r\n\x1a\n....")
+    assert is_video_input(b"\x00\x00\x00\x08moov" + bytes(8))  # a QuickTime file from before MP4's ftyp
 
 
 def test_a_video_prompt_defaults_to_capr_video_s_and_a_given_one_is_kept(cap: Captioner, folder: Path) -> None:

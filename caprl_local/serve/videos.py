@@ -54,8 +54,6 @@ VIDEO_TYPES = frozenset({"video", "video/mp4", "video/webm", "video/quicktime", 
                          "video/x-msvideo", "video/avi", "video/msvideo"})
 #: Types that say nothing of what the bytes are: taken when the bytes open like a video container.
 UNTYPED = frozenset({"", "application/octet-stream"})
-#: QuickTime files from before MP4 may start with one of these atoms instead of ftyp.
-_QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
 _DATA_URI = re.compile(r"data:([\w.+/-]*)((?:;[\w=.+-]+)*);base64,(.*)", re.S | re.I)
 _KINDS = "video/mp4, video/webm, video/quicktime, video/x-matroska or video/x-msvideo"
 
@@ -195,7 +193,7 @@ def _reopenable() -> bool:
 
 def _container(head: bytes) -> None:
     """Refuse bytes that do not open like a video container (MP4/MOV, Matroska/WebM, AVI)."""
-    if not (sniff(head) or head[4:8] in _QUICKTIME_ATOMS):
+    if not sniff(head):
         raise _refused("not a video (its bytes are not an MP4, QuickTime, Matroska, WebM or AVI file's); "
                        "send a video file, or images as image_url parts", "invalid_video")
 
