@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .budgets import ImageBudget, TiledBudget
 from .chat import ChatVideo
 from .errors import CaprlError, ImageError
+from .options import EngineOptions
 from .results import VideoStats
 from .video import is_video
 from .videoplan import DEFAULT_MAX_TOKENS, VideoInfo, VideoPlan, plan_video
@@ -63,19 +64,10 @@ def sniff(head: bytes) -> bool:
         or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
 
 
-@dataclass(frozen=True)
-class VideoSettings:
-    """How videos are sampled for one Captioner (EngineOptions' video_* fields, resolved)."""
-
-    fps: float
-    max_frames: int
-    max_tokens: int | None  # None: what the context leaves
-
-
 VideoInput = Video | str | os.PathLike[str] | bytes | bytearray | memoryview
 
 
-def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | TiledBudget, settings: VideoSettings,
+def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | TiledBudget, options: EngineOptions,
                   n_ctx: int, max_new_tokens: int, deadline_s: float | None = None,
                   cancelled: Callable[[], bool] | None = None) -> tuple[ChatVideo, VideoStats]:
     """Probe, plan and read a video for a caption: its frames and timestamps in the family's form, and the
@@ -89,12 +81,12 @@ def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | 
     if isinstance(clip, bytes) and len(clip) > MAX_VIDEO_BYTES:
         raise ImageError(f"{name}: {len(clip):,} bytes of video in memory is over {MAX_VIDEO_BYTES:,}; give its path")
     room = n_ctx - max_new_tokens - PROMPT_ROOM
-    most = min(settings.max_tokens or DEFAULT_MAX_TOKENS, room)
+    most = min(options.video_max_tokens or DEFAULT_MAX_TOKENS, room)
     if most < 2 * ImageBudget.LLAMA_MIN_TOKENS:
         raise ImageError(f"{name}: a context of {n_ctx} tokens with {max_new_tokens} new ones leaves no room for a "
                          "video; raise the context size (-c) or lower max_tokens")
     info = probe_video(clip)
-    plan = _plan(info, form=form, budget=budget, settings=settings, most=most)
+    plan = _plan(info, form=form, budget=budget, options=options, most=most)
     with read_frames(clip, plan, info=info, deadline_s=deadline_s, cancelled=cancelled) as stream:
         frames = list(stream)
     if not frames:
@@ -110,14 +102,14 @@ def prepare_video(source: VideoInput, *, form: VideoForm, budget: ImageBudget | 
     return video, stats
 
 
-def _plan(info: VideoInfo, *, form: VideoForm, budget: ImageBudget | TiledBudget, settings: VideoSettings,
+def _plan(info: VideoInfo, *, form: VideoForm, budget: ImageBudget | TiledBudget, options: EngineOptions,
           most: int) -> VideoPlan:
     """The frames to read within `most` tokens as the family lays them out (llama.cpp's form pairs fewer
     frames than the plan assumes: its timestamps stand between some)."""
     target = most
     for _ in range(4):
         try:
-            plan = _plan_once(info, form=form, budget=budget, settings=settings, most=target)
+            plan = _plan_once(info, form=form, budget=budget, options=options, most=target)
         except ValueError as exc:
             raise CaprlError(f"cannot sample the video: {exc}") from exc
         tokens = image_groups(layout(plan.timestamps, form)) * _per_group(plan, budget)
@@ -127,17 +119,18 @@ def _plan(info: VideoInfo, *, form: VideoForm, budget: ImageBudget | TiledBudget
     return plan
 
 
-def _plan_once(info: VideoInfo, *, form: VideoForm, budget: ImageBudget | TiledBudget, settings: VideoSettings,
+def _plan_once(info: VideoInfo, *, form: VideoForm, budget: ImageBudget | TiledBudget, options: EngineOptions,
                most: int) -> VideoPlan:
     if isinstance(budget, TiledBudget):  # InternVL: each frame one tile of its own (a larger one would be cut up)
-        frames = max(1, min(settings.max_frames, most // budget.per_tile))
-        plan = plan_video(info, fps=settings.fps, max_frames=frames, max_tokens=most, align=28, merge=1,
+        frames = max(1, min(options.video_max_frames, most // budget.per_tile))
+        plan = plan_video(info, fps=options.video_fps, max_frames=frames, max_tokens=most,
+                          align=budget.tile // math.isqrt(budget.per_tile), merge=1,
                           max_tokens_per_frame=budget.per_tile)
         scale = min(1.0, budget.tile / max(plan.frame_size))
         size = (max(1, round(plan.frame_size[0] * scale)), max(1, round(plan.frame_size[1] * scale)))
         return VideoPlan(fps=plan.fps, timestamps=plan.timestamps, frame_size=size,
                          tokens=len(plan.timestamps) * budget.per_tile, merge=1)
-    return plan_video(info, fps=settings.fps, max_frames=settings.max_frames, max_tokens=most, align=budget.align,
+    return plan_video(info, fps=options.video_fps, max_frames=options.video_max_frames, max_tokens=most, align=budget.align,
                       merge=form.merge)
 
 

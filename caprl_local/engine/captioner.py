@@ -21,7 +21,7 @@ from typing_extensions import Unpack
 
 from ..captioning import ClosingContext
 from ..chat import ChatMessage, ChatVideo, conversation, name_of, prepared, with_prompt
-from ..clips import Video, VideoInput, VideoSettings, is_video_input, prepare_video
+from ..clips import Video, VideoInput, is_video_input, prepare_video
 from ..errors import Cancelled, EngineError
 from ..families import check_model_files, video_form
 from ..hub import ModelFiles, download_model
@@ -225,9 +225,7 @@ class Captioner(ClosingContext):
     def _video(self, source: VideoInput, opts: GenerationOptions, *, deadline_s: float | None = None,
                cancelled: Callable[[], bool] | None = None) -> tuple[ChatVideo, VideoStats]:
         form = video_form(self.architecture, self.model_path.name)
-        settings = VideoSettings(fps=self.options.video_fps, max_frames=self.options.video_max_frames,
-                                 max_tokens=self.options.video_max_tokens)
-        video = prepare_video(source, form=form, budget=self._budget, settings=settings, n_ctx=self.n_ctx,
+        video = prepare_video(source, form=form, budget=self._budget, options=self.options, n_ctx=self.n_ctx,
                               max_new_tokens=opts.max_tokens, deadline_s=deadline_s, cancelled=cancelled)
         with self._frames_lock:
             self._frames_read += video[1].frames
