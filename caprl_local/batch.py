@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -60,7 +59,7 @@ class BatchSink(Protocol):
         """`finished` inputs of this run are done, in whatever order they finished."""
 
     def result(self, item: BatchItem, record: dict[str, Any], summary: BatchSummary) -> None:
-        """A result, as written to the outputs (in the order of :meth:`BatchPlan.passes`)."""
+        """A result, as written to the outputs (in input order)."""
 
 
 @dataclass
@@ -89,14 +88,13 @@ class BatchPlan:
         """The prompt an item is captioned, kept and resumed with."""
         return self.video_prompt if self.video_prompt is not None and item.media == "video" else self.prompt
 
-    def passes(self) -> list[tuple[GenerationOptions, list[BatchItem]]]:
-        """The items still to caption, in input order, in one call of caption_many: the videos' prompt, where
-        it is not the images', goes as the options' video_prompt."""
-        if not self.todo:
-            return []
+    @property
+    def run_generation(self) -> GenerationOptions:
+        """The options the items still to caption go with, in one call of caption_many: the videos' prompt,
+        where it is not the images', as the options' video_prompt."""
         if self.video_prompt is None or self.video_prompt == self.prompt:
-            return [(self.generation, self.todo)]
-        return [(dataclasses.replace(self.generation, video_prompt=self.video_prompt), self.todo)]
+            return self.generation
+        return dataclasses.replace(self.generation, video_prompt=self.video_prompt)
 
     @property
     def skipped(self) -> int:
@@ -203,38 +201,31 @@ def run_batch(captioner: Captioning, plan: BatchPlan, *, sink: BatchSink | None 
     """
     summary = BatchSummary()
     started = time.perf_counter()
+    progress = None if sink is None else lambda done, total: sink.done(done)
+    results = captioner.caption_many([item.path for item in plan.todo], generation=plan.run_generation,
+                                     progress=progress) if plan.todo else iter(())
     try:
-        before = 0  # inputs finished in the passes before this one
-        for generation, todo in plan.passes():
-            for item, result in _captioned(captioner, todo, generation, sink, before):
-                record = result_record(item, result, plan)
-                for output in plan.outputs:
-                    output.write(item, record)
-                if isinstance(result, CaptionFailure):
-                    summary.failed += 1
-                else:
-                    summary.done += 1
-                    summary.repeating += result.finish_reason == "repetition"
-                    if result.video is not None:
-                        summary.videos += 1
-                        summary.frames += result.video.frames
-                summary.seconds = time.perf_counter() - started
-                if sink is not None:
-                    sink.result(item, record, summary)
-            before += len(todo)
+        for result in results:
+            assert result.index is not None  # every Captioning names the input each result is for
+            item = plan.todo[result.index]
+            record = result_record(item, result, plan)
+            for output in plan.outputs:
+                output.write(item, record)
+            if isinstance(result, CaptionFailure):
+                summary.failed += 1
+            else:
+                summary.done += 1
+                summary.repeating += result.finish_reason == "repetition"
+                if result.video is not None:
+                    summary.videos += 1
+                    summary.frames += result.video.frames
+            summary.seconds = time.perf_counter() - started
+            if sink is not None:
+                sink.result(item, record, summary)
     except (KeyboardInterrupt, Cancelled):
         summary.interrupted = True
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _captioned(captioner: Captioning, todo: list[BatchItem], generation: GenerationOptions, sink: BatchSink | None,
-               before: int) -> Iterator[tuple[BatchItem, Caption | CaptionFailure]]:
-    """Each item of one pass with its result, as caption_many gives them; the sink told of every one finished."""
-    progress = None if sink is None else lambda done, total: sink.done(before + done)
-    for result in captioner.caption_many([item.path for item in todo], generation=generation, progress=progress):
-        assert result.index is not None  # every Captioning names the input each result is for
-        yield todo[result.index], result
 
 
 def caption_batch(captioner: Captioning, items: list[BatchItem], *, outputs: OutputOptions, stream: TextIO,

@@ -150,7 +150,7 @@ class BatchProgress:
     The bar moves as inputs finish, in any order, and a watcher thread names what the engine does from
     the start, long before the first one is done: reading images or a video, encoding one, or generating
     (tokens/s). `videos`: how many of the `total` inputs are videos; `order`: the inputs still to caption, in
-    the order the batch takes them (BatchPlan.passes), so that a video being read is named.
+    the order the batch takes them (input order), so that a video being read is named.
     """
 
     POLL_S = 0.5
@@ -185,7 +185,7 @@ class BatchProgress:
             self.bar.refresh()
 
     def _next_video(self) -> str | None:
-        """The name of the next result's input, if it is a video. Each pass's results come in order and its
+        """The name of the next result's input, if it is a video. Results come in input order and the
         reading thread reads in that order: with nothing in flight, that input is the one being read; with one
         caption in flight, it is that one."""
         upcoming = self.order[self.written] if self.written < len(self.order) else None

@@ -263,9 +263,8 @@ class _Batch:
         summary = None
         with plan_batch(self.items, outputs=self.outputs, stream=console.results_stream(progress=self.show),
                         generation=generation, model=model, quant=quant, video_prompt=video_prompt) as plan:
-            order = [item for _, items in plan.passes() for item in items]  # as run_batch takes them
             progress = console.BatchProgress(len(plan.items), plan.skipped, show=self.show, quiet=self.quiet,
-                                             videos=plan.videos, order=order)
+                                             videos=plan.videos, order=plan.todo)
             if plan.todo:
                 with load(plan.width(self.parallel)) as captioner:
                     progress.watch(captioner)
