@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,12 @@ from .errors import CaprlError
 NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (not on Windows, where nobody plants a symlink in a dataset)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# A temporary file's name says which machine and process writes it, so that a later run on the same machine
+# can tell the ones a killed writer left behind (kill -9, a power cut: it could neither rename nor remove them).
+_HOST = hashlib.sha256(socket.gethostname().encode(errors="replace")).hexdigest()[:6]
+_TEMPORARY = re.compile(r"\.caprl-([0-9a-f]{6})-([0-9]+)-[0-9a-f]{16}\.tmp")
+_swept: set[str] = set()
+_swept_lock = threading.Lock()
 
 
 def u_escape(match: re.Match[str]) -> str:
@@ -115,7 +122,8 @@ def write_atomic(path: Path, data: str | bytes | Iterable[bytes], *, shown: str 
     if isinstance(data, str):
         data = as_text(data).encode("utf-8")
     pieces = [data] if isinstance(data, bytes) else data
-    tmp = path.with_name(f".caprl-{secrets.token_hex(8)}.tmp")
+    _sweep(path.parent)
+    tmp = path.with_name(f".caprl-{_HOST}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
     except OSError as exc:
@@ -137,6 +145,36 @@ def write_atomic(path: Path, data: str | bytes | Iterable[bytes], *, shown: str 
     finally:
         with suppress(OSError):  # on a read-only folder there is nothing to clean up, and no new error
             tmp.unlink(missing_ok=True)
+
+
+def _sweep(folder: Path) -> None:
+    """Once a process, before its first write into `folder`: remove the temporary files there that a writer
+    on this machine left when it was killed, those whose process is gone. A live writer's (this machine's or
+    another's sharing the folder) are never touched."""
+    key = os.fspath(folder)
+    with _swept_lock:
+        if key in _swept or os.name != "posix":  # (Windows' os.kill would end a process, not ask after it)
+            return
+        _swept.add(key)
+    with suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match and match[1] == _HOST and not _alive(int(match[2])):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine with this id runs (one we may not signal runs too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def fit_name(name: str, suffix: str, limit: int) -> str:

@@ -465,3 +465,25 @@ def test_hand_written_sidecars_stay_done_beside_a_cut_index(captioner: Captioner
 
 if sys.platform == "win32":  # pragma: no cover - FIFOs, device nodes and these names are POSIX things
     pytestmark = pytest.mark.skip("POSIX file system behaviour")
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """kill -9 between a sidecar's temporary file and its rename leaves the file; the next write into that folder
+    (in another process) removes it, and never a live writer's, nor another machine's."""
+    from caprl_local import safefiles
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host, me = safefiles._HOST, os.getpid()
+    other_host = ("0" if host[0] != "0" else "1") + host[1:]
+    stale = tmp_path / f".caprl-{host}-{gone.pid}-{'a' * 16}.tmp"
+    live = tmp_path / f".caprl-{host}-{me}-{'b' * 16}.tmp"
+    elsewhere = tmp_path / f".caprl-{other_host}-{gone.pid}-{'c' * 16}.tmp"
+    mine = tmp_path / ".caprl-notes.tmp"  # not a name this project writes
+    for path in (stale, live, elsewhere, mine):
+        path.write_bytes(b"half a sidecar")
+    code = "import sys; from pathlib import Path; from caprl_local.safefiles import write_atomic; " \
+           "write_atomic(Path(sys.argv[1]), 'x')"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.txt")], check=True, timeout=HANG_S)
+    assert (tmp_path / "a.txt").read_text() == "x"
+    assert not stale.exists() and live.exists() and elsewhere.exists() and mine.exists()
